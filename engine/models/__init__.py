@@ -1,0 +1,1 @@
+"""One file per architecture; engine.registry maps config.json names to them."""

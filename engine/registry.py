@@ -1,0 +1,81 @@
+"""config.json ``architectures`` (+ task) -> model class, head and prompt template.
+
+A plain dict, modules imported lazily (vLLM's registry). Aliases share one
+implementation. An unknown architecture lists the supported ones.
+"""
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+log = logging.getLogger("engine")
+
+TASKS = ("rerank", "embed")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    head: str  # "yes_no" | "last_token"
+    template: str  # class name in engine.templates
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    module: str  # engine.models.<module>
+    cls: str
+    tasks: Dict[str, TaskSpec]
+
+
+_QWEN3_TASKS = {
+    "rerank": TaskSpec(head="yes_no", template="Qwen3RerankTemplate"),
+    "embed": TaskSpec(head="last_token", template="Qwen3EmbedTemplate"),
+}
+
+ARCHITECTURES: Dict[str, ArchSpec] = {
+    "Qwen3ForCausalLM": ArchSpec("qwen3", "Qwen3Model", _QWEN3_TASKS),
+    "Qwen3Model": ArchSpec("qwen3", "Qwen3Model", {"embed": _QWEN3_TASKS["embed"]}),
+}
+
+
+def supported_architectures():
+    return sorted(ARCHITECTURES)
+
+
+def lookup(config: dict) -> Tuple[str, ArchSpec]:
+    archs = config.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a, ARCHITECTURES[a]
+    raise ValueError(
+        f"unsupported architecture {archs or config.get('model_type')!r}; "
+        f"supported: {', '.join(supported_architectures())}"
+    )
+
+
+def infer_task(spec: ArchSpec, name: str, task: Optional[str], default: Optional[str] = None) -> str:
+    """The task asked for, else the one the model's name implies, else ``default``."""
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task not in spec.tasks:
+            raise ValueError(f"{spec.cls} does not support task {task!r}; it supports {sorted(spec.tasks)}")
+        return task
+    lowered = name.lower()
+    if "rerank" in lowered and "rerank" in spec.tasks:
+        chosen, why = "rerank", "its name says Reranker"
+    elif "embed" in lowered and "embed" in spec.tasks:
+        chosen, why = "embed", "its name says Embedding"
+    elif default in spec.tasks:
+        chosen, why = default, "the caller's default"
+    else:
+        chosen, why = sorted(spec.tasks)[0], "the only task it supports" if len(spec.tasks) == 1 else "no hint"
+    log.info("task for %s: %s (%s)", name, chosen, why)
+    return chosen
+
+
+def model_class(spec: ArchSpec):
+    return getattr(importlib.import_module(f"engine.models.{spec.module}"), spec.cls)
+
+
+def template_class(spec: ArchSpec, task: str):
+    return getattr(importlib.import_module("engine.templates"), spec.tasks[task].template)

@@ -1,0 +1,16 @@
+"""Triton kernels of the engine, each beside its pure-torch reference.
+
+The engine calls only the names below. CUDA tensors run the Triton kernel and
+CPU tensors the reference; ``ENGINE_KERNELS=triton|torch`` forces one path.
+"""
+from ._dispatch import kernel_mode, use_triton
+from .attention import varlen_attention
+from .qk_norm_rope import qk_norm_rope, rope_cos_sin
+from .rms_norm import rms_norm
+from .swiglu import swiglu
+from .yes_no_head import yes_no_head
+
+__all__ = [
+    "kernel_mode", "use_triton", "varlen_attention", "qk_norm_rope", "rope_cos_sin",
+    "rms_norm", "swiglu", "yes_no_head",
+]
