@@ -62,10 +62,10 @@ class ModelRunner:
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
 
         index = checkpoint_index(self.folder)
-        with torch.device("meta"), _default_dtype(self.dtype):
-            model_cls = registry.model_class(spec)
+        # Our layers allocate with torch.empty (no init work); the loader fills every parameter.
+        model_cls = registry.model_class(spec)
+        with self.device, _default_dtype(self.dtype):
             self.model = model_cls(self.config)
-        self.model.to_empty(device=self.device)
         self.model.eval()
         lm_head = {"lm_head.weight"}
         self.loaded = load_weights(self.model, index, reserved=lm_head,

@@ -10,6 +10,13 @@ from typing import Optional, Tuple
 import torch
 
 from ._dispatch import use_triton
+from ._utils import FLOAT_DTYPES, check_tensor, require_triton, row_block, rows_per_program, unit_stride_last, warps_for
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still imports without Triton
+    from ._utils import tl_stub as tl, triton_stub as triton
 
 
 def rms_norm_ref(
@@ -26,6 +33,77 @@ def rms_norm_ref(
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     out = (xf * (weight.float() + offset)).to(x.dtype)
     return out, residual
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, Y, S,  # x, residual, weight, out, x + residual (out)
+    n_rows, n_cols,
+    stride_x, stride_r, stride_y, stride_s,
+    eps, offset,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # >= n_cols, power of two
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)[:, None]  # T * H can pass 2**31
+
+    x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows * stride_r + cols[None, :], mask=mask, other=0.0)
+        # Round the sum to the storage dtype first: the norm must see exactly
+        # the residual stream that the next layer reads back.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows * stride_s + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+    y = (x * rstd[:, None]) * w[None, :]
+    tl.store(Y + rows * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(
+    x: torch.Tensor,  # [..., H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    residual: Optional[torch.Tensor] = None,  # same shape and dtype as x
+    offset: float = 0.0,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Triton RMSNorm; returns ``(out, x + residual)`` (second is None without residual)."""
+    require_triton()
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    check_tensor(weight, "weight", ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    hidden = x.shape[-1]
+    if weight.shape[0] != hidden:
+        raise ValueError(f"weight has {weight.shape[0]} elements, x has hidden size {hidden}")
+    if residual is not None:
+        check_tensor(residual, "residual", dtypes=(x.dtype,), device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+
+    x2 = unit_stride_last(x.reshape(-1, hidden))
+    n_rows = x2.shape[0]
+    out = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
+    res_out = r2 = None
+    if residual is not None:
+        r2 = unit_stride_last(residual.reshape(-1, hidden))
+        res_out = torch.empty_like(out)
+    if n_rows > 0 and hidden > 0:
+        block_n = row_block(hidden)
+        block_m = rows_per_program(block_n, n_rows)
+        has_res = residual is not None
+        _rms_norm_kernel[(triton.cdiv(n_rows, block_m),)](
+            x2, r2 if has_res else x2, unit_stride_last(weight), out, res_out if has_res else out,
+            n_rows, hidden,
+            x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), out.stride(0),
+            float(eps), float(offset),
+            HAS_RESIDUAL=has_res, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps_for(block_m * block_n),
+        )
+    out = out.view(x.shape)
+    return out, (res_out.view(x.shape) if res_out is not None else None)
 
 
 def rms_norm(x, weight, eps, residual=None, offset=0.0):

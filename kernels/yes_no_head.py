@@ -10,6 +10,13 @@ from typing import Optional, Tuple
 import torch
 
 from ._dispatch import use_triton
+from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, require_triton, row_block, warps_for
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still imports without Triton
+    from ._utils import tl_stub as tl, triton_stub as triton
 
 
 def yes_no_head_ref(
@@ -29,6 +36,75 @@ def yes_no_head_ref(
     xf = xf * (norm_weight.float() + offset)
     logit = xf @ w
     return logit, torch.sigmoid(logit)
+
+
+@triton.jit
+def _yes_no_head_kernel(
+    H, R, IDX, NW, W, LOGIT, SCORE,
+    n_tokens, n_cols,
+    stride_h, stride_r,
+    eps, offset,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # >= hidden, power of two
+):
+    # One program per scored sequence: gather its row, norm, dot, sigmoid.
+    pid = tl.program_id(0)
+    row = tl.load(IDX + pid).to(tl.int64)
+    row = tl.where(row < 0, row + n_tokens, row)  # python-style negative index
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)  # as the residual stream stores it
+    x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    nw = tl.load(NW + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    logit = tl.sum((x * rstd) * nw * w, axis=0)
+    tl.store(LOGIT + pid, logit)
+    tl.store(SCORE + pid, tl.sigmoid(logit))
+
+
+def yes_no_head_triton(
+    hidden: torch.Tensor,  # [T, H]
+    last_index: torch.Tensor,  # [n] int
+    norm_weight: torch.Tensor,  # [H]
+    w: torch.Tensor,  # [H] fp32, W[yes] - W[no]
+    eps: float,
+    residual: Optional[torch.Tensor] = None,  # [T, H]
+    offset: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton fused gather + RMSNorm + dot + sigmoid; returns fp32 ``(logit [n], score [n])``."""
+    require_triton()
+    check_tensor(hidden, "hidden", ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(last_index, "last_index", ndim=1, dtypes=INDEX_DTYPES, device=hidden.device)
+    check_tensor(norm_weight, "norm_weight", ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+    check_tensor(w, "w", ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+    n_tokens, n_cols = hidden.shape
+    if norm_weight.shape[0] != n_cols or w.shape[0] != n_cols:
+        raise ValueError(f"norm_weight {tuple(norm_weight.shape)} and w {tuple(w.shape)} must be [{n_cols}]")
+    if residual is not None:
+        check_tensor(residual, "residual", dtypes=(hidden.dtype,), device=hidden.device)
+        if residual.shape != hidden.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != hidden shape {tuple(hidden.shape)}")
+    n = last_index.shape[0]
+    logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    score = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return logit, score
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    block_n = row_block(n_cols)
+    _yes_no_head_kernel[(n,)](
+        hidden, residual if residual is not None else hidden, last_index.contiguous(),
+        norm_weight.contiguous(), w.contiguous(), logit, score,
+        n_tokens, n_cols, hidden.stride(0), residual.stride(0) if residual is not None else 0,
+        float(eps), float(offset),
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=min(8, warps_for(block_n)),
+    )
+    return logit, score
 
 
 def yes_no_head(hidden, last_index, norm_weight, w, eps, residual=None, offset=0.0):

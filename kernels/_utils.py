@@ -1,0 +1,98 @@
+"""Launch helpers shared by the Triton host functions.
+
+Kept free of any kernel: block-size and warp choices, input checks, and a
+stand-in for ``triton`` so that the op files (and their torch references)
+import where Triton is missing.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only install: the references still work
+    triton = None
+    HAS_TRITON = False
+
+
+class _MissingTriton:
+    """Stand-in for ``triton`` / ``triton.language`` when Triton is absent.
+
+    ``@triton.jit`` returns the function unchanged and ``tl.constexpr`` is a
+    plain annotation, so kernel definitions still parse; the host functions
+    call :func:`require_triton` before touching anything else.
+    """
+
+    constexpr = object
+
+    @staticmethod
+    def jit(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+
+triton_stub = tl_stub = _MissingTriton()
+
+
+def require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed; use the torch reference (ENGINE_KERNELS=torch)")
+
+
+def interpreted() -> bool:
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def warps_for(block_elems: int) -> int:
+    """Warps for a program touching ``block_elems`` elements (elementwise / row kernels)."""
+    if block_elems >= 16384:
+        return 16
+    if block_elems >= 4096:
+        return 8
+    if block_elems >= 1024:
+        return 4
+    return 2 if block_elems >= 256 else 1
+
+
+def row_block(n_cols: int, max_cols: int = 65536):
+    """Block over one row of ``n_cols`` elements for single-pass row kernels."""
+    if n_cols > max_cols:
+        raise ValueError(f"rows of {n_cols} elements exceed the single-block limit {max_cols}")
+    return next_pow2(n_cols)
+
+
+def rows_per_program(block_cols: int, n_rows: int, target_elems: int = 4096, max_rows: int = 16) -> int:
+    """How many rows one program handles so that small rows still fill a program."""
+    rows = max(1, min(max_rows, target_elems // block_cols))
+    return min(next_pow2(rows), next_pow2(max(n_rows, 1)))
+
+
+def check_tensor(t: torch.Tensor, name: str, ndim: int = None, dtypes=None, device=None) -> None:
+    """Assert the properties every host function relies on, with a readable message."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {tuple(dtypes)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take explicit strides but want the innermost one to be 1."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
