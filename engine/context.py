@@ -17,6 +17,7 @@ class BatchContext:
     positions: torch.Tensor  # [T] int64, restart at 0 per sequence
     last_index: torch.Tensor  # [n] int64, cu_seqlens[1:] - 1
     seq_lens: List[int]
+    token_type_ids: Optional[torch.Tensor] = None  # [T] int64, BERT-style segment ids
 
     @property
     def num_seqs(self) -> int:
@@ -27,7 +28,8 @@ class BatchContext:
         return int(sum(self.seq_lens))
 
 
-def build_context(seqs: Sequence[Sequence[int]], device: torch.device) -> "tuple[torch.Tensor, BatchContext]":
+def build_context(seqs: Sequence[Sequence[int]], device: torch.device,
+                  token_types: Optional[Sequence[Sequence[int]]] = None) -> "tuple[torch.Tensor, BatchContext]":
     """Pack token lists into (input_ids [T], context). Host work happens once here."""
     lens = [len(s) for s in seqs]
     if any(n == 0 for n in lens):
@@ -45,5 +47,8 @@ def build_context(seqs: Sequence[Sequence[int]], device: torch.device) -> "tuple
         last_index=(cu_t[1:].long() - 1).to(device, non_blocking=True),
         seq_lens=lens,
     )
+    if token_types is not None:
+        assert [len(t) for t in token_types] == lens, "token_types must match the sequences"
+        ctx.token_type_ids = torch.tensor([t for s in token_types for t in s], dtype=torch.int64).to(device)
     ids = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
     return ids, ctx

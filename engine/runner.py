@@ -10,9 +10,10 @@ import torch
 
 from engine import registry
 from engine.context import build_context
-from engine.heads import LastTokenPooling, YesNoHead
-from engine.tokenizer import load_tokenizer, token_id
-from engine.weights import checkpoint_index, load_weights, read_config, read_rows, resolve_model, WeightError
+from engine.heads import HEAD_BUILDERS
+from engine.templates import Encodings
+from engine.tokenizer import load_tokenizer
+from engine.weights import checkpoint_index, load_weights, read_config, resolve_model
 
 log = logging.getLogger("engine")
 
@@ -70,26 +71,13 @@ class ModelRunner:
         lm_head = {"lm_head.weight"}
         self.loaded = load_weights(self.model, index, reserved=lm_head,
                                    ignore=lambda n: n.endswith("rotary_emb.inv_freq"))
-        self.head = self._build_head(spec.tasks[self.task].head, index).to(self.device)
+        self.head = HEAD_BUILDERS[spec.tasks[self.task].head](self.config_dict, self.tokenizer, index).to(self.device)
         log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
 
-    def _build_head(self, kind: str, index):
-        if kind == "last_token":
-            return LastTokenPooling()
-        if kind == "yes_no":
-            yes, no = token_id(self.tokenizer, "yes"), token_id(self.tokenizer, "no")
-            name = next((n for n in ("lm_head.weight", "model.lm_head.weight") if n in index), None)
-            if name is None:
-                if not self.config_dict.get("tie_word_embeddings", False):
-                    raise WeightError("missing tensor lm_head.weight (tie_word_embeddings is false)")
-                name = next(n for n in ("model.embed_tokens.weight", "embed_tokens.weight") if n in index)
-            rows = read_rows(index[name], name, [yes, no])  # only two rows of the LM head
-            return YesNoHead(rows[0], rows[1])
-        raise ValueError(f"unknown head {kind!r}")
-
     @torch.inference_mode()
-    def run(self, seqs: Sequence[List[int]], stats: Optional[dict] = None) -> torch.Tensor:
-        """Run the head over every token list; outputs in input order ([n] or [n, H], fp32, CPU)."""
+    def run(self, enc: Encodings, stats: Optional[dict] = None) -> torch.Tensor:
+        """Run the head over every sequence; outputs in input order ([n] or [n, H], fp32, CPU)."""
+        seqs, types = enc.ids, enc.token_types
         n = len(seqs)
         for i, s in enumerate(seqs):
             if len(s) == 0:
@@ -108,9 +96,10 @@ class ModelRunner:
                 batch.append(i)
                 tokens += len(seqs[i])
                 continue
-            ids, ctx = build_context([seqs[j] for j in batch], self.device)
+            ids, ctx = build_context([seqs[j] for j in batch], self.device,
+                                     None if types is None else [types[j] for j in batch])
             hidden, residual = self.model(ids, ctx)
-            res = self.head(hidden, residual, ctx, self.model.norm).float().cpu()
+            res = self.head(hidden, residual, ctx, self.model).float().cpu()
             for k, j in enumerate(batch):
                 outs[j] = res[k]
             batches += 1

@@ -5,6 +5,7 @@ tokenized on their own; the formatted pair is tokenized without special tokens
 and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 QWEN3_RERANK_SYSTEM = (
@@ -15,6 +16,17 @@ QWEN3_RERANK_PREFIX = f"<|im_start|>system\n{QWEN3_RERANK_SYSTEM}<|im_end|>\n<|i
 QWEN3_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 QWEN3_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 QWEN3_EMBED_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass
+class Encodings:
+    """Token ids per sequence, and segment ids for models that use them (BERT pairs)."""
+
+    ids: List[List[int]]
+    token_types: Optional[List[List[int]]] = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def check_texts(texts, what: str) -> List[str]:
@@ -45,16 +57,16 @@ class Qwen3RerankTemplate:
     def format_pair(query: str, doc: str, instruction: str) -> str:
         return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
-    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> List[List[int]]:
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
         instruction = self.default_instruction if instruction is None else instruction
         texts = [self.format_pair(q, d, instruction) for q, d in zip(queries, docs)]
         if not texts:
-            return []
+            return Encodings([])
         pair_ids = self.tokenizer(
             texts, add_special_tokens=False, truncation=True, max_length=self.pair_budget,
             return_attention_mask=False,
         )["input_ids"]
-        return [self.prefix_ids + ids + self.suffix_ids for ids in pair_ids]
+        return Encodings([self.prefix_ids + ids + self.suffix_ids for ids in pair_ids])
 
 
 class Qwen3EmbedTemplate:
@@ -74,14 +86,14 @@ class Qwen3EmbedTemplate:
         instruction = self.default_instruction if instruction is None else instruction
         return f"Instruct: {instruction}\nQuery:{query}"
 
-    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> List[List[int]]:
+    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Encodings:
         if is_query:
             texts = [self.format_query(t, instruction) for t in texts]
         elif instruction is not None:
             raise ValueError("instruction applies to queries only: pass is_query=True")
         if not texts:
-            return []
-        return self.tokenizer(
+            return Encodings([])
+        return Encodings(self.tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
             return_attention_mask=False,
-        )["input_ids"]
+        )["input_ids"])

@@ -45,6 +45,34 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _patch_interpreter_index() -> None:
+    """Let interpreted loops take run-time bounds under NumPy >= 2.4.
+
+    Triton 3.6's interpreter keeps scalars as 1-element arrays and converts
+    them with ``int(array)``, which NumPy 2.4 rejects for ndim > 0, so
+    ``for i in range(lo, hi)`` with loaded bounds fails. Re-point
+    ``tensor.__index__`` at the element itself; compiled kernels are untouched.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_engine_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._engine_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if HAS_TRITON and interpreted():
+    _patch_interpreter_index()
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -161,10 +161,10 @@ def _varlen_attention_kernel(
     h0 = tl.program_id(1) * PACK
     kv_head = h0 // GQA
 
-    q_start = tl.load(CU_Q + seq)
-    n_q = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    n_k = tl.load(CU_K + seq + 1) - k_start
+    q_start = tl.load(CU_Q + seq).to(tl.int32)
+    n_q = tl.load(CU_Q + seq + 1).to(tl.int32) - q_start
+    k_start = tl.load(CU_K + seq).to(tl.int32)
+    n_k = tl.load(CU_K + seq + 1).to(tl.int32) - k_start
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -182,9 +182,9 @@ def _varlen_attention_kernel(
         q_desc = tl.make_tensor_descriptor(q_base + h0 * stride_qh, shape=[n_q, PACK, HEAD_DIM],
                                            strides=[stride_qt, stride_qh, 1], block_shape=[BLOCK_T, PACK, BLOCK_D])
         q = tl.reshape(q_desc.load([t0, 0, 0]), [BLOCK_M, BLOCK_D])
-        k_src = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kt, 1],
+        k_src = tl.make_tensor_descriptor(k_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_kt, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vt, 1],
+        v_src = tl.make_tensor_descriptor(v_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_vt, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
     else:
         q = tl.load(q_base + row_tok[:, None] * stride_qt + row_head[:, None] * stride_qh + offs_d[None, :],
@@ -200,14 +200,14 @@ def _varlen_attention_kernel(
         seg = tl.load(PIDX + seq).to(tl.int32)
         has_p = seg >= 0
         seg = tl.maximum(seg, 0)
-        p_start = tl.load(CU_P + seg, mask=has_p, other=0)
-        n_p = tl.load(CU_P + seg + 1, mask=has_p, other=0) - p_start
+        p_start = tl.load(CU_P + seg, mask=has_p, other=0).to(tl.int32)
+        n_p = tl.load(CU_P + seg + 1, mask=has_p, other=0).to(tl.int32) - p_start
         pk_base = PK + p_start.to(tl.int64) * stride_pkt + kv_head * stride_pkh
         pv_base = PV + p_start.to(tl.int64) * stride_pvt + kv_head * stride_pvh
         if USE_DESC:
-            pk_src = tl.make_tensor_descriptor(pk_base, shape=[n_p, HEAD_DIM], strides=[stride_pkt, 1],
+            pk_src = tl.make_tensor_descriptor(pk_base, shape=[tl.maximum(n_p, 1), HEAD_DIM], strides=[stride_pkt, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
-            pv_src = tl.make_tensor_descriptor(pv_base, shape=[n_p, HEAD_DIM], strides=[stride_pvt, 1],
+            pv_src = tl.make_tensor_descriptor(pv_base, shape=[tl.maximum(n_p, 1), HEAD_DIM], strides=[stride_pvt, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
         else:
             pk_src = pk_base

@@ -1,0 +1,40 @@
+"""Registry: architectures, task inference, and that every claimed architecture has a parity test."""
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine import Reranker, registry
+
+
+def test_task_inference_logs_choice(make_qwen3, caplog):
+    spec = registry.ARCHITECTURES["Qwen3ForCausalLM"]
+    with caplog.at_level(logging.INFO, logger="engine"):
+        assert registry.infer_task(spec, "Qwen/Qwen3-Reranker-0.6B", None) == "rerank"
+    assert "rerank" in caplog.text
+    assert registry.infer_task(spec, "Qwen/Qwen3-Embedding-0.6B", None) == "embed"
+    assert registry.infer_task(spec, "my-model", None, default="embed") == "embed"
+    assert registry.infer_task(spec, "Qwen3-Embedding", "rerank") == "rerank"
+    with pytest.raises(ValueError, match="task must be"):
+        registry.infer_task(spec, "x", "classify")
+    with pytest.raises(ValueError, match="does not support task 'rerank'"):
+        registry.infer_task(registry.ARCHITECTURES["Qwen3Model"], "x", "rerank")
+
+
+def test_explicit_task_overrides_name(make_qwen3):
+    rr = Reranker(str(make_qwen3()), task="embed", device="cpu")
+    assert rr.task == "embed"
+
+
+# Where each architecture's parity test against transformers lives.
+PARITY_TESTS = {
+    "Qwen3ForCausalLM": "tests/engine/test_qwen3_parity.py",
+    "Qwen3Model": "tests/engine/test_qwen3_parity.py",
+}
+
+
+def test_every_architecture_has_a_parity_test():
+    root = Path(__file__).resolve().parents[2]
+    for arch in registry.supported_architectures():
+        assert arch in PARITY_TESTS, f"{arch} is registered without a parity test"
+        assert (root / PARITY_TESTS[arch]).is_file()
