@@ -35,17 +35,18 @@ class Reranker:
     def task(self) -> str:
         return self.runner.task
 
-    def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str]) -> np.ndarray:
+    def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None) -> np.ndarray:
+        run, tpl = self.runner.run, self.runner.template
         if self.runner.task == "embed":
             uq = list(dict.fromkeys(queries))
-            q = matryoshka(self.runner.run(self.runner.template.encode(uq, is_query=True, instruction=instruction), self.stats), None)
-            d = matryoshka(self.runner.run(self.runner.template.encode(docs), self.stats), None)
-            rows = torch.tensor([uq.index(x) for x in queries])
+            q = matryoshka(run(tpl.encode(uq, is_query=True, instruction=instruction), self.stats, cancel), None)
+            d = matryoshka(run(tpl.encode(docs), self.stats, cancel), None)
+            pos = {x: i for i, x in enumerate(uq)}
+            rows = torch.tensor([pos[x] for x in queries])
             return (q[rows] * d).sum(-1).numpy()
-        seqs = self.runner.template.encode(queries, docs, instruction)
-        return self.runner.run(seqs, self.stats).numpy()
+        return run(tpl.encode(queries, docs, instruction), self.stats, cancel).numpy()
 
-    def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None) -> List[float]:
+    def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None) -> List[float]:
         """Scores of (query, document) pairs, in order (CrossEncoder.predict style)."""
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             pairs = [pairs]
@@ -59,18 +60,22 @@ class Reranker:
             docs.append(p[1])
         if not queries:
             return []
-        return [float(s) for s in self._scores(queries, docs, instruction)]
+        return [float(s) for s in self._scores(queries, docs, instruction, cancel)]
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
-             instruction: Optional[str] = None, return_documents: bool = True) -> List[dict]:
-        """Documents sorted by relevance: ``[{index, score, document}]``."""
+             instruction: Optional[str] = None, return_documents: bool = True, cancel=None) -> List[dict]:
+        """Documents sorted by relevance: ``[{index, score, document}]``.
+
+        ``cancel``: an optional ``threading.Event``; once set, remaining batches are
+        skipped and ``engine.runner.Cancelled`` is raised.
+        """
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         docs = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)
         if not docs:
             return []
-        scores = self._scores([query] * len(docs), docs, instruction)
+        scores = self._scores([query] * len(docs), docs, instruction, cancel)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         out = []
         for i in order:
@@ -97,7 +102,8 @@ class Embedder:
         return int(self.runner.config.hidden_size)
 
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
-              instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True) -> np.ndarray:
+              instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
+              cancel=None) -> np.ndarray:
         """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``)."""
         if isinstance(texts, str):
             texts = [texts]
@@ -107,5 +113,5 @@ class Embedder:
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         seqs = self.runner.template.encode(texts, is_query=is_query, instruction=instruction)
-        emb = self.runner.run(seqs, self.stats)
+        emb = self.runner.run(seqs, self.stats, cancel)
         return matryoshka(emb, dimensions, normalize=normalize).numpy().astype(np.float32)

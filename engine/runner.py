@@ -47,6 +47,10 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
+class Cancelled(RuntimeError):
+    """The caller cancelled the request (e.g. its HTTP client went away)."""
+
+
 class ModelRunner:
     def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None,
                  device=None, dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None):
@@ -75,7 +79,7 @@ class ModelRunner:
         log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
 
     @torch.inference_mode()
-    def run(self, enc: Encodings, stats: Optional[dict] = None) -> torch.Tensor:
+    def run(self, enc: Encodings, stats: Optional[dict] = None, cancel=None) -> torch.Tensor:
         """Run the head over every sequence; outputs in input order ([n] or [n, H], fp32, CPU)."""
         seqs, types = enc.ids, enc.token_types
         n = len(seqs)
@@ -96,6 +100,8 @@ class ModelRunner:
                 batch.append(i)
                 tokens += len(seqs[i])
                 continue
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("request cancelled")
             ids, ctx = build_context([seqs[j] for j in batch], self.device,
                                      None if types is None else [types[j] for j in batch])
             hidden, residual = self.model(ids, ctx)

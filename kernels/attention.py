@@ -225,7 +225,7 @@ def _varlen_attention_kernel(
         # Bottom-right aligned: token t sees own keys j <= t + diag. Keys below
         # the first token's bound are visible to every row: no mask there.
         diag = n_k - n_q
-        full = (tl.minimum(tl.maximum(t0 + diag + 1, 0), n_k) // BLOCK_N) * BLOCK_N
+        full = (tl.minimum(tl.maximum(t0 + diag + 2, 0), n_k) // BLOCK_N) * BLOCK_N
         hi = tl.maximum(tl.minimum(t0 + BLOCK_T, n_q) + diag, 0)
         acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                       0, full, n_k, row_tok, diag, qk_scale, offs_n, offs_d,
