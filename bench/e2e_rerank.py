@@ -1,0 +1,99 @@
+"""End-to-end rerank throughput: our engine vs the model card's transformers code, same process.
+
+Workload "rerank-1k" (DESIGN.md 4) on a GPU shape; on the CPU default, the small
+Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
+40-300 words and a 40-word query. Prints pairs/s for both and the ratio.
+
+    python bench/e2e_rerank.py                 # CPU config
+    python bench/e2e_rerank.py --shape 0.6B    # GPU, random weights at the real shape
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+
+from common import build_qwen3_folder, machine, timed, words
+
+
+def make_workload(args, rng):
+    if args.shape == "cpu":
+        query = words(rng, 40)
+        docs = [words(rng, rng.randint(40, 300)) for _ in range(args.docs or 256)]
+    else:  # rerank-1k: ~64-token shared prefix (template + query), documents of 64-448 tokens
+        query = words(rng, 20)
+        docs = [words(rng, rng.randint(64, 448)) for _ in range(args.docs or 1024)]
+    return query, docs
+
+
+def reference_scores(ref, pairs, batch_size, last_only):
+    """Model-card code; ``last_only`` is its sorted variant with logits at the last position only."""
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][1])) if last_only else list(range(len(pairs)))
+    out = [0.0] * len(pairs)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            inputs = ref.encode([pairs[i] for i in idx])
+            batch = ref.tokenizer.pad(inputs, padding=True, return_tensors="pt").to(ref.model.device)
+            kw = {"logits_to_keep": 1} if last_only else {}
+            logits = ref.model(**batch, **kw).logits[:, -1, :].float()
+            two = torch.stack([logits[:, ref.no], logits[:, ref.yes]], dim=1)
+            for i, v in zip(idx, torch.log_softmax(two, dim=1)[:, 1].exp().tolist()):
+                out[i] = v
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="cpu", choices=["cpu", "0.6B", "4B"])
+    ap.add_argument("--docs", type=int, default=None)
+    ap.add_argument("--ref-batch", type=int, default=None, help="transformers batch size (default 8 CPU, 32 GPU)")
+    ap.add_argument("--max-batch-tokens", type=int, nargs="*", default=[None], help="token budgets to sweep")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+
+    from engine import Reranker
+    from reference_qwen3 import Qwen3RerankerReference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rng = random.Random(0)
+    query, docs = make_workload(args, rng)
+    pairs = [(query, d) for d in docs]
+    folder = build_qwen3_folder(args.shape, "Qwen3-Reranker-bench", device, dtype)
+    print(f"machine: {machine()}  shape: {args.shape}  pairs: {len(pairs)}  dtype: {dtype}")
+
+    results = {"machine": machine(), "shape": args.shape, "pairs": len(pairs), "ours": {}}
+    ours_scores = None
+    for budget in args.max_batch_tokens:
+        rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=budget)
+        rr.predict(pairs[:8])  # warm-up
+        rr.stats.clear()
+        ours_scores, t = timed(lambda: rr.predict(pairs), device)
+        key = str(rr.runner.max_batch_tokens)
+        results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "stats": dict(rr.stats)}
+        print(f"ours (max_batch_tokens={key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s, {rr.stats})")
+        del rr
+
+    if not args.skip_reference:
+        ref = Qwen3RerankerReference(folder)
+        ref.model.to(device=device, dtype=dtype)
+        bs = args.ref_batch or (32 if device == "cuda" else 8)
+        best = max(v["pairs_per_s"] for v in results["ours"].values())
+        for name, last_only in (("transformers, model-card code", False), ("transformers, sorted + last token only", True)):
+            reference_scores(ref, pairs[:4], bs, last_only)  # warm-up
+            ref_scores, t = timed(lambda: reference_scores(ref, pairs, bs, last_only), device)
+            rate = len(pairs) / t
+            diff = max(abs(a - b) for a, b in zip(ref_scores, ours_scores))
+            results[name] = {"pairs_per_s": rate, "seconds": t, "max_abs_diff_vs_ours": diff}
+            print(f"{name}: {rate:9.1f} pairs/s  ({t:.2f} s)  ratio ours/ref = {best / rate:.1f}x  "
+                  f"max |score diff| = {diff:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
