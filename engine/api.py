@@ -4,8 +4,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from engine.default_model import default_model_path
 from engine.heads import matryoshka
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, merge_stats
 from engine.templates import check_texts
 
 
@@ -25,17 +26,20 @@ class Reranker:
     query and document embeddings.
     """
 
-    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None):
+    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
+                 max_batch_tokens: Optional[int] = None, share_prefix: bool = True):
+        model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
         self.runner = ModelRunner(model, task=task, task_default="rerank", device=device, dtype=dtype,
                                   max_length=max_length, max_batch_tokens=max_batch_tokens)
-        self.stats: Dict[str, float] = {}
+        self.share_prefix = share_prefix
+        self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
     @property
     def task(self) -> str:
         return self.runner.task
 
-    def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None) -> np.ndarray:
+    def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
+                raw_scores: bool = False, stats: Optional[dict] = None) -> np.ndarray:
         run, tpl = self.runner.run, self.runner.template
         if self.runner.task == "embed":
             uq = list(dict.fromkeys(queries))
@@ -44,10 +48,50 @@ class Reranker:
             pos = {x: i for i, x in enumerate(uq)}
             rows = torch.tensor([pos[x] for x in queries])
             return (q[rows] * d).sum(-1).numpy()
-        return run(tpl.encode(queries, docs, instruction), self.stats, cancel).numpy()
+        out = self._pair_scores(queries, docs, instruction, cancel, stats)
+        post = getattr(self.runner.head, "postprocess", None)  # cross-encoders: activation, label column
+        return (out if post is None else post(out, raw=raw_scores)).numpy()
 
-    def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None) -> List[float]:
-        """Scores of (query, document) pairs, in order (CrossEncoder.predict style)."""
+    def _pair_scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
+                     stats: Optional[dict] = None):
+        """Score pairs through the scheduler: one request per distinct query, all in flight together.
+
+        With prefix sharing, each query's head (system + instruction + query) is computed once
+        and its documents attend to its cached K/V; otherwise every pair is a full sequence.
+        """
+        runner, tpl = self.runner, self.runner.template
+        groups: Dict[str, List[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(q, []).append(i)
+        pending = []
+        for q, idx in groups.items():
+            gdocs = [docs[i] for i in idx]
+            head = tpl.encode_head(q, instruction) if self.share_prefix and getattr(tpl, "supports_prefix", False) else None
+            if head is not None:
+                req = runner.submit(len(idx), lambda s, e, h=head, d=gdocs: tpl.encode_tails(h, d[s:e]),
+                                    head=head, cancel=cancel)
+            else:
+                req = runner.submit(len(idx), lambda s, e, q=q, d=gdocs: tpl.encode([q] * (e - s), d[s:e], instruction),
+                                    cancel=cancel)
+            pending.append((idx, req))
+        out = None
+        for idx, req in pending:
+            res = req.wait()
+            merge_stats(self.stats, req.stats)
+            merge_stats(stats, req.stats)
+            if out is None:
+                out = np.zeros((len(queries),) + res.shape[1:], dtype=np.float32)
+            out[idx] = res
+        return torch.from_numpy(out)
+
+    def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None,
+                raw_scores: bool = False, stats: Optional[dict] = None) -> List[float]:
+        """Scores of (query, document) pairs, in order (CrossEncoder.predict style).
+
+        ``raw_scores``: cross-encoders return logits without their activation (TEI's flag).
+        ``stats``: a dict that receives this call's counters (tokens computed and saved by
+        prefix sharing, batches, seconds per stage).
+        """
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             pairs = [pairs]
         queries, docs = [], []
@@ -60,14 +104,15 @@ class Reranker:
             docs.append(p[1])
         if not queries:
             return []
-        return [float(s) for s in self._scores(queries, docs, instruction, cancel)]
+        return [float(s) for s in self._scores(queries, docs, instruction, cancel, raw_scores, stats)]
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
-             instruction: Optional[str] = None, return_documents: bool = True, cancel=None) -> List[dict]:
+             instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
+             raw_scores: bool = False, stats: Optional[dict] = None) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
-        skipped and ``engine.runner.Cancelled`` is raised.
+        skipped and ``engine.runner.Cancelled`` is raised. ``stats``: as in ``predict``.
         """
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
@@ -75,7 +120,7 @@ class Reranker:
         top_n = _check_top_n(top_n)
         if not docs:
             return []
-        scores = self._scores([query] * len(docs), docs, instruction, cancel)
+        scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         out = []
         for i in order:
@@ -89,13 +134,23 @@ class Reranker:
 class Embedder:
     """Embed texts: last-token pooling (Qwen3-Embedding), L2-normalised, Matryoshka ``dimensions``."""
 
-    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
+    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
                  max_batch_tokens: Optional[int] = None):
+        model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
         self.runner = ModelRunner(model, task=task or None, task_default="embed", device=device, dtype=dtype,
                                   max_length=max_length, max_batch_tokens=max_batch_tokens)
         if self.runner.task != "embed":
             raise ValueError(f"{model} was loaded as a {self.runner.task} model; Embedder needs task='embed'")
         self.stats: Dict[str, float] = {}
+
+    @classmethod
+    def from_runner(cls, runner: ModelRunner) -> "Embedder":
+        """An Embedder sharing an already loaded embed-task runner (e.g. a Reranker's): no second copy of the weights."""
+        if runner.task != "embed":
+            raise ValueError(f"the runner holds a {runner.task} model; Embedder needs task='embed'")
+        self = cls.__new__(cls)
+        self.runner, self.stats = runner, {}
+        return self
 
     @property
     def dimension(self) -> int:

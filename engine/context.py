@@ -3,9 +3,13 @@
 Models know nothing about batching: they run one flat token tensor and read
 sequence boundaries from this object (FlashInfer's plan/run split: the runner
 plans, the layers run).
+
+Shared prefixes: sequence i may attend to a cached prefix segment
+(``prefix_index[i] >= 0``); its positions then continue after that prefix.
+Layer l reads the segments of the batch, packed, through ``prefix_kv(l)``.
 """
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,10 +18,18 @@ import torch
 class BatchContext:
     cu_seqlens: torch.Tensor  # [n + 1] int32, token offsets of each sequence
     max_seqlen: int
-    positions: torch.Tensor  # [T] int64, restart at 0 per sequence
+    positions: torch.Tensor  # [T] int64, restart at 0 (or at the prefix length) per sequence
     last_index: torch.Tensor  # [n] int64, cu_seqlens[1:] - 1
     seq_lens: List[int]
     token_type_ids: Optional[torch.Tensor] = None  # [T] int64, BERT-style segment ids
+    # Shared prefixes (causal LLM rerankers)
+    prefixes: Optional[list] = None  # distinct engine.cache.PrefixKV entries used by this batch
+    prefix_index: Optional[torch.Tensor] = None  # [n] int32, segment of each sequence, -1 for none
+    cu_seqlens_p: Optional[torch.Tensor] = None  # [n_prefix + 1] int32
+    max_seqlen_p: int = 0
+    # When a list, attention layers append their (k, v) [T, Hkv, D] to it (prefix computation).
+    capture_kv: Optional[list] = None
+    _packed: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -27,18 +39,43 @@ class BatchContext:
     def num_tokens(self) -> int:
         return int(sum(self.seq_lens))
 
+    def prefix_kv(self, layer: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Packed prefix K/V of this batch for one layer: a view for one prefix, one concat for several."""
+        if not self.prefixes:
+            return None, None
+        if len(self.prefixes) == 1:
+            return self.prefixes[0].k[layer], self.prefixes[0].v[layer]
+        if layer not in self._packed:
+            self._packed[layer] = (torch.cat([p.k[layer] for p in self.prefixes]),
+                                   torch.cat([p.v[layer] for p in self.prefixes]))
+        return self._packed[layer]
+
+
+def _cumsum(lens: Sequence[int]) -> List[int]:
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return cu
+
 
 def build_context(seqs: Sequence[Sequence[int]], device: torch.device,
-                  token_types: Optional[Sequence[Sequence[int]]] = None) -> "tuple[torch.Tensor, BatchContext]":
-    """Pack token lists into (input_ids [T], context). Host work happens once here."""
+                  token_types: Optional[Sequence[Sequence[int]]] = None,
+                  prefixes: Optional[list] = None,
+                  prefix_index: Optional[Sequence[int]] = None) -> "tuple[torch.Tensor, BatchContext]":
+    """Pack token lists into (input_ids [T], context). Host work happens once here.
+
+    ``prefixes``: distinct PrefixKV entries; ``prefix_index[i]`` picks sequence i's (-1: none).
+    """
     lens = [len(s) for s in seqs]
     if any(n == 0 for n in lens):
         raise ValueError("cannot run an empty sequence")
     flat = [t for s in seqs for t in s]
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens])
+    cu = _cumsum(lens)
+    if prefix_index is not None:
+        starts = [prefixes[j].num_tokens if j >= 0 else 0 for j in prefix_index]
+    else:
+        starts = [0] * len(lens)
+    positions = torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(starts, lens)])
     cu_t = torch.tensor(cu, dtype=torch.int32)
     ctx = BatchContext(
         cu_seqlens=cu_t.to(device, non_blocking=True),
@@ -50,5 +87,12 @@ def build_context(seqs: Sequence[Sequence[int]], device: torch.device,
     if token_types is not None:
         assert [len(t) for t in token_types] == lens, "token_types must match the sequences"
         ctx.token_type_ids = torch.tensor([t for s in token_types for t in s], dtype=torch.int64).to(device)
+    if prefixes:
+        assert prefix_index is not None and len(prefix_index) == len(lens)
+        plens = [p.num_tokens for p in prefixes]
+        ctx.prefixes = list(prefixes)
+        ctx.prefix_index = torch.tensor(list(prefix_index), dtype=torch.int32).to(device)
+        ctx.cu_seqlens_p = torch.tensor(_cumsum(plens), dtype=torch.int32).to(device)
+        ctx.max_seqlen_p = max(plens)
     ids = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
     return ids, ctx

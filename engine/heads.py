@@ -3,6 +3,8 @@
 Heads read only the rows they need (the last token of each sequence) and apply
 the model's final norm to those rows alone.
 """
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.tokenizer import token_id
-from engine.weights import WeightError, read_rows
+from engine.weights import WeightError, read_rows, read_tensor
 
 
 # Heads take (hidden [T, H], residual [T, H] or None, ctx, model) and return fp32 [n] or [n, H].
@@ -61,6 +63,169 @@ class LastTokenPooling(nn.Module):
         return out.float()  # [n, H]
 
 
+# --- BERT / XLM-RoBERTa cross-encoders and sentence-transformers embedders ---------------------
+
+_ENCODER_PREFIXES = ("", "bert.", "roberta.")
+_CE_ACTIVATIONS = {
+    "Identity": lambda x: x,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Softmax": lambda x: torch.softmax(x, dim=-1),
+}
+
+
+def _find(index, stem: str) -> Optional[str]:
+    """The checkpoint name of ``stem`` under any encoder prefix (``pooler.dense`` or ``bert.pooler.dense``)."""
+    return next((p + stem for p in _ENCODER_PREFIXES if p + stem + ".weight" in index), None)
+
+
+def _cross_encoder_activation(config: dict, num_labels: int):
+    """sentence-transformers' CrossEncoder default: the activation the config declares, else
+    Sigmoid for one label and Identity for several (no softmax unless declared)."""
+    path = (config.get("sentence_transformers") or {}).get("activation_fn") \
+        or config.get("sbert_ce_default_activation_function")
+    if path and path.startswith("torch."):
+        name = path.rsplit(".", 1)[-1]
+        if name not in _CE_ACTIVATIONS:
+            raise NotImplementedError(f"cross-encoder activation {path!r} is not supported; "
+                                      f"supported: {sorted(_CE_ACTIVATIONS)}")
+        return _CE_ACTIVATIONS[name]
+    return torch.sigmoid if num_labels == 1 else _CE_ACTIVATIONS["Identity"]
+
+
+def _label_column(config: dict, num_labels: int) -> Optional[int]:
+    if num_labels == 1:
+        return None
+    labels = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    hits = [i for i, name in labels.items() if name.lower().startswith("entail")]
+    if len(hits) != 1:
+        raise ValueError(f"a {num_labels}-label cross-encoder needs one 'entailment' label in id2label "
+                         f"to score pairs, got {labels}")
+    return hits[0]
+
+
+def build_classifier_head(config: dict, tokenizer, index) -> "ClassificationHead":
+    """BERT: ``classifier(tanh(pooler.dense(h)))``; RoBERTa: ``out_proj(tanh(dense(h)))``, on the first token."""
+    if "classifier.out_proj.weight" in index:
+        dense, out = "classifier.dense", "classifier.out_proj"
+        unused = [n for n in index if n.startswith(("roberta.pooler.", "pooler."))]  # XLM-R never uses it
+    else:
+        dense, out = _find(index, "pooler.dense"), "classifier"
+        if dense is None or "classifier.weight" not in index:
+            raise WeightError("missing tensor(s) for the classification head: expected pooler.dense.* and "
+                              "classifier.* (BERT) or classifier.dense.* and classifier.out_proj.* (RoBERTa)")
+        unused = []
+    names = [f"{m}.{p}" for m in (dense, out) for p in ("weight", "bias")]
+    for n in names:
+        if n not in index:
+            raise WeightError(f"missing tensor {n} for the classification head")
+    w = {n: read_tensor(index[n], n).float() for n in names}
+    num_labels = w[f"{out}.weight"].shape[0]
+    head = ClassificationHead(w[f"{dense}.weight"], w[f"{dense}.bias"], w[f"{out}.weight"], w[f"{out}.bias"],
+                              _cross_encoder_activation(config, num_labels), _label_column(config, num_labels))
+    head.checkpoint_names = set(names) | set(unused)
+    return head
+
+
+class ClassificationHead(nn.Module):
+    """Logits of the first token (``[CLS]`` / ``<s>``), in fp32: ``[n]`` for one label, else ``[n, L]``.
+
+    ``postprocess`` turns them into one score per pair: the activation (unless
+    ``raw``), then the entailment column for NLI models.
+    """
+
+    def __init__(self, dense_w, dense_b, out_w, out_b, activation, column: Optional[int]):
+        super().__init__()
+        for name, t in (("dense_w", dense_w), ("dense_b", dense_b), ("out_w", out_w), ("out_b", out_b)):
+            self.register_buffer(name, t.contiguous())
+        self.activation, self.column = activation, column
+
+    def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
+        h = hidden[ctx.cu_seqlens[:-1].long()].float()  # [n, H]
+        logits = F.linear(torch.tanh(F.linear(h, self.dense_w, self.dense_b)), self.out_w, self.out_b)
+        return logits[:, 0] if logits.shape[1] == 1 else logits
+
+    def postprocess(self, logits: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        scores = logits if raw else self.activation(logits)
+        return scores if self.column is None else scores[:, self.column]  # [n]
+
+
+_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def _read_json(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def build_pooling_head(config: dict, tokenizer, index) -> "PoolingHead":
+    """Pooling and Normalize as the sentence-transformers folder declares (``modules.json``,
+    ``1_Pooling/config.json``); a plain transformers folder gets mean pooling, like sentence-transformers."""
+    folder = Path(next(iter(index.values())).file).parent
+    modes, normalize = ("mean",), False
+    if (folder / "modules.json").is_file():
+        for m in _read_json(folder / "modules.json"):
+            kind = m["type"].rsplit(".", 1)[-1]
+            if kind == "Normalize":
+                normalize = True
+            elif kind == "Pooling":
+                pcfg = _read_json(folder / m["path"] / "config.json")
+                if pcfg.get("include_prompt", True) is False:
+                    raise NotImplementedError("Pooling with include_prompt=false is not supported")
+                mode = pcfg.get("pooling_mode") or tuple(v for k, v in _LEGACY_POOLING_KEYS.items() if pcfg.get(k))
+                modes = (mode,) if isinstance(mode, str) else tuple(mode) or ("mean",)
+            elif kind != "Transformer":
+                raise NotImplementedError(f"sentence-transformers module {m['type']} is not supported "
+                                          f"(supported: Transformer, Pooling, Normalize)")
+    for mode in modes:
+        if mode not in _POOLING_MODES:
+            raise NotImplementedError(f"pooling mode {mode!r} is not supported; supported: {_POOLING_MODES}")
+    head = PoolingHead(modes, normalize)
+    # BertModel checkpoints carry a pooler that sentence-transformers never uses.
+    head.checkpoint_names = {n for n in index if n.startswith(tuple(p + "pooler." for p in _ENCODER_PREFIXES))}
+    return head
+
+
+class PoolingHead(nn.Module):
+    """sentence-transformers Pooling over packed sequences (modes concatenated in order), then Normalize."""
+
+    def __init__(self, modes, normalize: bool):
+        super().__init__()
+        self.modes, self.normalize = tuple(modes), normalize
+
+    def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
+        h = hidden.float()  # [T, H]
+        t, n = h.shape[0], ctx.num_seqs
+        cu = ctx.cu_seqlens.long()
+        lens = (cu[1:] - cu[:-1]).float()[:, None]  # [n, 1]
+        seq = torch.repeat_interleave(torch.arange(n, device=h.device), cu[1:] - cu[:-1], output_size=t)  # [T]
+
+        def seg_sum(x):
+            return torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seq, x)
+
+        outs = []
+        for mode in self.modes:
+            if mode == "cls":
+                outs.append(h[cu[:-1]])
+            elif mode == "lasttoken":
+                outs.append(h[ctx.last_index])
+            elif mode == "max":
+                init = torch.full((n, h.shape[1]), float("-inf"), device=h.device)
+                outs.append(init.scatter_reduce_(0, seq[:, None].expand_as(h), h, "amax"))
+            elif mode == "mean":
+                outs.append(seg_sum(h) / lens)
+            elif mode == "mean_sqrt_len_tokens":
+                outs.append(seg_sum(h) / lens.sqrt())
+            else:  # weightedmean: token i of a sequence weighs i + 1
+                w = (ctx.positions + 1).float()[:, None]
+                outs.append(seg_sum(h * w) / seg_sum(w))
+        emb = torch.cat(outs, dim=-1)
+        return F.normalize(emb, p=2, dim=-1) if self.normalize else emb  # [n, k * H]
+
+
 def matryoshka(emb: torch.Tensor, dimensions: Optional[int], normalize: bool = True) -> torch.Tensor:
     """Truncate to ``dimensions`` first, then L2-normalise (Matryoshka order)."""
     if dimensions is not None:
@@ -75,4 +240,6 @@ def matryoshka(emb: torch.Tensor, dimensions: Optional[int], normalize: bool = T
 HEAD_BUILDERS = {
     "yes_no": build_yes_no_head,
     "last_token": lambda config, tokenizer, index: LastTokenPooling(),
+    "classifier": build_classifier_head,
+    "pooling": build_pooling_head,
 }

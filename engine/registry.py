@@ -15,7 +15,7 @@ TASKS = ("rerank", "embed")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    head: str  # "yes_no" | "last_token"
+    head: str  # a key of engine.heads.HEAD_BUILDERS: "yes_no" | "last_token" | "classifier" | "pooling"
     template: str  # class name in engine.templates
 
 
@@ -31,9 +31,18 @@ _QWEN3_TASKS = {
     "embed": TaskSpec(head="last_token", template="Qwen3EmbedTemplate"),
 }
 
+_ST_EMBED = {"embed": TaskSpec(head="pooling", template="SentenceTransformerEmbedTemplate")}
+
 ARCHITECTURES: Dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": ArchSpec("qwen3", "Qwen3Model", _QWEN3_TASKS),
     "Qwen3Model": ArchSpec("qwen3", "Qwen3Model", {"embed": _QWEN3_TASKS["embed"]}),
+    # BERT and XLM-RoBERTa share one encoder; they differ in positions, head and truncation.
+    "BertModel": ArchSpec("bert", "BertModel", _ST_EMBED),
+    "BertForSequenceClassification": ArchSpec(
+        "bert", "BertModel", {"rerank": TaskSpec(head="classifier", template="CrossEncoderTemplate")}),
+    "XLMRobertaModel": ArchSpec("bert", "BertModel", _ST_EMBED),
+    "XLMRobertaForSequenceClassification": ArchSpec(
+        "bert", "BertModel", {"rerank": TaskSpec(head="classifier", template="XLMRobertaPairTemplate")}),
 }
 
 

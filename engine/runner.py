@@ -1,5 +1,6 @@
 """The model runner: owns the device, the weights and the heads; runs packed batches."""
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from engine import registry
+from engine.cache import PrefixCache, PrefixKV
 from engine.context import build_context
+from engine.scheduler import Cancelled, Request, Scheduler  # noqa: F401 (Cancelled is re-exported)
 from engine.heads import HEAD_BUILDERS
 from engine.templates import Encodings
 from engine.tokenizer import load_tokenizer
@@ -47,13 +50,10 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-class Cancelled(RuntimeError):
-    """The caller cancelled the request (e.g. its HTTP client went away)."""
-
-
 class ModelRunner:
     def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None,
-                 device=None, dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None):
+                 device=None, dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None,
+                 prefix_cache_bytes: int = 256 << 20):
         self.folder: Path = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict)
@@ -63,7 +63,10 @@ class ModelRunner:
         self.config = SimpleNamespace(**self.config_dict)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_length = max_length
-        self.template = registry.template_class(spec, self.task)(self.tokenizer, max_length=max_length)
+        template_cls = registry.template_class(spec, self.task)
+        # Encoder templates read sentence-transformers files and the position limit.
+        files = {"folder": self.folder, "config": self.config_dict} if getattr(template_cls, "needs_model_files", False) else {}
+        self.template = template_cls(self.tokenizer, max_length=max_length, **files)
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
 
         index = checkpoint_index(self.folder)
@@ -72,47 +75,65 @@ class ModelRunner:
         with self.device, _default_dtype(self.dtype):
             self.model = model_cls(self.config)
         self.model.eval()
-        lm_head = {"lm_head.weight"}
-        self.loaded = load_weights(self.model, index, reserved=lm_head,
-                                   ignore=lambda n: n.endswith("rotary_emb.inv_freq"))
         self.head = HEAD_BUILDERS[spec.tasks[self.task].head](self.config_dict, self.tokenizer, index).to(self.device)
+        # Tensors a head reads (or knows to be unused) are not the model's; all others must load.
+        reserved = {"lm_head.weight"} | set(getattr(self.head, "checkpoint_names", ()))
+        skip = set(getattr(model_cls, "ignored_checkpoint_names", ()))
+        self.loaded = load_weights(self.model, index, reserved=reserved,
+                                   strip_prefixes=getattr(model_cls, "checkpoint_prefixes", ("model.",)),
+                                   ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._scheduler: Optional[Scheduler] = None
+        self._lock = threading.Lock()
         log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
 
     @torch.inference_mode()
-    def run(self, enc: Encodings, stats: Optional[dict] = None, cancel=None) -> torch.Tensor:
-        """Run the head over every sequence; outputs in input order ([n] or [n, H], fp32, CPU)."""
-        seqs, types = enc.ids, enc.token_types
-        n = len(seqs)
-        for i, s in enumerate(seqs):
-            if len(s) == 0:
-                raise ValueError(f"input {i} is empty after tokenization")
-        if n == 0:
-            return torch.empty(0)
-        # Longest first, packed greedily under the token budget: no padding anywhere.
-        order = sorted(range(n), key=lambda i: -len(seqs[i]))
-        outs: List[Optional[torch.Tensor]] = [None] * n
-        batch: List[int] = []
-        tokens = 0
+    def run_batch(self, seqs, token_types=None, prefixes=None, prefix_index=None):
+        """One packed forward + head. Returns (fp32 numpy [n, ...], forward seconds, head seconds)."""
         t0 = time.perf_counter()
-        batches = 0
-        for i in order + [None]:
-            if i is not None and (not batch or tokens + len(seqs[i]) <= self.max_batch_tokens):
-                batch.append(i)
-                tokens += len(seqs[i])
-                continue
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("request cancelled")
-            ids, ctx = build_context([seqs[j] for j in batch], self.device,
-                                     None if types is None else [types[j] for j in batch])
-            hidden, residual = self.model(ids, ctx)
-            res = self.head(hidden, residual, ctx, self.model).float().cpu()
-            for k, j in enumerate(batch):
-                outs[j] = res[k]
-            batches += 1
-            if i is not None:
-                batch, tokens = [i], len(seqs[i])
-        if stats is not None:
-            stats["batches"] = stats.get("batches", 0) + batches
-            stats["tokens"] = stats.get("tokens", 0) + sum(len(s) for s in seqs)
-            stats["forward_s"] = stats.get("forward_s", 0.0) + time.perf_counter() - t0
-        return torch.stack(outs)
+        ids, ctx = build_context(seqs, self.device, token_types, prefixes, prefix_index)
+        hidden, residual = self.model(ids, ctx)
+        t1 = time.perf_counter()
+        out = self.head(hidden, residual, ctx, self.model).float().cpu().numpy()  # .cpu() syncs the device
+        return out, t1 - t0, time.perf_counter() - t1
+
+    @torch.inference_mode()
+    def compute_prefixes(self, heads: List[List[int]]) -> List[PrefixKV]:
+        """Run shared prefixes once and keep each layer's K/V: [layers, P, Hkv, D] per prefix."""
+        ids, ctx = build_context(heads, self.device)
+        ctx.capture_kv = []
+        self.model(ids, ctx)
+        ks = torch.stack([k for k, _ in ctx.capture_kv])  # [layers, T, Hkv, D]
+        vs = torch.stack([v for _, v in ctx.capture_kv])
+        out, off = [], 0
+        for h in heads:
+            out.append(PrefixKV(ks[:, off : off + len(h)].clone(), vs[:, off : off + len(h)].clone()))
+            off += len(h)
+        return out
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            with self._lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(self, self.max_batch_tokens)
+        return self._scheduler
+
+    def submit(self, n: int, encode, head=None, priority: int = 0, cancel=None) -> Request:
+        """Queue n sequences (``encode(start, end) -> Encodings``) on the engine thread."""
+        return self.scheduler.submit(Request(n, encode, head=head, priority=priority, cancel=cancel))
+
+    def run(self, enc: Encodings, stats: Optional[dict] = None, cancel=None) -> torch.Tensor:
+        """Run already-tokenized sequences through the scheduler; outputs in input order (fp32, CPU)."""
+        req = self.submit(len(enc), lambda s, e: Encodings(enc.ids[s:e], None if enc.token_types is None
+                                                             else enc.token_types[s:e]), cancel=cancel)
+        out = torch.from_numpy(req.wait())
+        merge_stats(stats, req.stats)
+        return out
+
+
+def merge_stats(into: Optional[dict], stats: dict) -> None:
+    if into is None:
+        return
+    for k, v in stats.items():
+        into[k] = into.get(k, 0) + v

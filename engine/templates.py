@@ -5,7 +5,10 @@ tokenized on their own; the formatted pair is tokenized without special tokens
 and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
 QWEN3_RERANK_SYSTEM = (
@@ -68,6 +71,30 @@ class Qwen3RerankTemplate:
         )["input_ids"]
         return Encodings([self.prefix_ids + ids + self.suffix_ids for ids in pair_ids])
 
+    # Shared-prefix split. Everything up to "<Document>:" is the same for every document of a
+    # query; the document part starts with the space before the document. Qwen's pre-tokenizer
+    # always ends a pre-token at ">:" followed by a space, and NFC cannot compose across ": ",
+    # so head tokens + document tokens == tokens of the whole string (tests check this).
+    supports_prefix = True
+
+    def encode_head(self, query: str, instruction: Optional[str] = None) -> Optional[List[int]]:
+        """Template prefix + ``<Instruct>…<Document>:`` ids, or None if truncation would cut into them."""
+        instruction = self.default_instruction if instruction is None else instruction
+        head = self.format_pair(query, "", instruction)[:-1]  # drop the space before the document
+        ids = self.tokenizer(head, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if len(ids) >= self.pair_budget or getattr(self.tokenizer, "truncation_side", "right") != "right":
+            return None
+        return self.prefix_ids + ids
+
+    def encode_tails(self, head: List[int], docs: Sequence[str]) -> Encodings:
+        """`` {doc}`` + suffix ids for each document, truncated as the whole pair would be."""
+        if not docs:
+            return Encodings([])
+        budget = self.pair_budget - (len(head) - len(self.prefix_ids))
+        ids = self.tokenizer([" " + d for d in docs], add_special_tokens=False, truncation=True,
+                             max_length=budget, return_attention_mask=False)["input_ids"]
+        return Encodings([x + self.suffix_ids for x in ids])
+
 
 class Qwen3EmbedTemplate:
     """Queries as ``Instruct: {task}\\nQuery:{query}`` (no space); documents as-is.
@@ -97,3 +124,154 @@ class Qwen3EmbedTemplate:
             list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
             return_attention_mask=False,
         )["input_ids"])
+
+
+# --- BERT / XLM-RoBERTa (bidirectional encoders) ---------------------------------------------
+# These templates read the model folder (sentence-transformers files) and config: the
+# runner passes ``folder`` and ``config`` to template classes that set ``needs_model_files``.
+
+def _encoder_max_length(tokenizer, max_length: int, config: Optional[dict]) -> int:
+    """The caller's max_length, capped by the learned positions and the tokenizer's model_max_length."""
+    from engine.models.bert import max_input_length
+
+    limit = int(max_length)
+    if config is not None:
+        limit = min(limit, max_input_length(SimpleNamespace(**config)))
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        limit = min(limit, model_max)
+    return limit
+
+
+def _uses_token_types(tokenizer, config: Optional[dict]) -> bool:
+    # Feed segment ids exactly when transformers would: the tokenizer returns them and the
+    # model has more than one segment (XLM-R has type_vocab_size 1 and no token_type_ids).
+    return "token_type_ids" in tokenizer.model_input_names and (config or {}).get("type_vocab_size", 2) > 1
+
+
+class CrossEncoderTemplate:
+    """``[CLS] q [SEP] d [SEP]`` (token types 0/1) or ``<s> q </s></s> d </s>``, as the tokenizer's
+    post-processor lays out pairs.
+
+    Truncation as sentence-transformers' CrossEncoder (the reference for the
+    ms-marco BERT cross-encoders): ``longest_first`` to ``max_length``, i.e.
+    the longer of query and document loses tokens first. An instruction, if
+    given, is prepended to the query text.
+    """
+
+    needs_model_files = True
+    supports_prefix = False  # bidirectional: the query attends to the document
+
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
+        self.tokenizer = tokenizer
+        self.max_length = _encoder_max_length(tokenizer, max_length, config)
+        self.token_types = _uses_token_types(tokenizer, config)
+        self.num_special = tokenizer.num_special_tokens_to_add(pair=True)
+        if self.max_length <= self.num_special:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a pair")
+
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+        if instruction is not None:
+            queries = [instruction + q for q in queries]
+        if not queries:
+            return Encodings([])
+        enc = self.tokenizer(list(queries), list(docs), truncation="longest_first", max_length=self.max_length,
+                             return_attention_mask=False, return_token_type_ids=self.token_types)
+        return Encodings(enc["input_ids"], enc["token_type_ids"] if self.token_types else None)
+
+
+class XLMRobertaPairTemplate(CrossEncoderTemplate):
+    """``<s> q </s></s> d </s>`` with FlagEmbedding's truncation (the reference for bge-reranker):
+    the query is cut to ``max_length * 3 // 4`` tokens, then the document to what is left."""
+
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
+        super().__init__(tokenizer, max_length, folder, config)
+        self.layout = _pair_layout(tokenizer)
+
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+        if instruction is not None:
+            queries = [instruction + q for q in queries]
+        if not queries:
+            return Encodings([])
+        tok = self.tokenizer
+        q_cap = min(self.max_length * 3 // 4, self.max_length - self.num_special)
+        uniq = list(dict.fromkeys(queries))  # rank(): one query, many documents
+        q_ids = dict(zip(uniq, tok(uniq, add_special_tokens=False, truncation=True, max_length=q_cap,
+                                   return_attention_mask=False)["input_ids"]))
+        d_ids = tok(list(docs), add_special_tokens=False, truncation=True, max_length=self.max_length,
+                    return_attention_mask=False)["input_ids"]
+        (pre, mid, post), (t_pre, t_q, t_mid, t_d, t_post) = self.layout
+        ids, types = [], []
+        for q, d in zip(queries, d_ids):
+            q = q_ids[q]
+            d = d[: self.max_length - self.num_special - len(q)]
+            ids.append(pre + q + mid + d + post)
+            if self.token_types:
+                types.append(t_pre + [t_q] * len(q) + t_mid + [t_d] * len(d) + t_post)
+        return Encodings(ids, types if self.token_types else None)
+
+
+def _pair_layout(tokenizer):
+    """The special tokens around the two sequences of a pair, read off the tokenizer's own
+    post-processor: ((prefix, middle, suffix) ids, (their segment ids, query and document segment))."""
+    a = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    b = tokenizer("world", add_special_tokens=False)["input_ids"]
+    enc = tokenizer("hello", "world", return_token_type_ids=True, return_attention_mask=False)
+    ids, tt = enc["input_ids"], enc["token_type_ids"]
+    special = set(tokenizer.all_special_ids)
+    for i in range(len(ids) - len(a) + 1):
+        if ids[i : i + len(a)] != a or not set(ids[:i]) <= special:
+            continue
+        for j in range(i + len(a), len(ids) - len(b) + 1):
+            if ids[j : j + len(b)] == b and set(ids[i + len(a) : j] + ids[j + len(b):]) <= special:
+                k = j + len(b)
+                return ((ids[:i], ids[i + len(a) : j], ids[k:]),
+                        (tt[:i], tt[i], tt[i + len(a) : j], tt[j], tt[k:]))
+    raise ValueError(f"cannot read the pair layout off this tokenizer (got {ids})")
+
+
+class SentenceTransformerEmbedTemplate:
+    """Texts as sentence-transformers encodes them for BERT-like embedders.
+
+    ``max_seq_length`` from ``sentence_bert_config.json`` (capped by the
+    caller's max_length and the model's positions); prompts from
+    ``config_sentence_transformers.json`` are prepended (``query`` for queries,
+    ``document``/``passage``/``corpus`` for documents, else the default prompt).
+    An ``instruction`` replaces the query prompt.
+    """
+
+    needs_model_files = True
+    supports_prefix = False
+
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
+        self.tokenizer = tokenizer
+        folder = Path(folder) if folder is not None else None
+        st = _read_json_if(folder, "sentence_bert_config.json")
+        if st.get("max_seq_length"):
+            max_length = min(max_length, int(st["max_seq_length"]))
+        self.lowercase = bool(st.get("do_lower_case", False))
+        self.max_length = _encoder_max_length(tokenizer, max_length, config)
+        cst = _read_json_if(folder, "config_sentence_transformers.json")
+        prompts = cst.get("prompts") or {}
+        default = prompts.get(cst.get("default_prompt_name") or "", "")
+        self.query_prompt = prompts.get("query", default)
+        self.document_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
+
+    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Encodings:
+        if instruction is not None and not is_query:
+            raise ValueError("instruction applies to queries only: pass is_query=True")
+        prompt = (self.query_prompt if instruction is None else instruction) if is_query else self.document_prompt
+        texts = [prompt + t for t in texts]
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        if not texts:
+            return Encodings([])
+        return Encodings(self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                                        return_attention_mask=False)["input_ids"])
+
+
+def _read_json_if(folder: Optional[Path], name: str) -> dict:
+    if folder is None or not (folder / name).is_file():
+        return {}
+    with open(folder / name) as fh:
+        return json.load(fh)

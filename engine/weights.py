@@ -126,7 +126,7 @@ def load_weights(
 ) -> Set[str]:
     """Load checkpoint tensors into ``model`` (fusing shards per ``packed_modules_mapping``).
 
-    ``reserved``: checkpoint names (after prefix stripping) consumed elsewhere, e.g.
+    ``reserved``: checkpoint names (as stored, or after prefix stripping) consumed elsewhere, e.g.
     ``lm_head.weight`` read by a head. ``ignore``: names that may be present and are skipped.
     Returns the set of checkpoint names loaded. Raises WeightError before copying anything
     if a parameter would be missing, loaded twice, or mis-shaped, or a tensor is unexpected.
@@ -147,7 +147,7 @@ def load_weights(
             if name.startswith(pre):
                 name = name[len(pre):]
                 break
-        if name in reserved or ignore(name):
+        if name in reserved or ck_name in reserved or ignore(name):
             continue
         target, sid = name, None
         for src, (dst, shard) in packed.items():

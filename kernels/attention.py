@@ -70,8 +70,9 @@ def varlen_attention_ref(
 # ----------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------
-# Programs: axis 0 walks a schedule of (sequence, query block) pairs, heaviest
-# blocks first; axis 1 walks groups of PACK query heads that share one KV head.
+# Program p takes slot p // n_groups of a schedule of (sequence, query block)
+# pairs, heaviest blocks first, and head group p % n_groups: PACK query heads
+# that share one KV head.
 # A block holds BLOCK_M rows = BLOCK_T tokens x PACK heads (row r is token
 # r // PACK, head r % PACK), so each K/V tile serves PACK heads at once.
 # Each program streams up to four key ranges through one online softmax:
@@ -140,7 +141,7 @@ def _varlen_attention_kernel(
     CU_Q, CU_K, CU_P, PIDX, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
-    qk_scale,
+    qk_scale, n_groups,
     HEAD_DIM: tl.constexpr,
     GQA: tl.constexpr,  # Hq // Hkv
     PACK: tl.constexpr,  # query heads per block (a power of two dividing GQA)
@@ -154,11 +155,13 @@ def _varlen_attention_kernel(
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // PACK
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    seq = tl.load(SCHED + 2 * tl.program_id(0))
+    # Head groups vary fastest, so every head of the heaviest blocks starts first.
+    slot = tl.program_id(0) // n_groups
+    h0 = (tl.program_id(0) % n_groups) * PACK
+    seq = tl.load(SCHED + 2 * slot)
     if seq < 0:  # padding slot of the schedule
         return
-    t0 = tl.load(SCHED + 2 * tl.program_id(0) + 1) * BLOCK_T
-    h0 = tl.program_id(1) * PACK
+    t0 = tl.load(SCHED + 2 * slot + 1) * BLOCK_T
     kv_head = h0 // GQA
 
     q_start = tl.load(CU_Q + seq).to(tl.int32)
@@ -225,7 +228,7 @@ def _varlen_attention_kernel(
         # Bottom-right aligned: token t sees own keys j <= t + diag. Keys below
         # the first token's bound are visible to every row: no mask there.
         diag = n_k - n_q
-        full = (tl.minimum(tl.maximum(t0 + diag + 2, 0), n_k) // BLOCK_N) * BLOCK_N
+        full = (tl.minimum(tl.maximum(t0 + diag + 1, 0), n_k) // BLOCK_N) * BLOCK_N
         hi = tl.maximum(tl.minimum(t0 + BLOCK_T, n_q) + diag, 0)
         acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                       0, full, n_k, row_tok, diag, qk_scale, offs_n, offs_d,
@@ -345,16 +348,20 @@ def _pick_pack(group: int, block_m: int) -> int:
     return pack
 
 
-def attention_config(head_dim: int, device: torch.device) -> dict:
-    """Block sizes, warps and stages for one head_dim (hand-picked; bench/gpu_suite.py sweeps them)."""
+def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes, warps and stages (hand-picked leads; bench/gpu_suite.py sweeps them on a GPU)."""
     if interpreted() or device.type != "cuda":
         return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
     block_d = next_pow2(head_dim)
     if block_d <= 64:
-        return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if block_d <= 128:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        cfg = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    elif block_d <= 128:
+        cfg = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    else:  # d=256: the fp32 accumulator alone is 64 registers per thread at 8 warps
+        cfg = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    if dtype == torch.float32:  # twice the shared memory per K/V tile
+        cfg.update(block_n=max(16, cfg["block_n"] // 2), num_stages=2)
+    return cfg
 
 
 def _desc_ok(*tensors) -> bool:
@@ -421,7 +428,7 @@ def varlen_attention_triton(
         prefix_k, prefix_v = unit_stride_last(prefix_k), unit_stride_last(prefix_v)
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
 
-    cfg = attention_config(head_dim, q.device)
+    cfg = attention_config(head_dim, q.dtype, q.device)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     group = n_heads // n_kv_heads
@@ -446,14 +453,15 @@ def varlen_attention_triton(
                                cu_seqlens_p if has_prefix else None, prefix_index if has_prefix else None),
     )
     pk, pv = (prefix_k, prefix_v) if has_prefix else (k, v)
-    grid = (n_slots, n_heads // pack)
+    n_groups = n_heads // pack
+    grid = (n_slots * n_groups,)
     _varlen_attention_kernel[grid](
         q, k, v, out, pk, pv,
         cu_q, cu_k, cu_seqlens_p.contiguous() if has_prefix else cu_q,
         prefix_index.contiguous() if has_prefix else cu_q, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
-        float(scale) * _LOG2E,
+        float(scale) * _LOG2E, n_groups,
         HEAD_DIM=head_dim, GQA=group, PACK=pack, CAUSAL=bool(causal), HAS_PREFIX=has_prefix,
         USE_DESC=use_desc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

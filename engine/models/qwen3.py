@@ -16,8 +16,9 @@ from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding
 
 class Qwen3Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rms_norm_eps: float, rope_theta: float, attention_bias: bool = False):
+                 rms_norm_eps: float, rope_theta: float, attention_bias: bool = False, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.eps = rms_norm_eps
@@ -37,8 +38,12 @@ class Qwen3Attention(nn.Module):
             qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
             self.num_heads, self.num_kv_heads, self.head_dim, self.eps,
         )
+        if ctx.capture_kv is not None:  # computing a shared prefix: keep its K/V
+            ctx.capture_kv.append((k.clone(), v.clone()))
+        prefix_k, prefix_v = ctx.prefix_kv(self.layer_idx)
         o = kernels.varlen_attention(
             q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, causal=True, scale=self.scale,
+            prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=ctx.cu_seqlens_p, prefix_index=ctx.prefix_index,
             max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen,
         )  # [T, Hq, D]
         return self.o_proj(o.reshape(o.shape[0], -1))
@@ -55,12 +60,12 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx: int):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.self_attn = Qwen3Attention(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
-            cfg.rms_norm_eps, rope_theta(cfg), getattr(cfg, "attention_bias", False),
+            cfg.rms_norm_eps, rope_theta(cfg), getattr(cfg, "attention_bias", False), layer_idx,
         )
         self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -107,7 +112,7 @@ class Qwen3Model(nn.Module):
         self.hidden_size = cfg.hidden_size
         self.rms_norm_eps = cfg.rms_norm_eps
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,3 +123,7 @@ class Qwen3Model(nn.Module):
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, cos, sin)
         return x, residual
+
+    @property
+    def supports_prefix(self) -> bool:
+        return True

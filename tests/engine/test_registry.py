@@ -30,6 +30,10 @@ def test_explicit_task_overrides_name(make_qwen3):
 PARITY_TESTS = {
     "Qwen3ForCausalLM": "tests/engine/test_qwen3_parity.py",
     "Qwen3Model": "tests/engine/test_qwen3_parity.py",
+    "BertModel": "tests/engine/test_bert_parity.py",
+    "BertForSequenceClassification": "tests/engine/test_bert_parity.py",
+    "XLMRobertaModel": "tests/engine/test_bert_parity.py",
+    "XLMRobertaForSequenceClassification": "tests/engine/test_bert_parity.py",
 }
 
 

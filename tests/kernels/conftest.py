@@ -5,8 +5,13 @@ on before ``triton.jit`` decorates anything, hence the env set at import.
 With ``TRITON_INTERPRET=0`` on a CUDA machine the same tests run compiled.
 """
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, _ROOT)
 
 import zlib  # noqa: E402
 

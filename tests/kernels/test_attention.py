@@ -54,12 +54,13 @@ def _check(args, extra, causal, dtype, close, scale=None, **kw):
     return out
 
 
-# Shared prefix: sequences 0, 2, 5 share segment 1, sequence 3 uses segment 0,
-# others none; segment 2 is empty.
-PREFIX = ([23, 70, 0], [1, -1, 1, 0, -1, 1])
+# Shared prefix: sequences 0, 2, 5 share segment 1, sequence 3 uses segment 0
+# (33 = one past a block), sequence 4 the one-token segment 3, sequence 1 none;
+# segment 2 is empty.
+PREFIX = ([33, 70, 0, 1], [1, -1, 1, 0, 3, 1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("heads", [(2, 2, 64), (4, 2, 128), (4, 1, 32)], ids=lambda h: "hq%d-hkv%d-d%d" % h)
 @pytest.mark.parametrize("prefix", [False, True], ids=["noprefix", "prefix"])
@@ -78,8 +79,13 @@ def test_head_dim_256_and_odd(causal, device, poison, close):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_more_keys_than_queries(causal, device, poison, close):
-    # Bottom-right causal alignment: the last query sees every key.
-    args, extra = _case([1, 17, 40, 3], [9, 17, 130, 70], 4, 2, 32, torch.float32, device)
+    # Bottom-right causal alignment: the last query sees every key. The offsets
+    # Lk - Lq sweep the residues around the 32-key blocks, so the split between
+    # unmasked and diagonal blocks is hit on both sides of each boundary.
+    diags = [0, 1, 2, 15, 16, 30, 31, 32, 33, 63, 64, 95]
+    lens_q = [1, 17] + [40] * len(diags)
+    lens_k = [9, 17] + [40 + d for d in diags]
+    args, extra = _case(lens_q, lens_k, 2, 1, 32, torch.float32, device)
     _check(args, extra, causal, torch.float32, close)
 
 

@@ -1,0 +1,161 @@
+"""``rerank-engine``: serve a model over HTTP, or rank and embed files offline.
+
+    rerank-engine serve MODEL [--host 127.0.0.1 --port 8000 --api-key KEY ...]
+    rerank-engine rank --model M --query Q --documents docs.jsonl [--top-n N]
+    rerank-engine embed --model M --input texts.jsonl --output out.npy|out.jsonl [--dimensions D]
+
+JSONL lines are strings or objects with a ``text`` field. Weights are read from
+safetensors only, and remote code is never run.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+CHUNK = 256  # texts per engine call offline: the progress bar moves per chunk
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False):
+    if positional:
+        p.add_argument("model", help="a local model folder or a hub id already in the local cache")
+    else:
+        p.add_argument("--model", required=True, help="a local model folder or a hub id already in the local cache")
+    p.add_argument("--task", choices=["rerank", "embed"], default=None,
+                   help="default: what the model's name says (Reranker / Embedding)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--max-length", type=int, default=8192, help="tokens per sequence; longer inputs are truncated")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rerank-engine", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve one model over HTTP")
+    _model_args(s, positional=True)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("RERANK_ENGINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $RERANK_ENGINE_API_KEY)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients send as 'model' (comma-separated aliases); default: the MODEL argument")
+    s.add_argument("--max-queue", type=int, default=128, help="requests in flight at once; more get 429")
+    s.add_argument("--max-documents", type=int, default=100_000, help="documents per request; more get 413")
+    s.add_argument("--max-body-mb", type=float, default=8.0, help="request body cap in MiB; larger get 413")
+    s.add_argument("--log-level", default="info")
+
+    r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
+    _model_args(r)
+    r.add_argument("--query", required=True)
+    r.add_argument("--documents", required=True, help="JSONL: one string or {\"text\": ...} per line")
+    r.add_argument("--top-n", type=int, default=None)
+    r.add_argument("--instruction", default=None)
+
+    e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
+    _model_args(e)
+    e.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
+    e.add_argument("--output", required=True, help="FILE.npy ([n, d] float32) or FILE.jsonl (one list per line)")
+    e.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
+    e.add_argument("--instruction", default=None, help="embed the texts as queries with this task instruction")
+    return ap
+
+
+def read_jsonl(path: str) -> List[str]:
+    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            v = json.loads(line)
+            if isinstance(v, dict):
+                v = v.get("text")
+            if not isinstance(v, str):
+                raise ValueError(f"{path}:{n}: expected a string or an object with a string 'text'")
+            out.append(v)
+    return out
+
+
+def _service(args, task: Optional[str] = None):
+    from engine.service import Service
+
+    return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype,
+                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
+
+
+def _chunks(n: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=desc, unit="text", disable=n <= CHUNK, file=sys.stderr)
+    for start in range(0, n, CHUNK):
+        yield start, min(start + CHUNK, n)
+        bar.update(min(CHUNK, n - start))
+    bar.close()
+
+
+def cmd_rank(args) -> int:
+    if args.top_n is not None and args.top_n < 1:
+        raise SystemExit("--top-n must be a positive integer")
+    docs = read_jsonl(args.documents)
+    service = _service(args)
+    scores: List[float] = []
+    for a, b in _chunks(len(docs), "rank"):
+        s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction)
+        scores.extend(s)
+    order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
+    json.dump({"query": args.query, "results": results}, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    texts = read_jsonl(args.input)
+    if not args.output.endswith((".npy", ".jsonl")):
+        raise SystemExit("--output must end with .npy or .jsonl")
+    service = _service(args, task="embed")
+    parts = []
+    for a, b in _chunks(len(texts), "embed"):
+        emb, _ = service.embed(texts[a:b], dimensions=args.dimensions, instruction=args.instruction)
+        parts.append(emb)
+    dim = args.dimensions or service.dimension
+    emb = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+    if args.output.endswith(".npy"):
+        np.save(args.output, emb, allow_pickle=False)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for row in emb.tolist():
+                f.write(json.dumps(row) + "\n")
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from engine.server import ServerConfig, create_app, served_names
+
+    service = _service(args)
+    config = ServerConfig(served_names=served_names(args.model, args.served_model_name), api_key=args.api_key,
+                          max_queue=args.max_queue, max_documents=args.max_documents,
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = create_app(service, config)
+    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight, then exit.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

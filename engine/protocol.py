@@ -1,0 +1,173 @@
+"""Request and response bodies of the HTTP server, in the shapes existing clients send.
+
+One request model per endpoint family (Cohere/Jina and TEI rerank share one,
+told apart by ``texts``). Unknown fields are ignored, not rejected: clients
+send provider-specific extras (``rank_fields``, ``priority``, ``user``, a
+``model`` to TEI) and must keep working. Texts are normalised on the way in:
+a document ``{"text": ...}`` becomes its text, and a single string where a
+list is allowed becomes a list of one.
+"""
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from typing_extensions import Annotated
+
+
+def _doc_text(v: Any) -> Any:
+    if isinstance(v, dict) and "text" in v:
+        return v["text"]  # still validated as a string below
+    if isinstance(v, dict):
+        raise ValueError("a document object needs a 'text' field")
+    return v
+
+
+def _one_or_many(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+# A document is a string or {"text": string, ...}; it reaches the handler as the string.
+Document = Annotated[str, BeforeValidator(_doc_text), WithJsonSchema({"anyOf": [
+    {"type": "string"},
+    {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+]})]
+# A string or a list of strings; it reaches the handler as a list.
+Texts = Annotated[List[str], BeforeValidator(_one_or_many),
+                  WithJsonSchema({"anyOf": [{"type": "string"}, _STRINGS]})]
+PositiveInt = Annotated[int, Field(ge=1)]
+Direction = Literal["right", "left", "Right", "Left"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class RerankRequest(_Request):
+    """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
+
+    model: Optional[str] = None
+    query: str
+    documents: Optional[List[Document]] = None
+    texts: Optional[List[str]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
+    top_n: Optional[PositiveInt] = None
+    top_k: Optional[PositiveInt] = Field(None, description="alias of top_n")
+    return_documents: bool = False
+    max_tokens_per_doc: Optional[PositiveInt] = None
+    instruction: Optional[str] = None
+    # TEI
+    return_text: bool = False
+    raw_scores: bool = False
+    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncation_direction: Direction = "right"
+
+
+class ScoreRequest(_Request):
+    """vLLM ``/v1/score``: one query against many texts, or pairs of equal-length lists."""
+
+    model: Optional[str] = None
+    text_1: Texts
+    text_2: Texts
+    instruction: Optional[str] = None
+
+
+class EmbedRequest(_Request):
+    """TEI ``/embed``; ``instruction`` (an extension) embeds the inputs as queries with that task."""
+
+    inputs: Texts
+    normalize: bool = True
+    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncation_direction: Direction = "right"
+    dimensions: Optional[PositiveInt] = None
+    instruction: Optional[str] = None
+
+
+class EmbeddingsRequest(_Request):
+    """OpenAI ``/v1/embeddings``."""
+
+    model: Optional[str] = None
+    input: Texts
+    dimensions: Optional[PositiveInt] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    instruction: Optional[str] = None
+
+
+# Responses: documented for the OpenAPI spec; the handlers build plain dicts.
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: Optional[RerankDocument] = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: List[RerankResult]
+    usage: Usage
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: Optional[str] = None
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    model: str
+    data: List[ScoreData]
+    usage: Usage
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Any = Field(description="list of floats, or base64 of little-endian float32")
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(message: str, type: str, param: Optional[str] = None) -> Dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param}}
+
+
+def error_param(loc) -> Optional[str]:
+    """A pydantic error location as the client wrote the field: ``("body", "documents", 2)`` -> ``documents[2]``."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None

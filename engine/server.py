@@ -1,0 +1,318 @@
+"""The HTTP server: the rerank and embedding APIs clients already speak, over one loaded model.
+
+Routes (DESIGN.md section 3): Cohere/Jina and TEI rerank, vLLM score, TEI and
+OpenAI embeddings, health, models, Prometheus metrics and the OpenAPI spec.
+
+The event loop never runs the model: each request runs in a worker thread, so
+concurrent requests reach the engine together and share its batches. At most
+``max_queue`` requests are admitted at once; beyond that the answer is 429 with
+``Retry-After``. A client that disconnects has its remaining batches cancelled.
+"""
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import List, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from engine.metrics import Metrics, MetricsMiddleware
+from engine.protocol import (EmbeddingsRequest, EmbeddingsResponse, EmbedRequest, ErrorResponse, RerankRequest,
+                             RerankResponse, ScoreRequest, ScoreResponse, TEIRank, error_body, error_param)
+from engine.runner import Cancelled
+from engine.service import Service, WrongTask
+
+log = logging.getLogger("engine.server")
+
+OPEN_PATHS = frozenset({"/health"})  # everything else needs the API key when one is set
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+                429: "rate_limit_error", 499: "client_closed_request"}
+
+
+@dataclass
+class ServerConfig:
+    served_names: List[str]  # the first is reported; all are accepted as ``model``
+    api_key: Optional[str] = None
+    max_queue: int = 128  # requests admitted to the model at once
+    max_documents: int = 100_000  # per request; more -> 413 (there is no lower batch limit)
+    max_body_bytes: int = 8 << 20
+    retry_after_s: int = 1
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def served_names(model: str, name: Optional[str]) -> List[str]:
+    """``--served-model-name`` (comma-separated aliases), then the model as given and its folder name."""
+    names = [n.strip() for n in (name or "").split(",") if n.strip()] + [model, Path(model).name]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.type = type or _ERROR_TYPES.get(status, "server_error")
+
+
+def _error(status: int, message: str, param: Optional[str] = None, type: Optional[str] = None, headers=None):
+    # ensure_ascii: an error may echo client text, which need not be encodable UTF-8 (lone surrogates).
+    body = json.dumps(error_body(message, type or _ERROR_TYPES.get(status, "server_error"), param))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+class Gate:
+    """ASGI middleware in front of the app: the API key, then the body-size cap (read before routing)."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app, self.max_body = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                why = "missing API key" if not given else "invalid API key"
+                return await _error(401, f"{why}: send 'Authorization: Bearer <key>'",
+                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await _error(400, "bad Content-Length header")(scope, receive, send)
+        too_large = _error(413, f"request body larger than {self.max_body} bytes")
+        if declared > self.max_body:
+            return await too_large(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole body here, so an undeclared (chunked) oversize body is refused too.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = [b"".join(chunks)]
+
+        async def replay():
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            return await receive()  # after the body: waits for http.disconnect
+
+        await self.app(scope, replay, send)
+
+
+class Server:
+    """Routes and admission for one ``Service``."""
+
+    def __init__(self, service: Service, config: ServerConfig):
+        self.service, self.config = service, config
+        self.metrics = Metrics(service.stats)
+        self.pool = ThreadPoolExecutor(max_workers=config.max_queue, thread_name_prefix="engine-worker")
+        self.in_flight = 0  # touched only on the event loop
+
+    @property
+    def name(self) -> str:
+        return self.config.served_names[0]
+
+    def check_model(self, model: Optional[str]):
+        if model is not None and model not in self.config.served_names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}", "model")
+
+    def check_count(self, n: int, param: str):
+        if n > self.config.max_documents:
+            raise ApiError(413, f"{n} {param} is more than this server's limit of {self.config.max_documents} "
+                                f"per request (--max-documents)", param)
+
+    async def call(self, request: Request, endpoint: str, fn, *args, **kwargs):
+        """Run ``fn(*args, cancel=event, **kwargs)`` in a worker thread; cancel it if the client leaves."""
+        if self.in_flight >= self.config.max_queue:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"server busy: {self.in_flight} requests in flight (--max-queue); retry later",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
+        cancel = threading.Event()
+        watcher = asyncio.ensure_future(self._watch(request, cancel))
+        try:
+            loop = asyncio.get_running_loop()
+            result, tokens = await loop.run_in_executor(self.pool, partial(fn, *args, cancel=cancel, **kwargs))
+        except Cancelled:
+            self.metrics.cancelled.inc()
+            raise ApiError(499, "the client closed the request")
+        except WrongTask as e:
+            raise ApiError(400, str(e), type="unsupported_task")
+        except (ValueError, TypeError, UnicodeError) as e:  # the engine's checks of the input
+            raise ApiError(400, str(e))
+        finally:
+            watcher.cancel()
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+        self.metrics.request_tokens.labels(endpoint).observe(tokens)
+        return result, tokens
+
+    @staticmethod
+    async def _watch(request: Request, cancel: threading.Event):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                cancel.set()
+                return
+
+    # Handlers
+
+    async def rerank(self, body: RerankRequest, request: Request):
+        self.check_model(body.model)
+        if not body.query.strip():
+            raise ApiError(400, "query must not be empty", "query")
+        if body.texts is not None and body.documents is not None:
+            raise ApiError(422, "give either documents (Cohere/Jina) or texts (TEI), not both", "texts")
+        tei = body.texts is not None
+        docs = body.texts if tei else body.documents
+        if docs is None:
+            raise ApiError(422, "documents is required", "documents")
+        self.check_count(len(docs), "texts" if tei else "documents")
+        top_n = body.top_n if body.top_n is not None else body.top_k
+        ranked, tokens = await self.call(
+            request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=body.instruction,
+            max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
+            raw_scores=tei and body.raw_scores)
+        if tei:
+            out = []
+            for r in ranked:
+                item = {"index": r["index"], "score": r["score"]}
+                if body.return_text:
+                    item["text"] = docs[r["index"]]
+                out.append(item)
+            return JSONResponse(out)
+        results = []
+        for r in ranked:
+            item = {"index": r["index"], "relevance_score": r["score"]}
+            if body.return_documents:
+                item["document"] = {"text": docs[r["index"]]}
+            results.append(item)
+        return JSONResponse({"id": str(uuid.uuid4()), "model": self.name, "results": results,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def score(self, body: ScoreRequest, request: Request):
+        self.check_model(body.model)
+        q, d = body.text_1, body.text_2
+        if len(q) == 1 and len(d) != 1:
+            q = q * len(d)
+        if len(q) != len(d):
+            raise ApiError(400, f"text_1 has {len(q)} texts and text_2 {len(d)}: give one text_1, "
+                                f"or lists of equal length", "text_2")
+        self.check_count(len(d), "text_2")
+        scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
+        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                             "model": self.name,
+                             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _embed(self, request: Request, texts, dimensions, **kwargs):
+        self.check_count(len(texts), "input")
+        if self.service.embedder is None:  # refuse before queueing
+            raise ApiError(400, f"this server hosts a {self.service.task} model; embeddings need an embedding "
+                                f"model (serve one with --task embed)", type="unsupported_task")
+        return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
+
+    async def tei_embed(self, body: EmbedRequest, request: Request):
+        emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
+                                   instruction=body.instruction, left=body.truncation_direction.lower() == "left")
+        return JSONResponse(emb.tolist())
+
+    async def embeddings(self, body: EmbeddingsRequest, request: Request):
+        self.check_model(body.model)
+        emb, tokens = await self._embed(request, body.input, body.dimensions, instruction=body.instruction)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
+        else:
+            vectors = emb.tolist()
+        return JSONResponse({"object": "list", "model": self.name,
+                             "data": [{"object": "embedding", "index": i, "embedding": v}
+                                      for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.config.created,
+                                            "owned_by": "rerank-engine", "task": self.service.task,
+                                            "max_model_len": self.service.max_length}]}
+
+    async def metrics_text(self):
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        return _error(400, f"invalid JSON: {bad_json.get('ctx', {}).get('error', 'decode error')} "
+                           f"at position {bad_json['loc'][-1]}")
+    parts = [f"{error_param(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
+    return _error(422, "; ".join(parts), error_param(errors[0]["loc"]) if errors else None)
+
+
+def _http_error(request: Request, exc: HTTPException):
+    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def _api_error(request: Request, exc: ApiError):
+    return _error(exc.status, exc.message, exc.param, exc.type, exc.headers)
+
+
+def _server_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(service: Service, config: ServerConfig) -> FastAPI:
+    """The ASGI app; run it with uvicorn (``rerank-engine serve``)."""
+    server = Server(service, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.pool.shutdown(wait=True)
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
+    app = FastAPI(title="rerank-engine", version="0.1.0", lifespan=lifespan, responses=errors)
+    app.state.server = server
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        app.add_api_route(path, server.rerank, methods=["POST"], summary="Rerank (Cohere/Jina; TEI with texts)",
+                          responses={200: {"model": Union[RerankResponse, List[TEIRank]]}})
+    app.add_api_route("/v1/score", server.score, methods=["POST"], summary="Score pairs (vLLM)",
+                      responses={200: {"model": ScoreResponse}})
+    app.add_api_route("/embed", server.tei_embed, methods=["POST"], summary="Embed (TEI)",
+                      responses={200: {"model": List[List[float]]}})
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
+                      responses={200: {"model": EmbeddingsResponse}})
+    app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics")
+    app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"], summary="Liveness (no API key)")
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics, paths=[r.path for r in app.routes])
+    return app

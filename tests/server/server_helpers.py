@@ -1,0 +1,57 @@
+"""Helpers of the server tests (a module with a unique name: tests import it, never conftest)."""
+import random
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from engine.server import ServerConfig, create_app
+from engine.service import Service
+
+WORDS = (
+    "the of and to in is was for on that with as by at from river mountain city engine model search query "
+    "passage answer capital china beijing gravity attracts bodies toward one another protein cell energy "
+    "market price history war king music film game team season league player water climate ocean forest"
+).split()
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+RERANK_NAME = "tiny-reranker"
+EMBED_NAME = "tiny-embedder"
+
+
+class LiveServer:
+    """uvicorn serving ``create_app(service, config)`` on a free 127.0.0.1 port, in a daemon thread."""
+
+    def __init__(self, service: Service, config: ServerConfig):
+        self.service, self.config = service, config
+        self.app = create_app(service, config)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        return self
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def client(self, **kwargs) -> httpx.Client:
+        kwargs.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kwargs)
