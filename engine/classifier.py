@@ -1,0 +1,89 @@
+"""Zero-shot text classification with a reranker (as in the BTZSC benchmark).
+
+Each text is the query and each label's description a document; the prediction
+is the best-scoring label, or every label at or above ``threshold`` when
+``multi_label``. The text is the shared prefix of its pairs, so an LLM
+reranker computes it once for all of its labels.
+"""
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from engine.api import Reranker
+from engine.templates import check_texts
+
+CLASSIFY_INSTRUCTION = "Given a piece of text, retrieve relevant label descriptions that best match the text"
+
+Labels = Union[Sequence[str], Mapping[str, str]]
+
+
+def normalize_labels(labels: Labels) -> "tuple[List[str], List[str]]":
+    """(names, descriptions) from a list of names or a {name: description} mapping."""
+    if isinstance(labels, str):
+        raise TypeError("labels must be a list of strings or a {name: description} mapping, not a string")
+    if isinstance(labels, Mapping):
+        names, descs = list(labels.keys()), list(labels.values())
+    else:
+        names = list(labels)
+        descs = names
+    if not names:
+        raise ValueError("labels must not be empty")
+    for i, (n, d) in enumerate(zip(names, descs)):
+        if not isinstance(n, str):
+            raise TypeError(f"labels[{i}] must be a string, got {type(n).__name__}")
+        if not isinstance(d, str):
+            raise TypeError(f"the description of label {n!r} must be a string, got {type(d).__name__}")
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"duplicate label {n!r}")
+        seen.add(n)
+    return names, descs
+
+
+class Classifier:
+    """``Classifier(model).classify(texts, labels)`` with any reranker the engine serves."""
+
+    def __init__(self, model=None, reranker: Optional[Reranker] = None, **kwargs):
+        self.reranker = reranker if reranker is not None else Reranker(model, **kwargs)
+
+    def _instruction(self, instruction: Optional[str]) -> Optional[str]:
+        if instruction is not None:
+            return instruction
+        tpl = self.reranker.runner.template
+        # Only templates with an instruction slot (LLM rerankers) take the classification instruction.
+        return CLASSIFY_INSTRUCTION if hasattr(tpl, "default_instruction") and self.reranker.task == "rerank" else None
+
+    def scores(self, texts: Sequence[str], labels: Labels, instruction: Optional[str] = None,
+               stats: Optional[dict] = None) -> np.ndarray:
+        """``[len(texts), len(labels)]`` scores of every text against every label."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = check_texts(texts, "texts")
+        names, descs = normalize_labels(labels)
+        if not texts:
+            return np.zeros((0, len(names)), dtype=np.float32)
+        pairs = [(t, d) for t in texts for d in descs]
+        s = self.reranker.predict(pairs, instruction=self._instruction(instruction), stats=stats)
+        return np.asarray(s, dtype=np.float32).reshape(len(texts), len(names))
+
+    def classify(self, texts: Sequence[str], labels: Labels, instruction: Optional[str] = None,
+                 multi_label: bool = False, threshold: Optional[float] = None,
+                 stats: Optional[dict] = None) -> List[dict]:
+        """``[{index, label, scores: {label: score}}]``; ``label`` is a list when ``multi_label``."""
+        if threshold is not None and not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        names, _ = normalize_labels(labels)
+        s = self.scores(texts, labels, instruction, stats)
+        out = []
+        for i, row in enumerate(s):
+            scores: Dict[str, float] = {n: float(v) for n, v in zip(names, row)}
+            if multi_label:
+                t = 0.5 if threshold is None else float(threshold)
+                label = [n for n in names if scores[n] >= t]
+            else:
+                label = names[int(np.argmax(row))]
+                if threshold is not None and scores[label] < threshold:
+                    label = None  # nothing is confident enough
+            out.append({"index": i, "label": label, "scores": scores})
+        return out
