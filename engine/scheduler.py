@@ -173,13 +173,24 @@ class Scheduler:
             return
         need_prefix = [r for r in live if r.head is not None and r.prefix is None]
         if need_prefix:
-            self._compute_prefixes(need_prefix)
+            try:
+                self._compute_prefixes(need_prefix)
+            except Exception as e:  # fail the requests that needed these prefixes, keep serving
+                log.exception("prefix computation failed")
+                for r in need_prefix:
+                    r.fail(e)
+        live = [r for r in live if not r.done.is_set()]
         t0 = time.perf_counter()
         batch = self._pack(live)
         sched_s = time.perf_counter() - t0
         if not batch:
             return
-        self._run(batch, sched_s)
+        try:
+            self._run(batch, sched_s)
+        except Exception as e:  # e.g. out of memory: fail this batch's requests only
+            log.exception("batch failed")
+            for r in {id(b[0]): b[0] for b in batch}.values():
+                r.fail(e)
 
     def _compute_prefixes(self, reqs: List[Request]) -> None:
         # tokens_saved counts, per document, the prefix tokens it read instead of computing,
@@ -227,8 +238,14 @@ class Scheduler:
         share = max(1, budget // len(live))
         for fair in (True, False):
             for r in live:
+                if r.done.is_set():
+                    continue
                 taken = 0
-                r.refill(self._tokenizer_pool)
+                try:
+                    r.refill(self._tokenizer_pool)
+                except Exception as e:  # a bad input fails its own request only
+                    r.fail(e)
+                    continue
                 while r.pending:
                     ids = r.pending[0][1]
                     n = len(ids)
@@ -241,7 +258,13 @@ class Scheduler:
                     used += n
                     taken += n
                     if not r.pending:
-                        r.refill(self._tokenizer_pool)
+                        try:
+                            r.refill(self._tokenizer_pool)
+                        except Exception as e:
+                            r.fail(e)
+                            batch = [b for b in batch if b[0] is not r]
+                            used = sum(len(b[2]) for b in batch)
+                            break
                 if used >= budget:
                     return batch
         return batch

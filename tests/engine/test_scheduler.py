@@ -163,3 +163,18 @@ def test_cancel_and_errors_do_not_stop_the_engine(shared):
     with pytest.raises(Cancelled):
         shared.rank("q", ["a", "b"], cancel=ev)
     assert len(shared.rank("q", ["a", "b"])) == 2  # the engine keeps serving
+
+
+def test_a_failing_request_does_not_fail_its_neighbours(shared):
+    runner = shared.runner
+    from engine.templates import Encodings
+
+    def bad(s, e):
+        raise ValueError("tokenizer exploded")
+
+    good_enc = runner.template.encode(["q"] * 3, ["a", "b", "c"])
+    r_bad = runner.submit(3, bad)
+    r_good = runner.submit(3, lambda s, e: Encodings(good_enc.ids[s:e]))
+    with pytest.raises(ValueError, match="exploded"):
+        r_bad.wait()
+    assert r_good.wait().shape == (3,)
