@@ -40,11 +40,17 @@ class Reranker:
 
     def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
                 raw_scores: bool = False, stats: Optional[dict] = None) -> np.ndarray:
-        run, tpl = self.runner.run, self.runner.template
-        if self.runner.task == "embed":
+        runner, tpl = self.runner, self.runner.template
+        if self.runner.task == "embed":  # bi-encoder: cosine of query and document embeddings
             uq = list(dict.fromkeys(queries))
-            q = matryoshka(run(tpl.encode(uq, is_query=True, instruction=instruction), self.stats, cancel), None)
-            d = matryoshka(run(tpl.encode(docs), self.stats, cancel), None)
+            rq = runner.submit(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
+                               cancel=cancel)
+            rd = runner.submit(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel)
+            q = matryoshka(torch.from_numpy(rq.wait()), None)
+            d = matryoshka(torch.from_numpy(rd.wait()), None)
+            for r in (rq, rd):
+                merge_stats(self.stats, r.stats)
+                merge_stats(stats, r.stats)
             pos = {x: i for i, x in enumerate(uq)}
             rows = torch.tensor([pos[x] for x in queries])
             return (q[rows] * d).sum(-1).numpy()
@@ -108,8 +114,11 @@ class Reranker:
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
              instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
-             raw_scores: bool = False, stats: Optional[dict] = None) -> List[dict]:
+             raw_scores: bool = False, stats: Optional[dict] = None,
+             min_score: Optional[float] = None) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
+
+        ``min_score`` drops results scoring below it (after ``top_n``), for calibrated models.
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
         skipped and ``engine.runner.Cancelled`` is raised. ``stats``: as in ``predict``.
@@ -118,10 +127,14 @@ class Reranker:
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         docs = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)
+        if min_score is not None and (not isinstance(min_score, (int, float)) or isinstance(min_score, bool)):
+            raise TypeError(f"min_score must be a number, got {type(min_score).__name__}")
         if not docs:
             return []
         scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
+        if min_score is not None:
+            order = [i for i in order if scores[i] >= min_score]
         out = []
         for i in order:
             r = {"index": i, "score": float(scores[i])}

