@@ -232,6 +232,8 @@ class Scheduler:
                 group, tokens = [key], len(key)
 
     def _pack(self, live: List[Request]):
+        if not live:
+            return []
         budget = self.max_batch_tokens
         batch = []  # (request, index, ids, token_types)
         used = 0

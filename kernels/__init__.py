@@ -5,6 +5,9 @@ CPU tensors the reference; ``ENGINE_KERNELS=triton|torch`` forces one path.
 """
 from ._dispatch import kernel_mode, use_triton
 from .attention import varlen_attention
+from .causal_conv1d import causal_conv1d
+from .gated_delta_rule import chunk_plan, gated_delta_rule
+from .paged_attention import paged_attention
 from .qk_norm_rope import qk_norm_rope, rope_cos_sin
 from .rms_norm import rms_norm
 from .swiglu import swiglu
@@ -12,5 +15,6 @@ from .yes_no_head import yes_no_head
 
 __all__ = [
     "kernel_mode", "use_triton", "varlen_attention", "qk_norm_rope", "rope_cos_sin",
-    "rms_norm", "swiglu", "yes_no_head",
+    "rms_norm", "swiglu", "yes_no_head", "paged_attention",
+    "causal_conv1d", "gated_delta_rule", "chunk_plan",
 ]

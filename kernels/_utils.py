@@ -4,9 +4,9 @@ Kept free of any kernel: block-size and warp choices, input checks, and a
 stand-in for ``triton`` so that the op files (and their torch references)
 import where Triton is missing.
 """
-import os
-
 import torch
+
+from ._dispatch import interpreted
 
 try:
     import triton
@@ -38,11 +38,6 @@ triton_stub = tl_stub = _MissingTriton()
 def require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed; use the torch reference (ENGINE_KERNELS=torch)")
-
-
-def interpreted() -> bool:
-    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _patch_interpreter_index() -> None:
@@ -124,3 +119,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     """Kernels take explicit strides but want the innermost one to be 1."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def version_of(t) -> int:
+    """In-place version counter of a tensor; inference-mode tensors have none (0)."""
+    return 0 if t.is_inference() else t._version

@@ -21,7 +21,7 @@ def _inputs(t, hq, hkv, d, dtype, device, norm, pad=0):
     return qkv, qw, kw, cos, sin
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("heads", [(2, 2, 32), (4, 2, 64), (16, 8, 128), (3, 1, 256), (5, 1, 18)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_matches_ref(dtype, heads, norm, device, close):

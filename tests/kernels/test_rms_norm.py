@@ -11,7 +11,7 @@ mod = importlib.import_module("kernels.rms_norm")  # the package re-exports a fu
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("shape", [(1, 9), (7, 41), (33, 341), (5, 1024), (3, 4231)])
 @pytest.mark.parametrize("residual,offset", [(False, 0.0), (True, 0.0), (True, 1.0)])
 def test_matches_ref(dtype, shape, residual, offset, device, poison, close):

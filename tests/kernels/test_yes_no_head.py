@@ -18,7 +18,7 @@ def _inputs(n_tokens, hidden, dtype, device, residual):
     return h, r, norm_w, w
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("hidden", [9, 41, 341, 1024])
 @pytest.mark.parametrize("residual,offset", [(False, 0.0), (True, 0.0), (True, 1.0)])
 def test_matches_ref(dtype, hidden, residual, offset, device, poison, close):
@@ -33,6 +33,7 @@ def test_matches_ref(dtype, hidden, residual, offset, device, poison, close):
     close(score, ref_score, 1e-5, 1e-5, name="score")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter's numpy exp
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_index_dtypes_and_saturation(index_dtype, device, close):
     h, _, norm_w, w = _inputs(20, 64, torch.float16, device, False)

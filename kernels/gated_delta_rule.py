@@ -1,0 +1,389 @@
+"""Gated delta rule (Gated DeltaNet's linear attention) over packed sequences.
+
+Layout (no padding anywhere):
+  q, k [T, Hk, Dk], v [T, Hv, Dv] (Hv a multiple of Hk: value head h reads key head
+  h // (Hv // Hk)), g (log decay, <= 0) and beta [T, Hv], cu_seqlens [n + 1].
+Per sequence and value head, with q and k L2-normalised (``use_qk_l2norm``) and q
+scaled by ``scale`` (default Dk^-0.5), all in fp32:
+  S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S_{t-1}^T k_t))^T,   o_t = S_t^T q_t,
+with S [Dk, Dv] starting from ``initial_state[state_index[i]]`` (zeros for -1), so a
+shared prefix's final state is read in place by all its documents.
+``output_final_state`` returns S after each sequence's last token, ``[n, Hv, Dk, Dv]`` fp32.
+
+Chunked form (for prefill). Within a chunk of C tokens, with G = cumsum(g):
+  L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}),  T = (I + L)^-1 (forward substitution),
+  w = T (beta k e^G),  u = T (beta v),  A = tril(q_i.k_j e^{G_i - G_j}),
+and across chunks, in order:
+  v' = u - w S,  o = (q e^G) S + A v',  S = e^{G_last} S + (k e^{G_last - G})^T v'.
+Every exponent is <= 0. The Triton path runs this as two kernels: a parallel one per
+(chunk, head) for T, w, u, A, and a sequential one per (sequence, head, value block)
+carrying S in registers. On CPU the same algorithm runs in torch (``_chunked_torch``);
+``gated_delta_rule_ref`` is the token-by-token recurrence, the definition above.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ._dispatch import use_triton
+from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_pow2, require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still imports without Triton
+    from ._utils import tl_stub as tl, triton_stub as triton
+
+CHUNK = 64
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
+    """fp32 q (normed, scaled), k (normed), expanded to the value heads."""
+    rep = v.shape[1] // k.shape[1]
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if rep > 1:
+        q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+    return q, k, v.float(), g.float(), beta.float()
+
+
+def _initial(initial_state, state_index, n, hv, dk, dv, device):
+    if initial_state is None:
+        return torch.zeros(n, hv, dk, dv, dtype=torch.float32, device=device)
+    idx = state_index.long()
+    s = initial_state.float().index_select(0, idx.clamp(min=0))
+    return torch.where((idx >= 0).view(-1, 1, 1, 1), s, 0.0)
+
+
+def gated_delta_rule_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    cu_seqlens: torch.Tensor, *, scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None, state_index: Optional[torch.Tensor] = None,
+    output_final_state: bool = False, use_qk_l2norm: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The recurrence token by token (all sequences step together; shorter ones drop out)."""
+    q, k, vf, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    cu = cu_seqlens.long().tolist()
+    n, (hv, dv), dk = len(cu) - 1, v.shape[1:], q.shape[-1]
+    state = _initial(initial_state, state_index, n, hv, dk, dv, v.device)
+    out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    lens = [cu[i + 1] - cu[i] for i in range(n)]
+    for t in range(max(lens, default=0)):
+        seqs = [i for i in range(n) if lens[i] > t]
+        rows = torch.tensor([cu[i] + t for i in seqs], device=v.device)
+        sel = torch.tensor(seqs, device=v.device)
+        s = state[sel] * g[rows].exp()[..., None, None]  # [m, Hv, Dk, Dv]
+        kt, qt = k[rows], q[rows]  # [m, Hv, Dk]
+        delta = (vf[rows] - (s * kt[..., None]).sum(-2)) * beta[rows][..., None]  # [m, Hv, Dv]
+        s = s + kt[..., None] * delta[..., None, :]
+        out[rows] = (s * qt[..., None]).sum(-2)
+        state[sel] = s
+    return out.to(v.dtype), (state if output_final_state else None)
+
+
+class ChunkPlan(NamedTuple):
+    chunks: torch.Tensor  # [n_chunks, 2] int32: first token, number of tokens
+    chunk: int  # tokens per chunk
+
+
+def pick_chunk(max_seqlen: int) -> int:
+    """64 tokens per chunk, fewer (down to 16) when every sequence is shorter (decoding)."""
+    return min(CHUNK, max(16, next_pow2(int(max_seqlen))))
+
+
+def chunk_plan(seq_lens: Sequence[int], device=None, chunk: Optional[int] = None) -> ChunkPlan:
+    """Every chunk of every sequence, built on the host from the sequence lengths.
+
+    Once per batch (no device sync), shared by all linear-attention layers.
+    """
+    chunk = chunk or pick_chunk(max(seq_lens, default=1))
+    rows: List[Tuple[int, int]] = []
+    off = 0
+    for n in seq_lens:
+        for s in range(0, n, chunk):
+            rows.append((off + s, min(chunk, n - s)))
+        off += n
+    return ChunkPlan(torch.tensor(rows, dtype=torch.int32).reshape(-1, 2).to(device), chunk)
+
+
+def _chunked_torch(q, k, v, g, beta, cu_seqlens, *, scale=None, initial_state=None, state_index=None,
+                   output_final_state=False, use_qk_l2norm=True, chunk=CHUNK):
+    """The chunked algorithm in torch, batched over all chunks of all sequences (the CPU path).
+
+    Sequences are ordered by chunk count, longest first, and chunks laid out by position
+    (all first chunks, then all second ones, ...), so step j of the scan reads contiguous
+    slices: its chunks and the states of the first m_j sequences.
+    """
+    q, k, vf, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    cu = cu_seqlens.long().tolist()
+    n, (hv, dv), dk, dev = len(cu) - 1, v.shape[1:], q.shape[-1], v.device
+    lens = [cu[i + 1] - cu[i] for i in range(n)]
+    counts = [(x + chunk - 1) // chunk for x in lens]
+    order = sorted(range(n), key=lambda i: -counts[i])
+    steps = []  # (first chunk row, number of sequences) per position j
+    starts, sizes = [], []
+    for j in range(counts[order[0]] if n else 0):
+        seqs = [i for i in order if counts[i] > j]
+        steps.append((len(starts), len(seqs)))
+        starts += [cu[i] + j * chunk for i in seqs]
+        sizes += [min(chunk, lens[i] - j * chunk) for i in seqs]
+    order_t = torch.tensor(order, dtype=torch.long, device=dev)
+    state = _initial(initial_state, None if state_index is None else state_index.long()[order_t], n, hv, dk, dv, dev)
+    out = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    nc = len(starts)
+    if nc == 0:
+        return out.to(v.dtype), (state if output_final_state else None)
+    ar = torch.arange(chunk, device=dev)
+    size_t = torch.tensor(sizes, device=dev)
+    valid = ar[None, :] < size_t[:, None]  # [nc, C]
+    idx = torch.where(valid, torch.tensor(starts, device=dev)[:, None] + ar[None, :], 0)
+
+    def gather(x):  # [T, H, ...] -> [nc, H, C, ...]; rows past a chunk's end hold junk
+        return x[idx].transpose(1, 2).contiguous()
+
+    qc, kc, vc, gc = gather(q), gather(k), gather(vf), gather(g)
+    bc = gather(beta) * valid[:, None, :]  # beta = 0 past the end: no update, no output rows used
+    G = gc.cumsum(-1)  # [nc, H, C]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=dev).tril()
+    decay = torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")).exp()  # [nc, H, C, C]
+    lower = ((kc @ kc.transpose(-1, -2)) * decay * bc[..., :, None]).tril(-1)
+    w = torch.linalg.solve_triangular(lower, kc * (bc * G.exp())[..., None], upper=False, unitriangular=True)
+    u = torch.linalg.solve_triangular(lower, vc * bc[..., None], upper=False, unitriangular=True)
+    attn = (qc @ kc.transpose(-1, -2)) * decay
+    q_dec = qc * G.exp()[..., None]
+    g_last = G.gather(-1, (size_t - 1).view(nc, 1, 1).expand(nc, hv, 1))  # [nc, H, 1]
+    k_dec = kc * ((g_last - G).exp() * valid[:, None, :])[..., None]
+    o = torch.empty(nc, hv, chunk, dv, device=dev)
+    for first, m in steps:
+        c = slice(first, first + m)
+        s = state[:m]
+        v_new = u[c] - w[c] @ s
+        o[c] = q_dec[c] @ s + attn[c] @ v_new
+        state[:m] = s * g_last[c].exp()[..., None] + k_dec[c].transpose(-1, -2) @ v_new
+    out[idx[valid]] = o.transpose(1, 2)[valid]
+    final = None
+    if output_final_state:
+        final = torch.empty_like(state)
+        final[order_t] = state
+    return out.to(v.dtype), final
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _load_qk(ptr, rows, n_valid, offs_d, stride_t, DK: tl.constexpr, L2NORM: tl.constexpr):
+    m = (rows < n_valid)[:, None] & (offs_d < DK)[None, :]
+    x = tl.load(ptr + rows[:, None].to(tl.int64) * stride_t + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    if L2NORM:
+        x = x * tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)[:, None]
+    return x
+
+
+@triton.jit
+def _gdr_chunk_prepare_kernel(
+    Q, K, V, G, BETA, PLAN, W, U, A, GC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_bt,
+    stride_wt, stride_wh, stride_ut, stride_uh, stride_at, stride_ah, stride_gct,
+    scale,
+    GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L2NORM: tl.constexpr,
+    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One chunk of one value head: T = (I + L)^-1, then w, u, A (token-aligned rows) and G.
+    pid, h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(PLAN + 2 * pid).to(tl.int64)
+    n_valid = tl.load(PLAN + 2 * pid + 1)
+    rows = tl.arange(0, BT)
+    r_mask = rows < n_valid
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kh = h // GROUP
+    q = _load_qk(Q + start * stride_qt + kh * stride_qh, rows, n_valid, offs_dk, stride_qt, DK, L2NORM) * scale
+    k = _load_qk(K + start * stride_kt + kh * stride_kh, rows, n_valid, offs_dk, stride_kt, DK, L2NORM)
+    v = tl.load(V + (start + rows.to(tl.int64))[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                mask=r_mask[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    g = tl.load(G + (start + rows) * stride_gt + h, mask=r_mask, other=0.0).to(tl.float32)
+    b = tl.load(BETA + (start + rows) * stride_bt + h, mask=r_mask, other=0.0).to(tl.float32)
+    gcum = tl.cumsum(g, 0)
+
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+    kk = tl.dot(k, tl.trans(k), input_precision=INPUT_PRECISION)
+    lower = tl.where(rows[:, None] > rows[None, :], kk * decay * b[:, None], 0.0)
+    # Forward substitution, row by row: T_i = e_i - sum_{j<i} L_ij T_j.
+    tinv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        l_i = tl.sum(tl.where(rows[:, None] == i, lower, 0.0), axis=0)  # row i of L, indexed by j
+        new = tl.sum(l_i[:, None] * tinv, axis=0)  # sum_j L_ij T_j
+        tinv = tl.where(rows[:, None] == i, tinv - new[None, :], tinv)
+    w = tl.dot(tinv, k * (b * tl.exp(gcum))[:, None], input_precision=INPUT_PRECISION)
+    u = tl.dot(tinv, v * b[:, None], input_precision=INPUT_PRECISION)
+    attn = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * decay
+
+    trow = (start + rows.to(tl.int64))[:, None]
+    tl.store(W + trow * stride_wt + h * stride_wh + offs_dk[None, :], w,
+             mask=r_mask[:, None] & (offs_dk < DK)[None, :])
+    tl.store(U + trow * stride_ut + h * stride_uh + offs_dv[None, :], u,
+             mask=r_mask[:, None] & (offs_dv < DV)[None, :])
+    tl.store(A + trow * stride_at + h * stride_ah + rows[None, :], attn, mask=r_mask[:, None])
+    tl.store(GC + (start + rows) * stride_gct + h, gcum, mask=r_mask)
+
+
+@triton.jit
+def _gdr_chunk_scan_kernel(
+    Q, K, W, U, A, GC, O, CU, STATE, STATE_INDEX, FINAL,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_wt, stride_wh, stride_ut, stride_uh,
+    stride_at, stride_ah, stride_gct, stride_ot, stride_oh,
+    stride_s0, stride_s1, stride_s2, stride_f0, stride_f1, stride_f2,
+    scale,
+    GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L2NORM: tl.constexpr,
+    HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr,
+    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One sequence x value head x BV value columns; S [Dk, BV] lives in registers
+    # (the columns of S evolve independently, so value blocks split the work).
+    n, h, pv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(CU + n).to(tl.int64)
+    eos = tl.load(CU + n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_v = pv * BV + tl.arange(0, BV)
+    dk_mask = offs_dk < DK
+    v_mask = offs_v < DV
+    kh = h // GROUP
+    s = tl.zeros((BLOCK_DK, BV), dtype=tl.float32)
+    if HAS_STATE:
+        slot = tl.load(STATE_INDEX + n).to(tl.int64)
+        s = tl.load(STATE + slot * stride_s0 + h * stride_s1 + offs_dk[:, None] * stride_s2 + offs_v[None, :],
+                    mask=(slot >= 0) & dk_mask[:, None] & v_mask[None, :], other=0.0)
+    for cs in range(bos, eos, BT):
+        n_valid = eos - cs
+        r_mask = rows < n_valid
+        trow = (cs + rows.to(tl.int64))[:, None]
+        q = _load_qk(Q + cs * stride_qt + kh * stride_qh, rows, n_valid, offs_dk, stride_qt, DK, L2NORM) * scale
+        k = _load_qk(K + cs * stride_kt + kh * stride_kh, rows, n_valid, offs_dk, stride_kt, DK, L2NORM)
+        gcum = tl.load(GC + (cs + rows) * stride_gct + h, mask=r_mask, other=0.0)
+        g_last = tl.sum(tl.where(rows == tl.minimum(n_valid, BT) - 1, gcum, 0.0), axis=0)
+        w = tl.load(W + trow * stride_wt + h * stride_wh + offs_dk[None, :],
+                    mask=r_mask[:, None] & dk_mask[None, :], other=0.0)
+        u = tl.load(U + trow * stride_ut + h * stride_uh + offs_v[None, :],
+                    mask=r_mask[:, None] & v_mask[None, :], other=0.0)
+        attn = tl.load(A + trow * stride_at + h * stride_ah + rows[None, :], mask=r_mask[:, None], other=0.0)
+        v_new = u - tl.dot(w, s, input_precision=INPUT_PRECISION)  # [BT, BV]
+        o = tl.dot(q * tl.exp(gcum)[:, None], s, input_precision=INPUT_PRECISION)
+        o = tl.dot(attn, v_new, o, input_precision=INPUT_PRECISION)
+        tl.store(O + trow * stride_ot + h * stride_oh + offs_v[None, :], o.to(O.dtype.element_ty),
+                 mask=r_mask[:, None] & v_mask[None, :])
+        k_dec = k * tl.exp(g_last - gcum)[:, None]  # rows past the end have k = 0
+        s = s * tl.exp(g_last) + tl.dot(tl.trans(k_dec), v_new, input_precision=INPUT_PRECISION)
+    if STORE_FINAL:
+        tl.store(FINAL + n * stride_f0 + h * stride_f1 + offs_dk[:, None] * stride_f2 + offs_v[None, :], s,
+                 mask=dk_mask[:, None] & v_mask[None, :])
+
+
+def gated_delta_rule_triton(
+    q, k, v, g, beta, cu_seqlens, *, scale: Optional[float] = None, initial_state=None, state_index=None,
+    output_final_state: bool = False, use_qk_l2norm: bool = True, plan: Optional[ChunkPlan] = None,
+):
+    """Triton chunked gated delta rule over packed sequences; see the module docstring.
+
+    ``plan``: the batch's :func:`chunk_plan` (built from ``cu_seqlens`` when omitted,
+    which syncs with the device); it also fixes the chunk size (16, 32 or 64).
+    """
+    require_triton()
+    check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(k, "k", ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_tensor(v, "v", ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_tensor(g, "g", ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor(beta, "beta", ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    n_tok, hk, dk = q.shape
+    hv, dv = v.shape[1:]
+    if k.shape != q.shape or v.shape[0] != n_tok or hv % hk:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} must be [T, Hk, Dk] and v {tuple(v.shape)} "
+                         f"[T, Hv, Dv] with Hv a multiple of Hk")
+    if tuple(g.shape) != (n_tok, hv) or tuple(beta.shape) != (n_tok, hv):
+        raise ValueError(f"g {tuple(g.shape)} and beta {tuple(beta.shape)} must be [T={n_tok}, Hv={hv}]")
+    has_state = initial_state is not None
+    if has_state:
+        check_tensor(initial_state, "initial_state", ndim=4, dtypes=(torch.float32,), device=q.device)
+        if tuple(initial_state.shape[1:]) != (hv, dk, dv):
+            raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [S, {hv}, {dk}, {dv}] fp32")
+        if state_index is None:
+            raise ValueError("initial_state needs state_index (one slot per sequence, -1 for none)")
+        check_tensor(state_index, "state_index", ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+        if state_index.numel() != cu_seqlens.numel() - 1:
+            raise ValueError("state_index needs one entry per sequence")
+        if initial_state.stride(3) != 1:
+            initial_state = initial_state.contiguous()
+    n = cu_seqlens.numel() - 1
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((n_tok, hv, dv), dtype=v.dtype, device=q.device)
+    final = torch.empty((n, hv, dk, dv), dtype=torch.float32, device=q.device) if output_final_state else None
+    if n <= 0:
+        return out, final
+    cu = cu_seqlens.contiguous()
+    if plan is None:
+        c = cu.tolist()
+        plan = chunk_plan([c[i + 1] - c[i] for i in range(n)], q.device)
+    plan, chunk = plan.chunks, plan.chunk
+    if chunk not in (16, 32, 64):
+        raise ValueError(f"the plan's chunk must be 16, 32 or 64, got {chunk}")
+    scale = dk ** -0.5 if scale is None else float(scale)
+    block_dk, block_dv = max(16, next_pow2(dk)), max(16, next_pow2(dv))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # Chunk-local products, token-aligned (row t holds token t's row of its chunk).
+    w = torch.empty((n_tok, hv, dk), **f32)
+    u = torch.empty((n_tok, hv, dv), **f32)
+    attn = torch.empty((n_tok, hv, chunk), **f32)
+    gc = torch.empty((n_tok, hv), **f32)
+    if plan.shape[0] > 0:
+        _gdr_chunk_prepare_kernel[(plan.shape[0], hv)](
+            q, k, v, g, beta, plan, w, u, attn, gc,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+            beta.stride(0), w.stride(0), w.stride(1), u.stride(0), u.stride(1), attn.stride(0), attn.stride(1),
+            gc.stride(0), scale,
+            GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), BT=chunk, BLOCK_DK=block_dk,
+            BLOCK_DV=block_dv, INPUT_PRECISION=prec, num_warps=4,
+        )
+    bv = min(block_dv, 32)
+    state = initial_state if has_state else w
+    s_strides = (state.stride(0), state.stride(1), state.stride(2)) if has_state else (0, 0, 0)
+    fin = final if output_final_state else w
+    f_strides = (fin.stride(0), fin.stride(1), fin.stride(2)) if output_final_state else (0, 0, 0)
+    _gdr_chunk_scan_kernel[(n, hv, triton.cdiv(dv, bv))](
+        q, k, w, u, attn, gc, out, cu, state, state_index.contiguous() if has_state else cu, fin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
+        attn.stride(0), attn.stride(1), gc.stride(0), out.stride(0), out.stride(1), *s_strides, *f_strides,
+        scale,
+        GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), HAS_STATE=has_state,
+        STORE_FINAL=bool(output_final_state), BT=chunk, BLOCK_DK=block_dk, BV=bv, INPUT_PRECISION=prec,
+        num_warps=4,
+    )
+    return out, final
+
+
+def gated_delta_rule(
+    q, k, v, g, beta, cu_seqlens, *, scale: Optional[float] = None, initial_state=None, state_index=None,
+    output_final_state: bool = False, use_qk_l2norm: bool = True, max_seqlen: Optional[int] = None,
+    plan: Optional[ChunkPlan] = None,
+):
+    """Gated delta rule over packed sequences; returns ``(o [T, Hv, Dv], final state [n, Hv, Dk, Dv] fp32 or None)``.
+
+    CUDA: the Triton chunked kernels. CPU: the recurrence for one-token steps
+    (decoding), the chunked algorithm in torch otherwise.
+    """
+    kw = dict(scale=scale, initial_state=initial_state, state_index=state_index,
+              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    if use_triton(q):
+        return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens, plan=plan, **kw)
+    if max_seqlen == 1:
+        return gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens, **kw)
+    return _chunked_torch(q, k, v, g, beta, cu_seqlens, **kw)
