@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ._dispatch import use_triton
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
@@ -59,17 +60,24 @@ def varlen_attention_ref(
             ki = torch.cat((prefix_k[cp[j] : cp[j + 1]], ki))
             vi = torch.cat((prefix_v[cp[j] : cp[j + 1]], vi))
             lp = cp[j + 1] - cp[j]
-        mask = None
-        if causal:
-            rows = torch.arange(lq, device=q.device)[:, None]
-            cols = torch.arange(lk, device=q.device)[None, :]
-            own = cols <= rows + (lk - lq)
-            mask = torch.cat((torch.ones(lq, lp, dtype=torch.bool, device=q.device), own), dim=1)
         # SDPA wants [H, L, D]; GQA handled by enable_gqa.
-        o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-            attn_mask=mask, scale=scale, enable_gqa=qi.shape[1] != ki.shape[1],
-        )
+        qt, kt, vt = qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
+        gqa = qi.shape[1] != ki.shape[1]
+        if causal and lp == 0 and lq == lk:  # the common case: SDPA's own causal kernel
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+        elif causal and lk >= lq:  # [prefix ; own] keys, causal aligned bottom-right, no mask tensor
+            if gqa:
+                rep = qi.shape[1] // ki.shape[1]
+                kt, vt = kt.repeat_interleave(rep, 0), vt.repeat_interleave(rep, 0)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(lq, lp + lk), scale=scale)
+        else:
+            mask = None
+            if causal:  # fewer own keys than queries: rows that see no key come out as 0
+                rows = torch.arange(lq, device=q.device)[:, None]
+                cols = torch.arange(lk, device=q.device)[None, :]
+                own = cols <= rows + (lk - lq)
+                mask = torch.cat((torch.ones(lq, lp, dtype=torch.bool, device=q.device), own), dim=1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[cq[i] : cq[i + 1]] = o.transpose(0, 1)
     return out
 
