@@ -27,20 +27,56 @@ class Reranker:
     """
 
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None, share_prefix: bool = True):
+                 max_batch_tokens: Optional[int] = None, share_prefix: bool = True, template: Optional[str] = None,
+                 passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False):
+        # template: "prism" or "qwen3" picks a yes/no reranker's prompt (a model named *prism* gets Prism's).
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
         self.runner = ModelRunner(model, task=task, task_default="rerank", device=device, dtype=dtype,
-                                  max_length=max_length, max_batch_tokens=max_batch_tokens)
+                                  max_length=max_length, max_batch_tokens=max_batch_tokens, template=template)
         self.share_prefix = share_prefix
+        self._generator = None  # engine.generate.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
+        # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: the budget in
+        # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's
+        # cross K/V instead of the pooled encoder states.
+        self._kalm = None
+        if getattr(self.runner.model, "is_encoder_decoder", False):
+            from engine.kalm import KaLMScorer
+
+            self._kalm = KaLMScorer(self.runner, cache_bytes=passage_cache_bytes, cache_kv=cache_cross_kv)
 
     @property
     def task(self) -> str:
         return self.runner.task
 
+    def index(self, documents: Sequence[str], compression_ratio: Optional[int] = None,
+              stats: Optional[dict] = None) -> dict:
+        """Pre-encode a corpus into the passage cache (KaLM-Reranker): later ``rank``/``predict``
+        calls over these documents at the same ``compression_ratio`` run no encoder work."""
+        if self._kalm is None:
+            raise ValueError(f"index() needs an encoder-decoder reranker (KaLM-Reranker); {self.runner.arch} is not one")
+        out = self._kalm.index(check_texts(documents, "documents"), compression_ratio, stats)
+        merge_stats(self.stats, {"passages_encoded": out["encoded"]})
+        return out
+
+    def cache_stats(self) -> dict:
+        """Counters of the prefix cache, and of the passage cache for KaLM-Reranker."""
+        out = self.runner.prefix_cache.stats()
+        if self._kalm is not None:
+            out.update(self._kalm.cache.stats())
+        return out
+
     def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
-                raw_scores: bool = False, stats: Optional[dict] = None) -> np.ndarray:
+                raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None) -> np.ndarray:
         runner, tpl = self.runner, self.runner.template
+        if self._kalm is not None:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
+            call: dict = {}
+            out = self._kalm.scores(queries, docs, instruction, compression_ratio, cancel, call)
+            merge_stats(self.stats, call)
+            merge_stats(stats, call)
+            return out
+        if compression_ratio is not None:
+            raise ValueError("compression_ratio applies to encoder-decoder rerankers (KaLM-Reranker) only")
         if self.runner.task == "embed":  # bi-encoder: cosine of query and document embeddings
             uq = list(dict.fromkeys(queries))
             rq = runner.submit(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
@@ -91,12 +127,15 @@ class Reranker:
         return torch.from_numpy(out)
 
     def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None,
-                raw_scores: bool = False, stats: Optional[dict] = None) -> List[float]:
+                raw_scores: bool = False, stats: Optional[dict] = None,
+                compression_ratio: Optional[int] = None) -> List[float]:
         """Scores of (query, document) pairs, in order (CrossEncoder.predict style).
 
         ``raw_scores``: cross-encoders return logits without their activation (TEI's flag).
         ``stats``: a dict that receives this call's counters (tokens computed and saved by
         prefix sharing, batches, seconds per stage).
+        ``compression_ratio``: KaLM-Reranker's Matryoshka pooling ratio r (1, 2, 4, 8, 16 or
+        32; default 4): the decoder reads one mean vector per r passage tokens.
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             pairs = [pairs]
@@ -110,18 +149,27 @@ class Reranker:
             docs.append(p[1])
         if not queries:
             return []
-        return [float(s) for s in self._scores(queries, docs, instruction, cancel, raw_scores, stats)]
+        return [float(s) for s in self._scores(queries, docs, instruction, cancel, raw_scores, stats,
+                                               compression_ratio=compression_ratio)]
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
              instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
              raw_scores: bool = False, stats: Optional[dict] = None,
-             min_score: Optional[float] = None) -> List[dict]:
+             min_score: Optional[float] = None, return_evidence: bool = False, evidence_threshold: float = 0.5,
+             max_new_tokens: int = 512, compression_ratio: Optional[int] = None) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
 
         ``min_score`` drops results scoring below it (after ``top_n``), for calibrated models.
 
+        ``return_evidence`` (generative yes/no rerankers, e.g. Prism-Reranker): the returned
+        documents scoring at least ``evidence_threshold`` are decoded greedily together (at
+        most ``max_new_tokens`` each, stopping at ``<|im_end|>``) and every result gains
+        ``contribution`` and ``evidence`` (the tags' text; None when not decoded, or when
+        a tag is missing or cut off) and ``raw_output`` (the generated text, or None).
+
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
-        skipped and ``engine.runner.Cancelled`` is raised. ``stats``: as in ``predict``.
+        skipped and ``engine.runner.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
+        as in ``predict``.
         """
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
@@ -129,9 +177,12 @@ class Reranker:
         top_n = _check_top_n(top_n)
         if min_score is not None and (not isinstance(min_score, (int, float)) or isinstance(min_score, bool)):
             raise TypeError(f"min_score must be a number, got {type(min_score).__name__}")
+        if return_evidence:
+            self._check_evidence_args(evidence_threshold, max_new_tokens)
         if not docs:
             return []
-        scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats)
+        scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
+                              compression_ratio=compression_ratio)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         if min_score is not None:
             order = [i for i in order if scores[i] >= min_score]
@@ -141,7 +192,36 @@ class Reranker:
             if return_documents:
                 r["document"] = docs[i]
             out.append(r)
+        if return_evidence:
+            self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats)
         return out
+
+    def _check_evidence_args(self, threshold, max_new_tokens) -> None:
+        if self.runner.task != "rerank" or type(self.runner.head).__name__ != "YesNoHead" \
+                or not hasattr(self.runner.model, "embed_tokens"):
+            raise ValueError(f"return_evidence needs a generative yes/no reranker (Prism-Reranker, Qwen3-Reranker); "
+                             f"{self.runner.arch} ({self.runner.task}) is not one")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise TypeError(f"evidence_threshold must be a number, got {type(threshold).__name__}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+    def _attach_evidence(self, query, docs, results, instruction, threshold, max_new_tokens, stats) -> None:
+        """Decode the results scoring at least ``threshold`` (one batch) and add their parsed answers."""
+        from engine.generate import Generator
+
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.runner)
+        chosen = [r for r in results if r["score"] >= threshold]
+        answers = self._generator.evidence(self.runner.template, query, [docs[r["index"]] for r in chosen],
+                                           instruction, max_new_tokens, self.share_prefix) if chosen else []
+        for r in results:
+            r.update(contribution=None, evidence=None, raw_output=None)
+        for r, a in zip(chosen, answers):
+            r.update(contribution=a["contribution"], evidence=a["evidence"], raw_output=a["raw_output"])
+        counts = {"evidence_decoded": len(chosen), "evidence_tokens": sum(a["tokens"] for a in answers)}
+        merge_stats(self.stats, counts)
+        merge_stats(stats, counts)
 
 
 class Embedder:

@@ -14,7 +14,7 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 class _EngineCollector:
-    """Cumulative engine figures from ``stats()`` -> {"batches", "tokens_computed", "tokens_saved", "forward_s"}."""
+    """Engine figures from ``stats()``: batches, tokens_computed, tokens_saved, forward_s, peak_batch_tokens."""
 
     def __init__(self, stats: Callable[[], Dict[str, float]]):
         self.stats = stats
@@ -31,6 +31,10 @@ class _EngineCollector:
                                   value=float(s.get("forward_s", 0.0)))
         yield GaugeMetricFamily("rerank_engine_mean_batch_tokens", "Mean tokens per packed batch so far",
                                 value=tokens / batches if batches else 0.0)
+        yield GaugeMetricFamily("rerank_engine_peak_batch_tokens", "Largest packed batch so far, in tokens",
+                                value=float(s.get("peak_batch_tokens", 0)))
+        yield GaugeMetricFamily("rerank_engine_scheduler_active", "Requests the engine's scheduler is working on",
+                                value=float(s.get("active_requests", 0)))
 
 
 class Metrics:

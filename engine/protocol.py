@@ -7,9 +7,10 @@ send provider-specific extras (``rank_fields``, ``priority``, ``user``, a
 a document ``{"text": ...}`` becomes its text, and a single string where a
 list is allowed becomes a list of one.
 """
+import json
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from typing_extensions import Annotated
 
 
@@ -21,19 +22,30 @@ def _doc_text(v: Any) -> Any:
     return v
 
 
+def _unicode(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)")
+    return v
+
+
 def _one_or_many(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 
+# Text the tokenizer can take: JSON can escape a lone surrogate, UTF-8 cannot hold one.
+Text = Annotated[str, AfterValidator(_unicode)]
+
 # A document is a string or {"text": string, ...}; it reaches the handler as the string.
-Document = Annotated[str, BeforeValidator(_doc_text), WithJsonSchema({"anyOf": [
+Document = Annotated[str, BeforeValidator(_doc_text), AfterValidator(_unicode), WithJsonSchema({"anyOf": [
     {"type": "string"},
     {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
 ]})]
 # A string or a list of strings; it reaches the handler as a list.
-Texts = Annotated[List[str], BeforeValidator(_one_or_many),
+Texts = Annotated[List[Text], BeforeValidator(_one_or_many),
                   WithJsonSchema({"anyOf": [{"type": "string"}, _STRINGS]})]
 PositiveInt = Annotated[int, Field(ge=1)]
 Direction = Literal["right", "left", "Right", "Left"]
@@ -47,14 +59,14 @@ class RerankRequest(_Request):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
     model: Optional[str] = None
-    query: str
+    query: Text
     documents: Optional[List[Document]] = None
-    texts: Optional[List[str]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
+    texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
     top_n: Optional[PositiveInt] = None
     top_k: Optional[PositiveInt] = Field(None, description="alias of top_n")
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
-    instruction: Optional[str] = None
+    instruction: Optional[Text] = None
     # TEI
     return_text: bool = False
     raw_scores: bool = False
@@ -68,7 +80,7 @@ class ScoreRequest(_Request):
     model: Optional[str] = None
     text_1: Texts
     text_2: Texts
-    instruction: Optional[str] = None
+    instruction: Optional[Text] = None
 
 
 class EmbedRequest(_Request):
@@ -79,7 +91,7 @@ class EmbedRequest(_Request):
     truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
     truncation_direction: Direction = "right"
     dimensions: Optional[PositiveInt] = None
-    instruction: Optional[str] = None
+    instruction: Optional[Text] = None
 
 
 class EmbeddingsRequest(_Request):
@@ -89,7 +101,7 @@ class EmbeddingsRequest(_Request):
     input: Texts
     dimensions: Optional[PositiveInt] = None
     encoding_format: Literal["float", "base64"] = "float"
-    instruction: Optional[str] = None
+    instruction: Optional[Text] = None
 
 
 # Responses: documented for the OpenAPI spec; the handlers build plain dicts.
@@ -159,8 +171,23 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+               429: "rate_limit_error", 499: "client_closed_request"}
+
+
 def error_body(message: str, type: str, param: Optional[str] = None) -> Dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param}}
+
+
+def error_response(status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
+                   headers: Optional[Dict[str, str]] = None):
+    """``{"error": {message, type, param}}`` as a response (an ASGI app)."""
+    from starlette.responses import Response
+
+    # ensure_ascii: an error may echo client text, which need not be encodable UTF-8 (lone surrogates).
+    body = json.dumps(error_body(message, type or ERROR_TYPES.get(status, "server_error"), param))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def error_param(loc) -> Optional[str]:

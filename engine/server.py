@@ -7,11 +7,16 @@ The event loop never runs the model: each request runs in a worker thread, so
 concurrent requests reach the engine together and share its batches. At most
 ``max_queue`` requests are admitted at once; beyond that the answer is 429 with
 ``Retry-After``. A client that disconnects has its remaining batches cancelled.
+
+Errors are ``{"error": {message, type, param}}``: broken JSON 400, a body of the
+wrong shape or types 422 naming the field, an empty query 400, an unknown
+``model`` 404, too many documents or too large a body 413, a full queue 429, a
+missing or wrong API key 401, a route of the other task (embeddings from a
+reranker) 400 ``unsupported_task``. Unknown fields are ignored. Bodies are read
+as JSON whatever their Content-Type.
 """
 import asyncio
 import base64
-import hmac
-import json
 import logging
 import threading
 import time
@@ -28,18 +33,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from engine.gate import Gate
 from engine.metrics import Metrics, MetricsMiddleware
-from engine.protocol import (EmbeddingsRequest, EmbeddingsResponse, EmbedRequest, ErrorResponse, RerankRequest,
-                             RerankResponse, ScoreRequest, ScoreResponse, TEIRank, error_body, error_param)
+from engine.protocol import (ERROR_TYPES, EmbeddingsRequest, EmbeddingsResponse, EmbedRequest, ErrorResponse,
+                             RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, TEIRank, error_param,
+                             error_response)
 from engine.runner import Cancelled
 from engine.service import Service, WrongTask
 
 log = logging.getLogger("engine.server")
-
-OPEN_PATHS = frozenset({"/health"})  # everything else needs the API key when one is set
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
-                429: "rate_limit_error", 499: "client_closed_request"}
 
 
 @dataclass
@@ -64,61 +66,7 @@ class ApiError(Exception):
                  headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.type = type or _ERROR_TYPES.get(status, "server_error")
-
-
-def _error(status: int, message: str, param: Optional[str] = None, type: Optional[str] = None, headers=None):
-    # ensure_ascii: an error may echo client text, which need not be encodable UTF-8 (lone surrogates).
-    body = json.dumps(error_body(message, type or _ERROR_TYPES.get(status, "server_error"), param))
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-class Gate:
-    """ASGI middleware in front of the app: the API key, then the body-size cap (read before routing)."""
-
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
-        self.app, self.max_body = app, max_body_bytes
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                why = "missing API key" if not given else "invalid API key"
-                return await _error(401, f"{why}: send 'Authorization: Bearer <key>'",
-                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            return await _error(400, "bad Content-Length header")(scope, receive, send)
-        too_large = _error(413, f"request body larger than {self.max_body} bytes")
-        if declared > self.max_body:
-            return await too_large(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # Read the whole body here, so an undeclared (chunked) oversize body is refused too.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return await too_large(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        body = [b"".join(chunks)]
-
-        async def replay():
-            if body:
-                return {"type": "http.request", "body": body.pop(), "more_body": False}
-            return await receive()  # after the body: waits for http.disconnect
-
-        await self.app(scope, replay, send)
+        self.type = type or ERROR_TYPES.get(status, "server_error")
 
 
 class Server:
@@ -161,7 +109,7 @@ class Server:
             raise ApiError(499, "the client closed the request")
         except WrongTask as e:
             raise ApiError(400, str(e), type="unsupported_task")
-        except (ValueError, TypeError, UnicodeError) as e:  # the engine's checks of the input
+        except (ValueError, UnicodeError) as e:  # the engine's checks of the input
             raise ApiError(400, str(e))
         finally:
             watcher.cancel()
@@ -233,6 +181,9 @@ class Server:
         if self.service.embedder is None:  # refuse before queueing
             raise ApiError(400, f"this server hosts a {self.service.task} model; embeddings need an embedding "
                                 f"model (serve one with --task embed)", type="unsupported_task")
+        if dimensions is not None and dimensions > self.service.dimension:
+            raise ApiError(400, f"dimensions={dimensions} is larger than the embedding size "
+                                f"{self.service.dimension}", "dimensions")
         return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
 
     async def tei_embed(self, body: EmbedRequest, request: Request):
@@ -266,23 +217,27 @@ def _validation_error(request: Request, exc: RequestValidationError):
     errors = exc.errors()
     bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if bad_json is not None:
-        return _error(400, f"invalid JSON: {bad_json.get('ctx', {}).get('error', 'decode error')} "
+        return error_response(400, f"invalid JSON: {bad_json.get('ctx', {}).get('error', 'decode error')} "
                            f"at position {bad_json['loc'][-1]}")
     parts = [f"{error_param(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
-    return _error(422, "; ".join(parts), error_param(errors[0]["loc"]) if errors else None)
+    return error_response(422, "; ".join(parts), error_param(errors[0]["loc"]) if errors else None)
 
 
 def _http_error(request: Request, exc: HTTPException):
-    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
 def _api_error(request: Request, exc: ApiError):
-    return _error(exc.status, exc.message, exc.param, exc.type, exc.headers)
+    return error_response(exc.status, exc.message, exc.param, exc.type, exc.headers)
 
 
 def _server_error(request: Request, exc: Exception):
     log.exception("unhandled error on %s", request.url.path)
-    return _error(500, f"internal error: {type(exc).__name__}")
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+async def health():
+    return {"status": "ok"}
 
 
 def create_app(service: Service, config: ServerConfig) -> FastAPI:
@@ -308,7 +263,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       responses={200: {"model": EmbeddingsResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics")
-    app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"], summary="Liveness (no API key)")
+    app.add_api_route("/health", health, methods=["GET"], summary="Liveness (no API key)")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)

@@ -4,6 +4,12 @@ Calls are synchronous and safe to make from many threads at once; the server
 runs each request in a worker thread, so concurrent requests reach the engine
 together and can share its batches. An embed-task model serves rerank too (by
 cosine, as ``Reranker`` over an embedding model does), from the same weights.
+
+Long texts are always truncated, never rejected: to the model's context by the
+template, or here, at a token boundary, to ``max_tokens_per_doc`` or from the
+left end (TEI ``truncation_direction``). Usage counts (``prompt_tokens``) come
+from a private copy of the tokenizer plus the template's fixed overhead, and may
+differ from the engine's exact count by a token or two per text.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -50,14 +56,28 @@ class Service:
         return self.embedder.dimension if self.embedder is not None else None
 
     def stats(self) -> dict:
+        """Cumulative engine figures: per-request sums (tokens_computed, tokens_saved, forward_s), with
+        engine-wide counts (batches, active requests, peak batch tokens) from the scheduler when there is one."""
         out = dict(self.reranker.stats)
         if self.embedder is not None:
             for k, v in list(self.embedder.stats.items()):
                 out[k] = out.get(k, 0) + v
+        sched = getattr(self.runner, "scheduler", None)
+        if sched is not None:
+            # Per-request "batches" counts a shared batch once per request in it; the scheduler's is the real count.
+            out["batches"] = getattr(sched, "totals", {}).get("batches", out.get("batches", 0))
+            out["peak_batch_tokens"] = getattr(sched, "peak_batch_tokens", 0)
+            if hasattr(sched, "queue_depth"):
+                out["active_requests"] = sched.queue_depth()
         return out
 
+    def _encode(self, texts: Sequence[str]):
+        # One text at a time: encode_batch would wake the Rust thread pool, whose spinning threads
+        # take CPU from the model on small machines; counting is cheap enough serially.
+        return [self.counter.encode(t, add_special_tokens=False) for t in texts]
+
     def _count(self, texts: Sequence[str]) -> List[int]:
-        return [len(e.ids) for e in self.counter.encode_batch(list(texts), add_special_tokens=False)]
+        return [len(e.ids) for e in self._encode(texts)]
 
     def _query_tokens(self, queries: Sequence[str], instruction: Optional[str]) -> List[int]:
         """Tokens of the template with each query and no document (rerank), or of each formatted query (embed).
@@ -73,7 +93,7 @@ class Service:
 
     def _fit(self, texts: Sequence[str], limit: Optional[int], left: bool) -> Tuple[List[str], List[int]]:
         """Each text cut to at most ``limit`` tokens (keeping its end when ``left``), and its token count."""
-        encs = self.counter.encode_batch(list(texts), add_special_tokens=False)
+        encs = self._encode(texts)
         out, lens = [], []
         for t, e in zip(texts, encs):
             n = len(e.ids)

@@ -186,7 +186,8 @@ def test_long_documents_are_truncated_not_rejected(start_server, rerank_folder):
     long_doc = "the river runs past the mountain city " * 200
     with server.client() as c:
         for direction in ("right", "left"):
-            r = c.post("/rerank", json={"query": QUERY, "texts": [long_doc, "short"], "truncation_direction": direction})
+            body = {"query": QUERY, "texts": [long_doc, "short"], "truncation_direction": direction}
+            r = c.post("/rerank", json=body)
             assert r.status_code == 200, r.text
         usage = c.post("/v1/rerank", json={"query": QUERY, "documents": [long_doc]}).json()["usage"]
     assert usage["prompt_tokens"] == 96  # capped at the context

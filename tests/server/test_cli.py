@@ -1,0 +1,123 @@
+"""``rerank-engine``: offline rank and embed over JSONL files, and ``serve`` in a subprocess shut down by SIGTERM."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from engine import Embedder, Reranker
+from engine.cli import CHUNK, main, read_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_jsonl(path: Path, items) -> Path:
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), encoding="utf-8")
+    return path
+
+
+def test_read_jsonl_accepts_strings_and_text_objects(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", ["a", {"text": "b", "id": 7}, "北京"])
+    assert read_jsonl(str(f)) == ["a", "b", "北京"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["a", {"title": "no text"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_jsonl(str(bad))
+
+
+def test_rank_prints_sorted_json(tmp_path, capsys, rerank_folder):
+    docs = ["beijing is the capital", {"text": "a river in the mountain"}, "gravity attracts bodies", ""]
+    f = write_jsonl(tmp_path / "docs.jsonl", docs)
+    query = "what is the capital of china?"
+    assert main(["rank", "--model", str(rerank_folder), "--device", "cpu", "--query", query,
+                 "--documents", str(f), "--top-n", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    texts = read_jsonl(str(f))
+    want = Reranker(str(rerank_folder), device="cpu").rank(query, texts, top_n=3)
+    assert [r["index"] for r in out["results"]] == [w["index"] for w in want]
+    np.testing.assert_allclose([r["relevance_score"] for r in out["results"]], [w["score"] for w in want], atol=1e-5)
+    assert [r["document"]["text"] for r in out["results"]] == [texts[w["index"]] for w in want]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_embed_writes_npy_or_jsonl_in_chunks(tmp_path, capsys, embed_folder, suffix):
+    texts = [f"text number {i} about rivers" for i in range(CHUNK + 13)]  # more than one chunk: progress bar
+    f = write_jsonl(tmp_path / "in.jsonl", texts)
+    out = tmp_path / f"out{suffix}"
+    assert main(["embed", "--model", str(embed_folder), "--device", "cpu", "--input", str(f),
+                 "--output", str(out), "--dimensions", "32"]) == 0
+    got = np.load(out) if suffix == ".npy" else np.array([json.loads(x) for x in out.read_text().splitlines()])
+    assert got.shape == (len(texts), 32)
+    want = Embedder(str(embed_folder), device="cpu").embed(texts, dimensions=32)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert "embed" in capsys.readouterr().err  # the tqdm bar
+
+
+# `serve` in a subprocess: rank() is slowed so that a request is in flight when SIGTERM arrives.
+SLOW_SERVE = """
+import sys, time
+from engine.service import Service
+rank = Service.rank
+def slow_rank(self, *args, **kwargs):
+    time.sleep(2.0)
+    return rank(self, *args, **kwargs)
+Service.rank = slow_rank
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path, rerank_folder):
+    port = _free_port()
+    url, key = f"http://127.0.0.1:{port}", "cli-key"
+    log = open(tmp_path / "serve.log", "w+")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(rerank_folder), "--device", "cpu",
+                             "--port", str(port), "--api-key", key, "--served-model-name", "cli-model,alias",
+                             "--max-queue", "4"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"] == "cli-model"
+        result = {}
+        body = {"model": "alias", "query": "q", "documents": ["a", "b", "c"]}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "r", httpx.post(f"{url}/v1/rerank", json=body, headers=headers, timeout=60)))
+        t.start()
+        while "rerank_engine_queue_depth 1.0" not in httpx.get(f"{url}/metrics", headers=headers).text:
+            assert t.is_alive() and time.monotonic() < deadline, "the request never got in flight"
+            time.sleep(0.05)  # wait until the request is inside its 2 s engine call
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(result["r"].json()["results"]) == 3
+        # A clean exit; recent uvicorn re-raises the signal after its graceful shutdown, as process managers expect.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "Waiting for connections to close" in (tmp_path / "serve.log").read_text()
