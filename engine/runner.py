@@ -1,5 +1,6 @@
 """The model runner: owns the device, the weights and the heads; runs packed batches."""
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -53,17 +54,20 @@ def _default_dtype(dtype):
 class ModelRunner:
     def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None,
                  device=None, dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None,
-                 prefix_cache_bytes: int = 256 << 20):
+                 prefix_cache_bytes: int = 256 << 20, template: Optional[str] = None):
         self.folder: Path = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict)
         self.task = registry.infer_task(spec, f"{model} {self.folder.name}", task, task_default)
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dtype = pick_dtype(dtype, self.device)
         self.config = SimpleNamespace(**self.config_dict)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_length = max_length
-        template_cls = registry.template_class(spec, self.task)
+        template_cls = registry.template_class(spec, self.task, template, f"{model} {self.folder.name}")
         # Encoder templates read sentence-transformers files and the position limit.
         files = {"folder": self.folder, "config": self.config_dict} if getattr(template_cls, "needs_model_files", False) else {}
         self.template = template_cls(self.tokenizer, max_length=max_length, **files)
@@ -79,9 +83,11 @@ class ModelRunner:
         # Tensors a head reads (or knows to be unused) are not the model's; all others must load.
         reserved = {"lm_head.weight"} | set(getattr(self.head, "checkpoint_names", ()))
         skip = set(getattr(model_cls, "ignored_checkpoint_names", ()))
+        skip_prefixes = tuple(getattr(model_cls, "ignored_checkpoint_prefixes", ()))  # e.g. a vision tower
         self.loaded = load_weights(self.model, index, reserved=reserved,
                                    strip_prefixes=getattr(model_cls, "checkpoint_prefixes", ("model.",)),
-                                   ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip)
+                                   ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip
+                                   or (bool(skip_prefixes) and n.startswith(skip_prefixes)))
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._scheduler: Optional[Scheduler] = None
         self._lock = threading.Lock()
@@ -102,12 +108,17 @@ class ModelRunner:
         """Run shared prefixes once and keep each layer's K/V: [layers, P, Hkv, D] per prefix."""
         ids, ctx = build_context(heads, self.device)
         ctx.capture_kv = []
+        ctx.capture_state = []  # linear-attention layers (Qwen3.5): final states per prefix
         self.model(ids, ctx)
         ks = torch.stack([k for k, _ in ctx.capture_kv])  # [layers, T, Hkv, D]
         vs = torch.stack([v for _, v in ctx.capture_kv])
+        convs = torch.stack([c for c, _ in ctx.capture_state]) if ctx.capture_state else None  # [lin, n, C, K-1]
+        states = torch.stack([s for _, s in ctx.capture_state]) if ctx.capture_state else None  # [lin, n, Hv, Dk, Dv]
         out, off = [], 0
-        for h in heads:
-            out.append(PrefixKV(ks[:, off : off + len(h)].clone(), vs[:, off : off + len(h)].clone()))
+        for j, h in enumerate(heads):
+            out.append(PrefixKV(ks[:, off : off + len(h)].clone(), vs[:, off : off + len(h)].clone(),
+                                None if convs is None else convs[:, j].clone(),
+                                None if states is None else states[:, j].clone()))
             off += len(h)
         return out
 

@@ -1,4 +1,5 @@
 """Tokenizer files of a model folder, loaded with transformers (fast tokenizers only)."""
+import threading
 from pathlib import Path
 
 from engine.weights import ModelNotFoundError
@@ -29,7 +30,49 @@ def load_tokenizer(folder: Path):
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     if not getattr(tok, "is_fast", False):
         raise TypeError(f"the tokenizer in {folder} has no fast (Rust) implementation")
-    return tok
+    return SerializedTokenizer(tok)
+
+
+class SerializedTokenizer:
+    """A transformers tokenizer that several threads may call.
+
+    Each call reconfigures the shared Rust tokenizer (truncation, padding) before
+    encoding, so two threads interleaving would race ("Already borrowed", or one
+    call's truncation applied to the other's texts). Calls are serialised; the
+    Rust encoder itself still runs without the GIL, overlapping the model.
+    """
+
+    _LOCKED = ("__call__", "encode", "decode", "batch_decode", "pad", "convert_tokens_to_ids", "tokenize")
+
+    def __init__(self, tokenizer):
+        object.__setattr__(self, "_tok", tokenizer)
+        object.__setattr__(self, "_lock", threading.RLock())
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._tok, name)
+        if name in self._LOCKED and callable(attr):
+            def locked(*args, **kwargs):
+                with self._lock:
+                    return attr(*args, **kwargs)
+            return locked
+        return attr
+
+    def __setattr__(self, name, value):
+        setattr(self._tok, name, value)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __repr__(self):
+        return f"SerializedTokenizer({self._tok!r})"
+
+    @property
+    def unwrapped(self):
+        return self._tok
 
 
 def token_id(tokenizer, text: str) -> int:

@@ -18,16 +18,7 @@ import torch
 
 from qwen_vocab import build_qwen3_backend, save_qwen3_tokenizer
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or had "
-    "river mountain city engine model search query passage answer capital china beijing gravity "
-    "attracts bodies toward one another protein cell energy market price history war king music "
-    "film game team season league player water climate ocean forest bird animal plant"
-).split()
-
-
-def random_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+from textgen import WORDS, random_text  # noqa: F401 (test modules import these from textgen)
 
 
 @pytest.fixture(scope="session")

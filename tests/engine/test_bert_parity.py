@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, random_text
+from textgen import WORDS, random_text
 from engine import Embedder, Reranker
 from engine.weights import WeightError
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_text
+from textgen import random_text
 from engine import Embedder, Reranker
 from reference_qwen3 import Qwen3EmbeddingReference, Qwen3RerankerReference
 

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import random_text
+from textgen import random_text
 from engine import Reranker
 from reference_qwen3 import Qwen3RerankerReference
 
