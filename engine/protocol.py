@@ -67,6 +67,7 @@ class RerankRequest(_Request):
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None
+    min_score: Optional[float] = Field(None, description="drop results scoring below this (after top_n)")
     # TEI
     return_text: bool = False
     raw_scores: bool = False
@@ -101,6 +102,19 @@ class EmbeddingsRequest(_Request):
     input: Texts
     dimensions: Optional[PositiveInt] = None
     encoding_format: Literal["float", "base64"] = "float"
+    instruction: Optional[Text] = None
+
+
+class ClassifyRequest(_Request):
+    """Zero-shot classification: each input text against every label (its description as the document)."""
+
+    model: Optional[str] = None
+    input: Texts
+    labels: Any = Field(description="a list of label names, or a {name: description} mapping",
+                        json_schema_extra={"anyOf": [_STRINGS, {"type": "object",
+                                                                "additionalProperties": {"type": "string"}}]})
+    multi_label: bool = False
+    threshold: Optional[float] = None
     instruction: Optional[Text] = None
 
 
@@ -158,6 +172,19 @@ class EmbeddingsResponse(BaseModel):
     object: Literal["list"] = "list"
     data: List[EmbeddingData]
     model: str
+    usage: Usage
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: Any = Field(description="the best label (null below threshold), or a list when multi_label")
+    scores: Dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: List[ClassifyData]
     usage: Usage
 
 

@@ -33,6 +33,8 @@ _QWEN3_TASKS = {
 
 _ST_EMBED = {"embed": TaskSpec(head="pooling", template="SentenceTransformerEmbedTemplate")}
 
+_PRISM_TASKS = {"rerank": TaskSpec(head="yes_no", template="PrismRerankTemplate")}
+
 ARCHITECTURES: Dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": ArchSpec("qwen3", "Qwen3Model", _QWEN3_TASKS),
     "Qwen3Model": ArchSpec("qwen3", "Qwen3Model", {"embed": _QWEN3_TASKS["embed"]}),
@@ -43,7 +45,17 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
     "XLMRobertaModel": ArchSpec("bert", "BertModel", _ST_EMBED),
     "XLMRobertaForSequenceClassification": ArchSpec(
         "bert", "BertModel", {"rerank": TaskSpec(head="classifier", template="XLMRobertaPairTemplate")}),
+    # Prism-Reranker: unchanged Qwen3.5 weights (text part of the multimodal checkpoints too).
+    "Qwen3_5ForCausalLM": ArchSpec("qwen3_5", "Qwen3_5Model", _PRISM_TASKS),
+    "Qwen3_5ForConditionalGeneration": ArchSpec("qwen3_5", "Qwen3_5Model", _PRISM_TASKS),
+    # KaLM-Reranker-V1: T5Gemma2 encoder-decoder with cached passage encodings (engine/kalm.py).
+    "T5Gemma2ForConditionalGeneration": ArchSpec(
+        "t5gemma2", "T5Gemma2Model", {"rerank": TaskSpec(head="yes_no", template="KaLMRerankTemplate")}),
 }
+
+# Prompt templates a user may pick by name (``Reranker(model, template="prism")``) on an
+# architecture whose head fits them; a model whose name says "prism" gets the Prism template.
+TEMPLATE_ALIASES = {"prism": "PrismRerankTemplate", "qwen3": "Qwen3RerankTemplate"}
 
 
 def supported_architectures():
@@ -86,5 +98,17 @@ def model_class(spec: ArchSpec):
     return getattr(importlib.import_module(f"engine.models.{spec.module}"), spec.cls)
 
 
-def template_class(spec: ArchSpec, task: str):
-    return getattr(importlib.import_module("engine.templates"), spec.tasks[task].template)
+def template_class(spec: ArchSpec, task: str, template: Optional[str] = None, name: str = ""):
+    """The task's template class; ``template`` (an alias of TEMPLATE_ALIASES) overrides it for
+    yes/no rerankers, and a Qwen3 yes/no reranker named "prism" gets the Prism template."""
+    chosen = spec.tasks[task].template
+    yes_no = spec.tasks[task].head == "yes_no"
+    if template is not None:
+        if template not in TEMPLATE_ALIASES:
+            raise ValueError(f"template must be one of {sorted(TEMPLATE_ALIASES)}, got {template!r}")
+        if not yes_no:
+            raise ValueError(f"template={template!r} applies to yes/no rerankers; {spec.cls} ({task}) is not one")
+        chosen = TEMPLATE_ALIASES[template]
+    elif yes_no and "prism" in name.lower():
+        chosen = TEMPLATE_ALIASES["prism"]
+    return getattr(importlib.import_module("engine.templates"), chosen)

@@ -35,9 +35,10 @@ from starlette.exceptions import HTTPException
 
 from engine.gate import Gate
 from engine.metrics import Metrics, MetricsMiddleware
-from engine.protocol import (ERROR_TYPES, EmbeddingsRequest, EmbeddingsResponse, EmbedRequest, ErrorResponse,
-                             RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, TEIRank, error_param,
-                             error_response)
+from engine.classifier import normalize_labels
+from engine.protocol import (ERROR_TYPES, ClassifyRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
+                             EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
+                             TEIRank, error_param, error_response)
 from engine.runner import Cancelled
 from engine.service import Service, WrongTask
 
@@ -143,7 +144,7 @@ class Server:
         ranked, tokens = await self.call(
             request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=body.instruction,
             max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
-            raw_scores=tei and body.raw_scores)
+            raw_scores=tei and body.raw_scores, min_score=body.min_score)
         if tei:
             out = []
             for r in ranked:
@@ -201,6 +202,19 @@ class Server:
         return JSONResponse({"object": "list", "model": self.name,
                              "data": [{"object": "embedding", "index": i, "embedding": v}
                                       for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def classify(self, body: ClassifyRequest, request: Request):
+        self.check_model(body.model)
+        self.check_count(len(body.input), "input")
+        try:
+            normalize_labels(body.labels)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, str(e), "labels")
+        data, tokens = await self.call(request, "classify", self.service.classify, body.input, body.labels,
+                                       multi_label=body.multi_label, threshold=body.threshold,
+                                       instruction=body.instruction)
+        return JSONResponse({"object": "list", "model": self.name, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def models(self):
@@ -261,6 +275,8 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       responses={200: {"model": List[List[float]]}})
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
                       responses={200: {"model": EmbeddingsResponse}})
+    app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
+                      responses={200: {"model": ClassifyResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics")
     app.add_api_route("/health", health, methods=["GET"], summary="Liveness (no API key)")

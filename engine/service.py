@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engine.api import Embedder, Reranker
+from engine.classifier import Classifier, normalize_labels
 
 
 class WrongTask(ValueError):
@@ -32,6 +33,7 @@ class Service:
         self.runner = self.reranker.runner
         self.task = self.runner.task
         self.embedder = Embedder.from_runner(self.runner) if self.task == "embed" else None
+        self.classifier = Classifier(reranker=self.reranker)
         tpl = self.runner.template
         self.max_length = int(getattr(tpl, "max_length", max_length))  # encoders cap it at their positions
         # Token accounting and cutting use a private copy of the Rust tokenizer that is never
@@ -116,7 +118,7 @@ class Service:
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
              instruction: Optional[str] = None, max_tokens_per_doc: Optional[int] = None, left: bool = False,
-             raw_scores: bool = False, cancel=None) -> Tuple[List[dict], int]:
+             raw_scores: bool = False, cancel=None, min_score: Optional[float] = None) -> Tuple[List[dict], int]:
         """(``[{index, score}]`` sorted by score, prompt tokens).
 
         ``raw_scores`` (TEI): the logit before the activation; a cosine is already raw.
@@ -128,7 +130,7 @@ class Service:
         docs, lens = self._fit(documents, self._limit(per_doc, max_tokens_per_doc, left), left)
         head_raw = hasattr(self.runner.head, "postprocess")  # cross-encoder heads give raw logits themselves
         ranked = self.reranker.rank(query, docs, top_n=top_n, instruction=instruction, return_documents=False,
-                                    cancel=cancel, raw_scores=raw_scores and head_raw)
+                                    cancel=cancel, raw_scores=raw_scores and head_raw, min_score=min_score)
         if raw_scores and not head_raw and self.task != "embed":
             for r in ranked:  # yes/no head: score = sigmoid(logit)
                 s = min(max(r["score"], 1e-45), 1.0 - 2 ** -53)
@@ -165,3 +167,13 @@ class Service:
         emb = self.embedder.embed(cut, dimensions=dimensions, instruction=instruction,
                                   is_query=instruction is not None, normalize=normalize, cancel=cancel)
         return emb, sum(min(overhead + n, self.max_length) for n in lens)
+
+    def classify(self, texts: Sequence[str], labels, multi_label: bool = False, threshold: Optional[float] = None,
+                 instruction: Optional[str] = None, cancel=None) -> Tuple[List[dict], int]:
+        """(``[{index, label, scores}]``, prompt tokens): every text against every label description."""
+        names, descs = normalize_labels(labels)
+        stats: dict = {}
+        out = self.classifier.classify(texts, labels, instruction=instruction, multi_label=multi_label,
+                                       threshold=threshold, stats=stats, cancel=cancel)
+        tokens = int(stats.get("tokens_computed", 0) + stats.get("tokens_saved", 0))
+        return out, tokens

@@ -275,3 +275,90 @@ def _read_json_if(folder: Optional[Path], name: str) -> dict:
         return {}
     with open(folder / name) as fh:
         return json.load(fh)
+
+
+# --- Prism-Reranker (Qwen3.5; Prism-Qwen3-Reranker-4B-exp on Qwen3) --------------------------
+# From the authors' card draft (DESIGN 2.5): the system line keeps its trailing space and has
+# no "Note that" sentence; the instruction asks for the verdict and, on "yes", tagged evidence.
+PRISM_SYSTEM = "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+PRISM_PREFIX = f"<|im_start|>system\n{PRISM_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+PRISM_INSTRUCTION = (
+    'Judge if the document is relevant to the query. Reply "yes" or "no".\n'
+    'On "yes", also emit:\n'
+    "<contribution>One sentence covering every core point the document contributes to the query, "
+    "without elaboration.</contribution>\n"
+    "<evidence>Self-contained rewrite of the query-relevant content. Rules:\n"
+    "- Faithful: rephrase only; add or infer nothing.\n"
+    "- Self-contained: evidence alone must fully answer the query.\n"
+    "- Concise: drop query-irrelevant background.\n"
+    "- Verbatim (no translation): proper nouns, terms, abbreviations, numbers, dates, code, URLs.\n"
+    "- Output language: multilingual doc -> query's language; else doc's language.</evidence>"
+)
+
+
+class PrismRerankTemplate(Qwen3RerankTemplate):
+    """Prism-Reranker: Qwen3-Reranker's layout and suffix with Prism's system line and instruction.
+
+    The score is sigmoid(l_yes - l_no) at the first generated position (the yes/no
+    head). On "yes" the model goes on with ``\\n<contribution>…</contribution>\\n
+    <evidence>…</evidence><|im_end|>``, which engine/generate.py decodes on request.
+    ``instruction=`` replaces PRISM_INSTRUCTION per call; the prefix split is Qwen3's.
+    """
+
+    default_instruction = PRISM_INSTRUCTION
+
+    def __init__(self, tokenizer, max_length: int = 8192):
+        super().__init__(tokenizer, max_length)
+        self.prefix_ids = tokenizer.encode(PRISM_PREFIX, add_special_tokens=False)
+        self.pair_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+
+
+# --- KaLM-Reranker-V1 (T5Gemma2 encoder-decoder; model card template) ------------------------
+
+KALM_INSTRUCTION = "Given a query, retrieve documents that answer the query."
+KALM_DECODER_PROMPT = ("<bos><start_of_turn>user\n{system}\n\n<Instruct>: {instruction}\n<Query>: {query}"
+                       "<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+
+
+class KaLMRerankTemplate:
+    """Passage and query go to different halves of the model.
+
+    Encoder: ``<Document>: {document}``, no special tokens, cut at 1024 tokens (or
+    max_length if smaller). Decoder: the chat prompt above with Qwen3-Reranker's system
+    line; the query alone is cut to 512 tokens first (decoded back to text, so the
+    prompt is always tokenized whole, as the reference formats it).
+    """
+
+    default_instruction = KALM_INSTRUCTION
+    supports_prefix = False
+    query_max_tokens = 512
+    document_max_tokens = 1024
+
+    def __init__(self, tokenizer, max_length: int = 8192):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.document_max_length = min(int(max_length), self.document_max_tokens)
+
+    def encode_documents(self, docs: Sequence[str]) -> List[List[int]]:
+        if not docs:
+            return []
+        return self.tokenizer([f"<Document>: {d}" for d in docs], add_special_tokens=False, truncation=True,
+                              max_length=self.document_max_length, return_attention_mask=False)["input_ids"]
+
+    def format_query(self, query: str, instruction: Optional[str] = None) -> str:
+        ids = self.tokenizer(query, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if len(ids) > self.query_max_tokens:
+            query = self.tokenizer.decode(ids[: self.query_max_tokens], skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
+        instruction = self.default_instruction if instruction is None else instruction
+        return KALM_DECODER_PROMPT.format(system=QWEN3_RERANK_SYSTEM, instruction=instruction, query=query)
+
+    def encode_query(self, query: str, instruction: Optional[str] = None) -> List[int]:
+        """Decoder prompt ids (``<bos>`` comes from the text, not from the tokenizer)."""
+        return self.tokenizer(self.format_query(query, instruction), add_special_tokens=False,
+                              return_attention_mask=False)["input_ids"]
+
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+        """Token accounting only (the model runs the halves apart): decoder prompt + passage ids."""
+        d_ids = self.encode_documents(list(docs))
+        return Encodings([self.encode_query(q, instruction) + d for q, d in zip(queries, d_ids)])

@@ -38,6 +38,8 @@ class Qwen3Attention(nn.Module):
             qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
             self.num_heads, self.num_kv_heads, self.head_dim, self.eps,
         )
+        if ctx.cache is not None:  # decoding (engine/generate.py): attend over the per-sequence KV cache
+            return self.o_proj(ctx.cache.attend(self.layer_idx, q, k, v, self.scale).reshape(q.shape[0], -1))
         if ctx.capture_kv is not None:  # computing a shared prefix: keep its K/V
             ctx.capture_kv.append((k.clone(), v.clone()))
         prefix_k, prefix_v = ctx.prefix_kv(self.layer_idx)
