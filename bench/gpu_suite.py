@@ -578,6 +578,13 @@ def main(argv=None):
         time_elementwise(s)
         s.section("paged cross-attention (KaLM-Reranker): correctness and timings")
         paged_attention_suite(s)
+        _empty_cache()
+        import deltanet_workloads  # Gated DeltaNet kernels (Qwen3.5 / Prism-Reranker)
+
+        s.section("Gated DeltaNet: correctness and timings")
+        for dtype in (torch.bfloat16, torch.float16):
+            deltanet_workloads.check(s, dtype)
+        deltanet_workloads.timings(s)
     except Exception as exc:  # keep what we have; an unexpected crash counts as a failure
         s.fail("suite crashed", exc)
         traceback.print_exc()

@@ -146,15 +146,17 @@ def _chunked_torch(q, k, v, g, beta, cu_seqlens, *, scale=None, initial_state=No
     def gather(x):  # [T, H, ...] -> [nc, H, C, ...]; rows past a chunk's end hold junk
         return x[idx].transpose(1, 2).contiguous()
 
-    qc, kc, vc, gc = gather(q), gather(k), gather(vf), gather(g)
-    bc = gather(beta) * valid[:, None, :]  # beta = 0 past the end: no update, no output rows used
+    qc, kc, vc = gather(q), gather(k), gather(vf)
+    # Past a chunk's end: beta = 0 (no update) and g = 0 (every exponent stays <= 0).
+    gc, bc = gather(g) * valid[:, None, :], gather(beta) * valid[:, None, :]
     G = gc.cumsum(-1)  # [nc, H, C]
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=dev).tril()
-    decay = torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")).exp()  # [nc, H, C, C]
-    lower = ((kc @ kc.transpose(-1, -2)) * decay * bc[..., :, None]).tril(-1)
-    w = torch.linalg.solve_triangular(lower, kc * (bc * G.exp())[..., None], upper=False, unitriangular=True)
-    u = torch.linalg.solve_triangular(lower, vc * bc[..., None], upper=False, unitriangular=True)
-    attn = (qc @ kc.transpose(-1, -2)) * decay
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=dev).triu(1)
+    # In-place passes over the [nc, H, C, C] tiles: they dominate this path's time.
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill_(above, float("-inf")).exp_()  # [nc, H, C, C]
+    lower = (kc @ kc.transpose(-1, -2)).mul_(decay).mul_(bc[..., :, None])  # the solve ignores the upper part
+    rhs = torch.cat([kc * (bc * G.exp())[..., None], vc * bc[..., None]], dim=-1)
+    w, u = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True).split([dk, dv], dim=-1)
+    attn = (qc @ kc.transpose(-1, -2)).mul_(decay)
     q_dec = qc * G.exp()[..., None]
     g_last = G.gather(-1, (size_t - 1).view(nc, 1, 1).expand(nc, hv, 1))  # [nc, H, 1]
     k_dec = kc * ((g_last - G).exp() * valid[:, None, :])[..., None]
@@ -323,7 +325,7 @@ def gated_delta_rule_triton(
         if initial_state.stride(3) != 1:
             initial_state = initial_state.contiguous()
     n = cu_seqlens.numel() - 1
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v, g, beta = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g, beta))
     out = torch.empty((n_tok, hv, dv), dtype=v.dtype, device=q.device)
     final = torch.empty((n, hv, dk, dv), dtype=torch.float32, device=q.device) if output_final_state else None
     if n <= 0:
@@ -338,6 +340,7 @@ def gated_delta_rule_triton(
     scale = dk ** -0.5 if scale is None else float(scale)
     block_dk, block_dv = max(16, next_pow2(dk)), max(16, next_pow2(dv))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    warps = 8 if max(block_dk, block_dv) >= 128 else 4  # several [C, D] fp32 tiles live at once
     f32 = dict(dtype=torch.float32, device=q.device)
     # Chunk-local products, token-aligned (row t holds token t's row of its chunk).
     w = torch.empty((n_tok, hv, dk), **f32)
@@ -351,7 +354,7 @@ def gated_delta_rule_triton(
             beta.stride(0), w.stride(0), w.stride(1), u.stride(0), u.stride(1), attn.stride(0), attn.stride(1),
             gc.stride(0), scale,
             GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), BT=chunk, BLOCK_DK=block_dk,
-            BLOCK_DV=block_dv, INPUT_PRECISION=prec, num_warps=4,
+            BLOCK_DV=block_dv, INPUT_PRECISION=prec, num_warps=warps,
         )
     bv = min(block_dv, 32)
     state = initial_state if has_state else w
@@ -365,7 +368,7 @@ def gated_delta_rule_triton(
         scale,
         GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), HAS_STATE=has_state,
         STORE_FINAL=bool(output_final_state), BT=chunk, BLOCK_DK=block_dk, BV=bv, INPUT_PRECISION=prec,
-        num_warps=4,
+        num_warps=warps,
     )
     return out, final
 

