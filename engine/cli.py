@@ -33,6 +33,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-length", type=int, default=8192, help="tokens per sequence; longer inputs are truncated")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+    p.add_argument("--template", choices=["qwen3", "prism"], default=None,
+                   help="prompt of a yes/no reranker (default: Prism's for models named *prism*, else Qwen3's)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def _service(args, task: Optional[str] = None):
     from engine.service import Service
 
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype,
-                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
+                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template)
 
 
 def _chunks(n: int, desc: str):

@@ -68,6 +68,10 @@ class RerankRequest(_Request):
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None
     min_score: Optional[float] = Field(None, description="drop results scoring below this (after top_n)")
+    # Generative rerankers (Prism-Reranker): contribution + evidence for documents scoring >= evidence_threshold
+    return_evidence: bool = False
+    evidence_threshold: float = 0.5
+    max_new_tokens: PositiveInt = 512
     # TEI
     return_text: bool = False
     raw_scores: bool = False
@@ -133,6 +137,9 @@ class RerankResult(BaseModel):
     index: int
     relevance_score: float
     document: Optional[RerankDocument] = None
+    contribution: Optional[str] = Field(None, description="with return_evidence: the <contribution> text")
+    evidence: Optional[str] = Field(None, description="with return_evidence: the <evidence> text")
+    raw_output: Optional[str] = Field(None, description="with return_evidence: the generated text")
 
 
 class RerankResponse(BaseModel):

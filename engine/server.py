@@ -144,7 +144,9 @@ class Server:
         ranked, tokens = await self.call(
             request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=body.instruction,
             max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
-            raw_scores=tei and body.raw_scores, min_score=body.min_score)
+            raw_scores=tei and body.raw_scores, min_score=body.min_score,
+            **({"return_evidence": True, "evidence_threshold": body.evidence_threshold,
+                "max_new_tokens": body.max_new_tokens} if body.return_evidence else {}))
         if tei:
             out = []
             for r in ranked:
@@ -158,6 +160,9 @@ class Server:
             item = {"index": r["index"], "relevance_score": r["score"]}
             if body.return_documents:
                 item["document"] = {"text": docs[r["index"]]}
+            if body.return_evidence:
+                for key in ("contribution", "evidence", "raw_output"):
+                    item[key] = r.get(key)
             results.append(item)
         return JSONResponse({"id": str(uuid.uuid4()), "model": self.name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

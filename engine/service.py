@@ -27,9 +27,9 @@ class WrongTask(ValueError):
 
 class Service:
     def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None, warmup: bool = True):
+                 max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None):
         self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
-                                 max_batch_tokens=max_batch_tokens)
+                                 max_batch_tokens=max_batch_tokens, template=template)
         self.runner = self.reranker.runner
         self.task = self.runner.task
         self.embedder = Embedder.from_runner(self.runner) if self.task == "embed" else None
@@ -118,7 +118,8 @@ class Service:
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
              instruction: Optional[str] = None, max_tokens_per_doc: Optional[int] = None, left: bool = False,
-             raw_scores: bool = False, cancel=None, min_score: Optional[float] = None) -> Tuple[List[dict], int]:
+             raw_scores: bool = False, cancel=None, min_score: Optional[float] = None,
+             **generate) -> Tuple[List[dict], int]:
         """(``[{index, score}]`` sorted by score, prompt tokens).
 
         ``raw_scores`` (TEI): the logit before the activation; a cosine is already raw.
@@ -130,7 +131,8 @@ class Service:
         docs, lens = self._fit(documents, self._limit(per_doc, max_tokens_per_doc, left), left)
         head_raw = hasattr(self.runner.head, "postprocess")  # cross-encoder heads give raw logits themselves
         ranked = self.reranker.rank(query, docs, top_n=top_n, instruction=instruction, return_documents=False,
-                                    cancel=cancel, raw_scores=raw_scores and head_raw, min_score=min_score)
+                                    cancel=cancel, raw_scores=raw_scores and head_raw, min_score=min_score,
+                                    **generate)  # return_evidence, evidence_threshold, max_new_tokens
         if raw_scores and not head_raw and self.task != "embed":
             for r in ranked:  # yes/no head: score = sigmoid(logit)
                 s = min(max(r["score"], 1e-45), 1.0 - 2 ** -53)
