@@ -1,6 +1,5 @@
 """Shared bench helpers: model shapes, random-weight checkpoints, workloads, timing."""
 import os
-import random
 import sys
 import tempfile
 import time
@@ -22,16 +21,7 @@ QWEN3_SHAPES = {
                head_dim=128, intermediate_size=9728, tie_word_embeddings=True),
 }
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or had river "
-    "mountain city engine model search query passage answer capital china beijing gravity attracts bodies "
-    "toward one another protein cell energy market price history war king music film game team season "
-    "league player water climate ocean forest bird animal plant science theory number system language"
-).split()
-
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
+from textgen import WORDS, random_text as words  # noqa: E402,F401 (tests/ is on the path above)
 
 
 def build_qwen3_folder(shape: str, name: str, device: str, dtype: torch.dtype, embed_tokenizer: bool = False) -> Path:

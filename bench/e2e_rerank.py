@@ -9,7 +9,6 @@ Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
 """
 import argparse
 import json
-import os
 import random
 
 import torch
@@ -75,7 +74,6 @@ def main():
         key = str(rr.runner.max_batch_tokens)
         results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "stats": dict(rr.stats)}
         print(f"ours (max_batch_tokens={key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s, {rr.stats})")
-        del rr
 
     if not args.skip_reference:
         ref = Qwen3RerankerReference(folder)

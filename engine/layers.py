@@ -3,7 +3,7 @@
 Fused projections (qkv, gate_up) are one weight whose shards are filled by the
 loader through ``weight_loader(param, tensor, shard_id)``.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,6 @@ One engine thread owns the model and packs batches from all active requests:
   3. run the batch and scatter results back to their requests.
 A pair's result never depends on the other sequences in its batch.
 """
-import heapq
 import itertools
 import logging
 import threading

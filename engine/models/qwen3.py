@@ -4,7 +4,7 @@ Reads top-down: Attention -> MLP -> DecoderLayer -> Model. The model returns
 the last layer's output and the residual stream *before* the final norm: heads
 read a few rows (the last token of each sequence) and norm only those.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

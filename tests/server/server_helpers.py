@@ -1,5 +1,4 @@
 """Helpers of the server tests (a module with a unique name: tests import it, never conftest)."""
-import random
 import socket
 import threading
 import time
@@ -10,15 +9,7 @@ import uvicorn
 from engine.server import ServerConfig, create_app
 from engine.service import Service
 
-WORDS = (
-    "the of and to in is was for on that with as by at from river mountain city engine model search query "
-    "passage answer capital china beijing gravity attracts bodies toward one another protein cell energy "
-    "market price history war king music film game team season league player water climate ocean forest"
-).split()
-
-
-def random_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+from textgen import WORDS, random_text  # noqa: F401 (the server tests import them from here)
 
 
 RERANK_NAME = "tiny-reranker"
