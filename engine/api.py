@@ -71,7 +71,7 @@ class Reranker:
         runner, tpl = self.runner, self.runner.template
         if self._kalm is not None:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
             call: dict = {}
-            out = self._kalm.scores(queries, docs, instruction, compression_ratio, cancel, call)
+            out = self._kalm.scores(queries, docs, instruction, compression_ratio, cancel, call, margins=raw_scores)
             merge_stats(self.stats, call)
             merge_stats(stats, call)
             return out
@@ -131,7 +131,8 @@ class Reranker:
                 compression_ratio: Optional[int] = None) -> List[float]:
         """Scores of (query, document) pairs, in order (CrossEncoder.predict style).
 
-        ``raw_scores``: cross-encoders return logits without their activation (TEI's flag).
+        ``raw_scores``: cross-encoders return logits without their activation (TEI's flag);
+        KaLM-Reranker returns the margins l_yes - l_no.
         ``stats``: a dict that receives this call's counters (tokens computed and saved by
         prefix sharing, batches, seconds per stage).
         ``compression_ratio``: KaLM-Reranker's Matryoshka pooling ratio r (1, 2, 4, 8, 16 or

@@ -37,6 +37,33 @@ except ImportError:  # the torch reference still imports without Triton
     from ._utils import tl_stub as tl, triton_stub as triton
 
 
+# Score matrices up to this many elements (per sequence, all heads) take the explicit path below.
+_SMALL_SCORES = 1 << 23
+
+
+def _attend_small(q, k, v, scale, causal, lp):
+    """softmax(q k^T) v for one sequence with explicit fp32 scores; returns [Lq, Hq, D].
+
+    On CPU this beats SDPA at rerank lengths: query heads sharing a KV head are
+    stacked into one matmul (no K/V repeat) and the causal mask is a single
+    masked_fill. q [Hq, Lq, D], k/v [Hkv, Lp + Lk, D]; own keys are causal,
+    bottom-right aligned, after lp prefix keys that every query sees.
+    """
+    hq, lq, d = q.shape
+    hkv, lk = k.shape[0], k.shape[1]
+    rep = hq // hkv
+    qg = q.reshape(hkv, rep * lq, d)  # query head g * rep + r reads KV head g
+    s = torch.matmul(qg.float(), k.float().transpose(1, 2)) * scale  # [Hkv, rep * Lq, Lp + Lk]
+    if causal:
+        rows = torch.arange(lq, device=q.device)[:, None]
+        cols = torch.arange(lk - lp, device=q.device)[None, :]
+        hidden = cols > rows + (lk - lp - lq)  # own keys a query must not see
+        s.view(hkv, rep, lq, lk)[..., lp:].masked_fill_(hidden, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, v.float()).view(hq, lq, d)
+    return o.transpose(0, 1).to(q.dtype)
+
+
 def varlen_attention_ref(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool, scale: float,
     prefix_k=None, prefix_v=None, cu_seqlens_p=None, prefix_index=None,
@@ -63,6 +90,9 @@ def varlen_attention_ref(
         # SDPA wants [H, L, D]; GQA handled by enable_gqa.
         qt, kt, vt = qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
         gqa = qi.shape[1] != ki.shape[1]
+        if (not causal or lk >= lq) and qi.shape[1] * lq * (lp + lk) <= _SMALL_SCORES:
+            out[cq[i] : cq[i + 1]] = _attend_small(qt, kt, vt, scale, causal, lp)
+            continue
         if causal and lp == 0 and lq == lk:  # the common case: SDPA's own causal kernel
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
         elif causal and lk >= lq:  # [prefix ; own] keys, causal aligned bottom-right, no mask tensor

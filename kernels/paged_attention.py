@@ -52,7 +52,8 @@ def paged_attention_ref(
 ):
     # Sequences of equal length run as one padded SDPA call (cross keys padded to the
     # group's longest and masked), so a rerank batch of identical decoder prompts is a
-    # handful of calls rather than one per sequence.
+    # handful of calls rather than one per sequence. Windows wider than the sequence need
+    # no mask (SDPA's own causal flag, or none), and a lone sequence is a view, not a copy.
     left, right = _bounds(window_left, window_right)
     out = torch.empty_like(q)
     cu = cu_seqlens.tolist()
@@ -65,16 +66,25 @@ def paged_attention_ref(
         if cu[i + 1] > cu[i]:
             groups.setdefault(cu[i + 1] - cu[i], []).append(i)
     hq, d = q.shape[1], q.shape[2]
+    gqa = hq != k.shape[1]
     for length, seqs in groups.items():
         pos = torch.arange(length, device=q.device)
-        dist = pos[:, None] - pos[None, :]
-        own_mask = (dist < left) & (dist > -right)  # [L, L]
+        unbounded = left >= length and right >= length
+        causal = left >= length and right == 1
+        own_mask = None
+        if has_cross or not (unbounded or causal):
+            dist = pos[:, None] - pos[None, :]
+            own_mask = (dist < left) & (dist > -right)  # [L, L]
         step = max(1, (1 << 25) // max(1, hq * length * (length + max(c_lens[i] for i in seqs))))
         for g in range(0, len(seqs), step):
             idx = seqs[g : g + step]
-            rows = torch.tensor([cu[i] for i in idx], device=q.device)[:, None] + pos[None, :]  # [B, L]
-            qi, ki, vi = q[rows], k[rows], v[rows]  # [B, L, H, D]
-            mask = own_mask.expand(len(idx), length, length)
+            if len(idx) == 1:
+                sl = slice(cu[idx[0]], cu[idx[0]] + length)
+                qi, ki, vi = q[sl][None], k[sl][None], v[sl][None]  # [1, L, H, D] views
+            else:
+                rows = torch.tensor([cu[i] for i in idx], device=q.device)[:, None] + pos[None, :]  # [B, L]
+                qi, ki, vi = q[rows], k[rows], v[rows]  # [B, L, H, D]
+            mask = None if own_mask is None else own_mask.expand(len(idx), length, length)
             if has_cross:
                 c_max = max(c_lens[i] for i in idx)
                 r = torch.arange(c_max, device=q.device)
@@ -88,10 +98,14 @@ def paged_attention_ref(
                 vi = torch.cat((vi, torch.where(keep, v_cache[blk, r % page], 0)), dim=1)
                 mask = torch.cat((mask, ok[:, None, :].expand(-1, length, -1)), dim=2)
             o = F.scaled_dot_product_attention(
-                qi.transpose(1, 2), ki.transpose(1, 2), vi.transpose(1, 2), attn_mask=mask[:, None],
-                scale=scale, enable_gqa=qi.shape[2] != ki.shape[2],
-            )  # [B, H, L, D]
-            out[rows.reshape(-1)] = o.transpose(1, 2).reshape(-1, hq, d)
+                qi.transpose(1, 2), ki.transpose(1, 2), vi.transpose(1, 2),
+                attn_mask=None if mask is None else mask[:, None], is_causal=mask is None and causal and not unbounded,
+                scale=scale, enable_gqa=gqa,
+            ).transpose(1, 2)  # [B, L, H, D]
+            if len(idx) == 1:
+                out[sl] = o[0]
+            else:
+                out[rows.reshape(-1)] = o.reshape(-1, hq, d)
     return out
 
 
@@ -225,7 +239,8 @@ def build_schedule(cu_seqlens, cross_lens, block_t: int, n_slots: int) -> torch.
 
 class _OneEntryCache:
     """Keeps the last batch's schedule: every layer of a forward passes the same metadata
-    tensors (identity + version counter), so the schedule is built once per batch."""
+    tensors (identity + version counter), so the schedule is built once per batch. The entry
+    is one tuple, read once, so threads running other batches never see a torn entry."""
 
     def __init__(self):
         self.entry = None  # (key, referenced tensors, schedule)
@@ -234,7 +249,7 @@ class _OneEntryCache:
         if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
             return build()
         key = (tuple(None if t is None else (id(t), version_of(t)) for t in tensors), params)
-        entry = self.entry  # one read: other threads may replace it
+        entry = self.entry
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], tensors)):
             return entry[2]
         value = build()

@@ -34,6 +34,9 @@ PARITY_TESTS = {
     "BertForSequenceClassification": "tests/engine/test_bert_parity.py",
     "XLMRobertaModel": "tests/engine/test_bert_parity.py",
     "XLMRobertaForSequenceClassification": "tests/engine/test_bert_parity.py",
+    "Qwen3_5ForCausalLM": "tests/engine/test_qwen3_5_parity.py",
+    "Qwen3_5ForConditionalGeneration": "tests/engine/test_qwen3_5_parity.py",
+    "T5Gemma2ForConditionalGeneration": "tests/engine/test_t5gemma2_parity.py",
 }
 
 

@@ -52,7 +52,6 @@ def _naive(q, k, v, cu, scale, left, right, k_cache=None, v_cache=None, table=No
     for i in range(len(cu) - 1):
         s, e = cu[i], cu[i + 1]
         for h in range(q.shape[1]):
-            keys, vals = [], []
             for t in range(e - s):
                 row = []
                 for j in range(e - s):
