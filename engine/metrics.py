@@ -35,6 +35,14 @@ class _EngineCollector:
                                 value=float(s.get("peak_batch_tokens", 0)))
         yield GaugeMetricFamily("rerank_engine_scheduler_active", "Requests the engine's scheduler is working on",
                                 value=float(s.get("active_requests", 0)))
+        for cache in ("prefix", "passage"):  # prefix K/V of LLM rerankers; KaLM-Reranker's passage encodings
+            if f"{cache}_cache_hits" not in s:
+                continue
+            for what in ("hits", "misses", "evictions"):
+                yield CounterMetricFamily(f"rerank_engine_{cache}_cache_{what}", f"{cache.capitalize()} cache {what}",
+                                          value=float(s[f"{cache}_cache_{what}"]))
+            yield GaugeMetricFamily(f"rerank_engine_{cache}_cache_bytes", f"Bytes held by the {cache} cache",
+                                    value=float(s.get(f"{cache}_cache_bytes", 0)))
 
 
 class Metrics:

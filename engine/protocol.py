@@ -68,6 +68,8 @@ class RerankRequest(_Request):
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None
     min_score: Optional[float] = Field(None, description="drop results scoring below this (after top_n)")
+    # Encoder-decoder rerankers (KaLM-Reranker): Matryoshka pooling ratio r of the passage encodings
+    compression_ratio: Optional[Literal[1, 2, 4, 8, 16, 32]] = None
     # Generative rerankers (Prism-Reranker): contribution + evidence for documents scoring >= evidence_threshold
     return_evidence: bool = False
     evidence_threshold: float = 0.5
@@ -107,6 +109,14 @@ class EmbeddingsRequest(_Request):
     dimensions: Optional[PositiveInt] = None
     encoding_format: Literal["float", "base64"] = "float"
     instruction: Optional[Text] = None
+
+
+class IndexRequest(_Request):
+    """Pre-encode passages into the passage cache (KaLM-Reranker) ahead of queries."""
+
+    model: Optional[str] = None
+    documents: List[Document]
+    compression_ratio: Optional[Literal[1, 2, 4, 8, 16, 32]] = None
 
 
 class ClassifyRequest(_Request):

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from engine.gate import Gate
 from engine.metrics import Metrics, MetricsMiddleware
 from engine.classifier import normalize_labels
-from engine.protocol import (ERROR_TYPES, ClassifyRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
+from engine.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
                              EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
                              TEIRank, error_param, error_response)
 from engine.runner import Cancelled
@@ -145,6 +145,7 @@ class Server:
             request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=body.instruction,
             max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
             raw_scores=tei and body.raw_scores, min_score=body.min_score,
+            **({"compression_ratio": body.compression_ratio} if body.compression_ratio is not None else {}),
             **({"return_evidence": True, "evidence_threshold": body.evidence_threshold,
                 "max_new_tokens": body.max_new_tokens} if body.return_evidence else {}))
         if tei:
@@ -207,6 +208,14 @@ class Server:
         return JSONResponse({"object": "list", "model": self.name,
                              "data": [{"object": "embedding", "index": i, "embedding": v}
                                       for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def index(self, body: IndexRequest, request: Request):
+        self.check_model(body.model)
+        self.check_count(len(body.documents), "documents")
+        out, tokens = await self.call(request, "index", self.service.index, body.documents,
+                                      compression_ratio=body.compression_ratio)
+        return JSONResponse({"object": "index", "model": self.name, **out,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def classify(self, body: ClassifyRequest, request: Request):
@@ -280,6 +289,8 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       responses={200: {"model": List[List[float]]}})
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
                       responses={200: {"model": EmbeddingsResponse}})
+    app.add_api_route("/v1/index", server.index, methods=["POST"],
+                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)")
     app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
                       responses={200: {"model": ClassifyResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")

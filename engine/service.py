@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from engine.api import Embedder, Reranker
 from engine.classifier import Classifier, normalize_labels
+from engine.runner import Cancelled
 
 
 class WrongTask(ValueError):
@@ -61,6 +62,7 @@ class Service:
         """Cumulative engine figures: per-request sums (tokens_computed, tokens_saved, forward_s), with
         engine-wide counts (batches, active requests, peak batch tokens) from the scheduler when there is one."""
         out = dict(self.reranker.stats)
+        out.update(self.reranker.cache_stats())
         if self.embedder is not None:
             for k, v in list(self.embedder.stats.items()):
                 out[k] = out.get(k, 0) + v
@@ -179,3 +181,11 @@ class Service:
                                        threshold=threshold, stats=stats, cancel=cancel)
         tokens = int(stats.get("tokens_computed", 0) + stats.get("tokens_saved", 0))
         return out, tokens
+
+    def index(self, documents: Sequence[str], compression_ratio: Optional[int] = None,
+              cancel=None) -> Tuple[dict, int]:
+        """Pre-encode passages into the passage cache (KaLM-Reranker): (counts, prompt tokens)."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("request cancelled")
+        out = self.reranker.index(documents, compression_ratio=compression_ratio)
+        return out, sum(self._count(documents))
