@@ -67,7 +67,8 @@ class Reranker:
         return out
 
     def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
-                raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None) -> np.ndarray:
+                raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None,
+                priority: int = 0) -> np.ndarray:
         runner, tpl = self.runner, self.runner.template
         if self._kalm is not None:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
             call: dict = {}
@@ -80,8 +81,8 @@ class Reranker:
         if self.runner.task == "embed":  # bi-encoder: cosine of query and document embeddings
             uq = list(dict.fromkeys(queries))
             rq = runner.submit(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
-                               cancel=cancel)
-            rd = runner.submit(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel)
+                               cancel=cancel, priority=priority)
+            rd = runner.submit(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel, priority=priority)
             q = matryoshka(torch.from_numpy(rq.wait()), None)
             d = matryoshka(torch.from_numpy(rd.wait()), None)
             for r in (rq, rd):
@@ -90,12 +91,12 @@ class Reranker:
             pos = {x: i for i, x in enumerate(uq)}
             rows = torch.tensor([pos[x] for x in queries])
             return (q[rows] * d).sum(-1).numpy()
-        out = self._pair_scores(queries, docs, instruction, cancel, stats)
+        out = self._pair_scores(queries, docs, instruction, cancel, stats, priority)
         post = getattr(self.runner.head, "postprocess", None)  # cross-encoders: activation, label column
         return (out if post is None else post(out, raw=raw_scores)).numpy()
 
     def _pair_scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
-                     stats: Optional[dict] = None):
+                     stats: Optional[dict] = None, priority: int = 0):
         """Score pairs through the scheduler: one request per distinct query, all in flight together.
 
         With prefix sharing, each query's head (system + instruction + query) is computed once
@@ -111,10 +112,10 @@ class Reranker:
             head = tpl.encode_head(q, instruction) if self.share_prefix and getattr(tpl, "supports_prefix", False) else None
             if head is not None:
                 req = runner.submit(len(idx), lambda s, e, h=head, d=gdocs: tpl.encode_tails(h, d[s:e]),
-                                    head=head, cancel=cancel)
+                                    head=head, cancel=cancel, priority=priority)
             else:
                 req = runner.submit(len(idx), lambda s, e, q=q, d=gdocs: tpl.encode([q] * (e - s), d[s:e], instruction),
-                                    cancel=cancel)
+                                    cancel=cancel, priority=priority)
             pending.append((idx, req))
         out = None
         for idx, req in pending:
@@ -128,7 +129,7 @@ class Reranker:
 
     def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None,
                 raw_scores: bool = False, stats: Optional[dict] = None,
-                compression_ratio: Optional[int] = None) -> List[float]:
+                compression_ratio: Optional[int] = None, priority: int = 0) -> List[float]:
         """Scores of (query, document) pairs, in order (CrossEncoder.predict style).
 
         ``raw_scores``: cross-encoders return logits without their activation (TEI's flag);
@@ -151,13 +152,13 @@ class Reranker:
         if not queries:
             return []
         return [float(s) for s in self._scores(queries, docs, instruction, cancel, raw_scores, stats,
-                                               compression_ratio=compression_ratio)]
+                                               compression_ratio=compression_ratio, priority=priority)]
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
              instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
              raw_scores: bool = False, stats: Optional[dict] = None,
              min_score: Optional[float] = None, return_evidence: bool = False, evidence_threshold: float = 0.5,
-             max_new_tokens: int = 512, compression_ratio: Optional[int] = None) -> List[dict]:
+             max_new_tokens: int = 512, compression_ratio: Optional[int] = None, priority: int = 0) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
 
         ``min_score`` drops results scoring below it (after ``top_n``), for calibrated models.
@@ -170,7 +171,8 @@ class Reranker:
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
         skipped and ``engine.runner.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
-        as in ``predict``.
+        as in ``predict``. ``priority``: requests waiting for the engine run higher first
+        (default 0; ties in arrival order).
         """
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
@@ -183,7 +185,7 @@ class Reranker:
         if not docs:
             return []
         scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
-                              compression_ratio=compression_ratio)
+                              compression_ratio=compression_ratio, priority=priority)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         if min_score is not None:
             order = [i for i in order if scores[i] >= min_score]

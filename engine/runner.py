@@ -143,8 +143,13 @@ class ModelRunner:
         return out
 
 
+_STATS_LOCK = threading.Lock()
+
+
 def merge_stats(into: Optional[dict], stats: dict) -> None:
+    """Add counters into a dict that request threads share (a Reranker's cumulative ``stats``)."""
     if into is None:
         return
-    for k, v in stats.items():
-        into[k] = into.get(k, 0) + v
+    with _STATS_LOCK:
+        for k, v in stats.items():
+            into[k] = into.get(k, 0) + v

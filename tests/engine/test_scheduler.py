@@ -178,3 +178,22 @@ def test_a_failing_request_does_not_fail_its_neighbours(shared):
     with pytest.raises(ValueError, match="exploded"):
         r_bad.wait()
     assert r_good.wait().shape == (3,)
+
+
+def test_priority_orders_waiting_requests(shared):
+    """A later, higher-priority request is packed before earlier waiting ones."""
+    from engine.scheduler import Request
+    from engine.templates import Encodings
+
+    tpl = shared.runner.template
+    enc = tpl.encode(["q"], ["doc"])
+    reqs = [Request(1, lambda s, e: Encodings(enc.ids[s:e]), priority=p) for p in (0, 0, 5)]
+    sched = shared.runner.scheduler
+    sched.max_batch_tokens, budget = len(enc.ids[0]), sched.max_batch_tokens  # room for one sequence
+    try:
+        batch = sched._pack(sorted(reqs, key=Request.sort_key))
+    finally:
+        sched.max_batch_tokens = budget
+    assert [b[0] for b in batch] == [reqs[2]]
+    got = shared.rank("q", ["a", "b"], priority=3)
+    assert len(got) == 2
