@@ -27,6 +27,10 @@ class BatchContext:
     prefix_index: Optional[torch.Tensor] = None  # [n] int32, segment of each sequence, -1 for none
     cu_seqlens_p: Optional[torch.Tensor] = None  # [n_prefix + 1] int32
     max_seqlen_p: int = 0
+    # The head reads only each sequence's last token: the model may return [n, H] rows for them
+    # (then last_index becomes arange(n) and cu_last [n + 1] is the one-query-per-sequence layout).
+    last_only: bool = False
+    cu_last: Optional[torch.Tensor] = None
     # When a list, attention layers append their (k, v) [T, Hkv, D] to it (prefix computation).
     capture_kv: Optional[list] = None
     # When a list, linear-attention layers append their final (conv [n, C, K-1], recurrent

@@ -45,6 +45,8 @@ class YesNoHead(nn.Module):
     ``from_2_way_softmax``), without computing the vocabulary.
     """
 
+    reads_last_token = True
+
     def __init__(self, w_yes: torch.Tensor, w_no: torch.Tensor):
         super().__init__()
         self.register_buffer("w", (w_yes.float() - w_no.float()).contiguous())  # [H] fp32
@@ -59,6 +61,8 @@ class YesNoHead(nn.Module):
 
 class LastTokenPooling(nn.Module):
     """The final-normed hidden state of each sequence's last token, in fp32."""
+
+    reads_last_token = True
 
     def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
         norm = model.norm

@@ -71,7 +71,8 @@ class ModelRunner:
         # Encoder templates read sentence-transformers files and the position limit.
         files = {"folder": self.folder, "config": self.config_dict} if getattr(template_cls, "needs_model_files", False) else {}
         self.template = template_cls(self.tokenizer, max_length=max_length, **files)
-        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
+        # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
+        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
 
         index = checkpoint_index(self.folder)
         # Our layers allocate with torch.empty (no init work); the loader fills every parameter.
@@ -98,7 +99,12 @@ class ModelRunner:
         """One packed forward + head. Returns (fp32 numpy [n, ...], forward seconds, head seconds)."""
         t0 = time.perf_counter()
         ids, ctx = build_context(seqs, self.device, token_types, prefixes, prefix_index)
+        if getattr(self.head, "reads_last_token", False) and getattr(self.model, "supports_last_only", False):
+            ctx.last_only = True
+            ctx.cu_last = torch.arange(len(seqs) + 1, dtype=torch.int32, device=self.device)
         hidden, residual = self.model(ids, ctx)
+        if ctx.last_only:  # the model returned the last rows only
+            ctx.last_index = torch.arange(len(seqs), device=self.device)
         t1 = time.perf_counter()
         out = self.head(hidden, residual, ctx, self.model).float().cpu().numpy()  # .cpu() syncs the device
         return out, t1 - t0, time.perf_counter() - t1

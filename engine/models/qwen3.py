@@ -32,7 +32,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BatchContext, cos: torch.Tensor, sin: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        # Returns [T, H], or [n, H] for the last token of each sequence when last_only.
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q, k, v = kernels.qk_norm_rope(
             qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
@@ -43,11 +45,15 @@ class Qwen3Attention(nn.Module):
         if ctx.capture_kv is not None:  # computing a shared prefix: keep its K/V
             ctx.capture_kv.append((k.clone(), v.clone()))
         prefix_k, prefix_v = ctx.prefix_kv(self.layer_idx)
+        cu_q, max_q = ctx.cu_seqlens, ctx.max_seqlen
+        if last_only:  # one query per sequence (its last token) over all its keys: bottom-right causal
+            q = q[ctx.last_index]
+            cu_q, max_q = ctx.cu_last, 1
         o = kernels.varlen_attention(
-            q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, causal=True, scale=self.scale,
+            q, k, v, cu_q, ctx.cu_seqlens, causal=True, scale=self.scale,
             prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=ctx.cu_seqlens_p, prefix_index=ctx.prefix_index,
-            max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen,
-        )  # [T, Hq, D]
+            max_seqlen_q=max_q, max_seqlen_k=ctx.max_seqlen,
+        )  # [T or n, Hq, D]
         return self.o_proj(o.reshape(o.shape[0], -1))
 
 
@@ -73,13 +79,15 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, ctx, cos, sin):
+    def forward(self, x, residual, ctx, cos, sin, last_only: bool = False):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, ctx, cos, sin)
+        x = self.self_attn(x, ctx, cos, sin, last_only)
+        if last_only:  # only the last token of each sequence goes on: [n, H]
+            residual = residual[ctx.last_index]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -122,10 +130,15 @@ class Qwen3Model(nn.Module):
         cos, sin = kernels.rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
         x = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, ctx, cos, sin)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            # Heads that read only the last token need the last layer's attention output, MLP and
+            # residual for those rows alone (every layer's K/V still covers all tokens): exact.
+            x, residual = layer(x, residual, ctx, cos, sin, last_only=ctx.last_only and i == last)
         return x, residual
 
     @property
     def supports_prefix(self) -> bool:
         return True
+
+    supports_last_only = True  # forward(..) honours ctx.last_only
