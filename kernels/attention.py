@@ -52,8 +52,8 @@ def _attend_small(q, k, v, scale, causal, lp):
     hq, lq, d = q.shape
     hkv, lk = k.shape[0], k.shape[1]
     rep = hq // hkv
-    qg = q.reshape(hkv, rep * lq, d)  # query head g * rep + r reads KV head g
-    s = torch.matmul(qg.float(), k.float().transpose(1, 2)) * scale  # [Hkv, rep * Lq, Lp + Lk]
+    qg = q.reshape(hkv, rep * lq, d).float() * scale  # query head g * rep + r reads KV head g
+    s = torch.matmul(qg, k.float().transpose(1, 2))  # [Hkv, rep * Lq, Lp + Lk]
     if causal:
         rows = torch.arange(lq, device=q.device)[:, None]
         cols = torch.arange(lk - lp, device=q.device)[None, :]

@@ -28,16 +28,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> Tuple[
     return freqs.cos(), freqs.sin()
 
 
-def _norm_rope(x, w, cos, sin, eps, apply_norm):
-    # x: [T, H, D] fp32; cos/sin: [T, D/2]
-    if apply_norm:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
 def qk_norm_rope_ref(
     qkv: torch.Tensor,  # [T, (Hq + 2*Hkv) * D]
     q_weight: Optional[torch.Tensor],  # [D] or None (no q/k norm)
@@ -54,9 +44,19 @@ def qk_norm_rope_ref(
     q = view[:, :num_heads]
     k = view[:, num_heads : num_heads + num_kv_heads]
     v = view[:, num_heads + num_kv_heads :]
-    apply_norm = q_weight is not None
-    q.copy_(_norm_rope(q.float(), q_weight, cos, sin, eps, apply_norm))
-    k.copy_(_norm_rope(k.float(), k_weight, cos, sin, eps, apply_norm))
+    # q and k heads side by side are one [T, Hq + Hkv, D] view: norm and rotate them in one pass.
+    qk = view[:, : num_heads + num_kv_heads]
+    x = qk.float()
+    if q_weight is not None:
+        w = torch.cat((q_weight.float().expand(num_heads, head_dim), k_weight.float().expand(num_kv_heads, head_dim)))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    half = head_dim // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    o1 = (x1 * c).addcmul_(x2, s, value=-1.0)  # both halves before writing: x may alias qkv
+    o2 = (x2 * c).addcmul_(x1, s)
+    qk[..., :half].copy_(o1)
+    qk[..., half:].copy_(o2)
     return q, k, v
 
 
