@@ -10,6 +10,7 @@ updated in place.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._dispatch import use_triton
 from ._utils import FLOAT_DTYPES, check_tensor, next_pow2, require_triton, warps_for
@@ -49,7 +50,7 @@ def qk_norm_rope_ref(
     x = qk.float()
     if q_weight is not None:
         w = torch.cat((q_weight.float().expand(num_heads, head_dim), k_weight.float().expand(num_kv_heads, head_dim)))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+        x = F.rms_norm(x, (head_dim,), None, eps) * w  # x * rsqrt(mean(x^2) + eps), one fused pass
     half = head_dim // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
