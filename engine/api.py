@@ -263,6 +263,10 @@ class Embedder:
             matryoshka(torch.zeros(1, self.dimension), dimensions)  # validates before any work
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
-        seqs = self.runner.template.encode(texts, is_query=is_query, instruction=instruction)
-        emb = self.runner.run(seqs, self.stats, cancel)
+        tpl = self.runner.template
+        # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread.
+        req = self.runner.submit(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query,
+                                                                      instruction=instruction), cancel=cancel)
+        emb = torch.from_numpy(req.wait())
+        merge_stats(self.stats, req.stats)
         return matryoshka(emb, dimensions, normalize=normalize).numpy().astype(np.float32)

@@ -15,7 +15,6 @@ from engine.cache import PrefixCache, PrefixKV
 from engine.context import build_context
 from engine.scheduler import Cancelled, Request, Scheduler  # noqa: F401 (Cancelled is re-exported)
 from engine.heads import HEAD_BUILDERS
-from engine.templates import Encodings
 from engine.tokenizer import load_tokenizer
 from engine.weights import checkpoint_index, load_weights, read_config, resolve_model
 
@@ -139,14 +138,6 @@ class ModelRunner:
     def submit(self, n: int, encode, head=None, priority: int = 0, cancel=None) -> Request:
         """Queue n sequences (``encode(start, end) -> Encodings``) on the engine thread."""
         return self.scheduler.submit(Request(n, encode, head=head, priority=priority, cancel=cancel))
-
-    def run(self, enc: Encodings, stats: Optional[dict] = None, cancel=None) -> torch.Tensor:
-        """Run already-tokenized sequences through the scheduler; outputs in input order (fp32, CPU)."""
-        req = self.submit(len(enc), lambda s, e: Encodings(enc.ids[s:e], None if enc.token_types is None
-                                                             else enc.token_types[s:e]), cancel=cancel)
-        out = torch.from_numpy(req.wait())
-        merge_stats(stats, req.stats)
-        return out
 
 
 _STATS_LOCK = threading.Lock()

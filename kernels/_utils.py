@@ -124,3 +124,28 @@ def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
 def version_of(t) -> int:
     """In-place version counter of a tensor; inference-mode tensors have none (0)."""
     return 0 if t.is_inference() else t._version
+
+
+class ScheduleCache:
+    """One-entry cache so that every layer of a batch shares one program schedule.
+
+    Keyed on the identity and in-place version of the metadata tensors; it holds
+    references to them, so a freed tensor's id cannot be reused while cached.
+    Bypassed while a CUDA graph is being captured, so that the build is recorded
+    in the graph and replays follow the metadata buffers.
+    """
+
+    def __init__(self):
+        self.entry = None  # (key, referenced tensors, schedule)
+
+    def get(self, tensors, params, build):
+        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return build()
+        key = (tuple(None if t is None else (id(t), version_of(t)) for t in tensors), params)
+        entry = self.entry  # one read: other threads may replace it
+        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], tensors)):
+            return entry[2]
+        value = build()
+        self.entry = (key, tuple(tensors), value)
+        return value
+

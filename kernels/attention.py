@@ -28,7 +28,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ._dispatch import use_triton
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
-                     unit_stride_last, version_of)
+                     unit_stride_last, ScheduleCache)
 
 try:
     import triton
@@ -343,35 +343,7 @@ def build_schedule(cu_seqlens_q, cu_seqlens_k, block_t: int, n_slots: int, causa
     return sched.to(torch.int32).contiguous()
 
 
-class _ScheduleCache:
-    """One-entry cache so that all layers of a batch share one schedule.
-
-    Keyed on the identity and version counter of the metadata tensors (it
-    holds references, so a freed tensor's id cannot be reused while cached);
-    bypassed while a CUDA graph is being captured, so that the build is
-    recorded in the graph and replays follow the metadata buffers.
-    """
-
-    def __init__(self):
-        self.entry = None  # (key, referenced tensors, schedule)
-
-    @staticmethod
-    def _capturing(t):
-        return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-    def get(self, tensors, params, build):
-        if self._capturing(tensors[0]):
-            return build()
-        key = (tuple(None if t is None else (id(t), version_of(t)) for t in tensors), params)
-        entry = self.entry  # one read: other threads may replace it
-        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], tensors)):
-            return entry[2]
-        value = build()
-        self.entry = (key, tuple(tensors), value)
-        return value
-
-
-_SCHEDULES = _ScheduleCache()
+_SCHEDULES = ScheduleCache()
 _ALLOCATOR_SET = False
 USE_DESC_DEFAULT = os.environ.get("ENGINE_ATTN_TMA", "0") == "1"
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ._dispatch import use_triton
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
-                     unit_stride_last, version_of)
+                     unit_stride_last, ScheduleCache)
 
 try:
     import triton
@@ -237,27 +237,7 @@ def build_schedule(cu_seqlens, cross_lens, block_t: int, n_slots: int) -> torch.
     return torch.stack((torch.where(valid, seq, -1)[order], blk[order]), dim=1).to(torch.int32).contiguous()
 
 
-class _OneEntryCache:
-    """Keeps the last batch's schedule: every layer of a forward passes the same metadata
-    tensors (identity + version counter), so the schedule is built once per batch. The entry
-    is one tuple, read once, so threads running other batches never see a torn entry."""
-
-    def __init__(self):
-        self.entry = None  # (key, referenced tensors, schedule)
-
-    def get(self, tensors, params, build):
-        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-            return build()
-        key = (tuple(None if t is None else (id(t), version_of(t)) for t in tensors), params)
-        entry = self.entry
-        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], tensors)):
-            return entry[2]
-        value = build()
-        self.entry = (key, tuple(tensors), value)
-        return value
-
-
-_SCHEDULES = _OneEntryCache()
+_SCHEDULES = ScheduleCache()
 
 
 def paged_attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
