@@ -111,8 +111,8 @@ def main():
     folder = build_folder(args.family, layers, device, dtype)
 
     rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=args.max_batch_tokens)
-    max_length = rr.runner.template.max_length
-    enc = rr.runner.template.encode([query] * len(docs), docs)
+    max_length = rr.engine.template.max_length
+    enc = rr.engine.template.encode([query] * len(docs), docs)
     tokens = sum(len(s) for s in enc.ids)
     print(f"machine: {machine()}  family: {args.family}  layers: {layers}  pairs: {len(pairs)}  "
           f"tokens/pair: {tokens / len(pairs):.0f}  dtype: {dtype}")
@@ -122,7 +122,7 @@ def main():
     ours_rate = len(pairs) / t
     results = {"machine": machine(), "family": args.family, "layers": layers, "pairs": len(pairs),
                "tokens": tokens, "ours": {"pairs_per_s": ours_rate, "seconds": t, "stats": dict(rr.stats)}}
-    print(f"ours (max_batch_tokens={rr.runner.max_batch_tokens}): {ours_rate:9.1f} pairs/s  ({t:.2f} s)")
+    print(f"ours (max_batch_tokens={rr.engine.max_batch_tokens}): {ours_rate:9.1f} pairs/s  ({t:.2f} s)")
     del rr
 
     if not args.skip_reference:

@@ -53,7 +53,7 @@ def main():
     print(f"machine: {machine()}  shape: {args.shape}  texts: {n}  dtype: {dtype}")
 
     emb = Embedder(str(folder), device=device, dtype=dtype)
-    tokens = sum(len(x) for x in emb.runner.template.encode(texts).ids)
+    tokens = sum(len(x) for x in emb.engine.template.encode(texts).ids)
     emb.embed(texts[:8])
     ours, t = timed(lambda: emb.embed(texts), device)
     res = {"machine": machine(), "shape": args.shape, "texts": n, "tokens": tokens,

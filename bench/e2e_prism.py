@@ -116,7 +116,7 @@ def main():
     results["ours_scoring"] = {"pairs_per_s": n_docs / t, "seconds": t}
     print(f"ours scoring:          {n_docs / t:9.1f} pairs/s  ({t:.2f} s)")
 
-    tpl, gen = rr.runner.template, Generator(rr.runner)
+    tpl, gen = rr.engine.template, Generator(rr.engine)
     head = tpl.encode_head(query)
     gen_docs = docs[: args.gen_docs]
     tails = tpl.encode_tails(head, gen_docs).ids
@@ -129,7 +129,7 @@ def main():
     if not args.skip_reference:
         from transformers import Qwen3_5ForCausalLM
 
-        tok = rr.runner.tokenizer
+        tok = rr.engine.tokenizer
         tok.padding_side = "left"
         model = Qwen3_5ForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
         prompts = tpl.encode([query] * n_docs, docs).ids

@@ -73,10 +73,10 @@ def main():
         for budget in args.max_batch_tokens:
             rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=budget, share_prefix=share)
             rr.predict(pairs[:8])  # warm-up
-            rr.runner.prefix_cache.__init__(rr.runner.prefix_cache.max_bytes)  # cold: the query is new
+            rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)  # cold: the query is new
             rr.stats.clear()
             ours_scores, t = timed(lambda: rr.predict(pairs), device)
-            key = f"share_prefix={'on' if share else 'off'} max_batch_tokens={rr.runner.max_batch_tokens}"
+            key = f"share_prefix={'on' if share else 'off'} max_batch_tokens={rr.engine.max_batch_tokens}"
             s = rr.stats
             results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "stats": dict(s)}
             print(f"ours ({key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s; tokens computed {s['tokens_computed']}, "

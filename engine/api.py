@@ -1,13 +1,30 @@
 """The public Python API: Reranker and Embedder (sentence-transformers-like)."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import threading
+
 import numpy as np
 import torch
 
+from engine.cache import PassageCache
 from engine.default_model import default_model_path
+from engine.engine import Engine
 from engine.heads import YesNoHead, matryoshka
-from engine.runner import ModelRunner, merge_stats
+from engine.kalm import check_ratio
+from engine.request import PassageRequest, ScoreRequest
+from engine.sequence import Seq, Seqs
 from engine.templates import check_texts
+
+_STATS_LOCK = threading.Lock()
+
+
+def merge_stats(into: Optional[dict], stats: dict) -> None:
+    """Add counters into a dict that request threads share (a Reranker's cumulative ``stats``)."""
+    if into is None:
+        return
+    with _STATS_LOCK:
+        for k, v in stats.items():
+            into[k] = into.get(k, 0) + v
 
 
 def _check_top_n(top_n):
@@ -30,102 +47,116 @@ class Reranker:
                  max_batch_tokens: Optional[int] = None, share_prefix: bool = True, template: Optional[str] = None,
                  passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False):
         # template: "prism" or "qwen3" picks a yes/no reranker's prompt (a model named *prism* gets Prism's).
+        # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: its budget in
+        # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's cross
+        # K/V instead of the pooled encoder states.
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
-        self.runner = ModelRunner(model, task=task, task_default="rerank", device=device, dtype=dtype,
-                                  max_length=max_length, max_batch_tokens=max_batch_tokens, template=template)
+        self.engine = Engine(model, task=task, task_default="rerank", device=device, dtype=dtype,
+                             max_length=max_length, max_batch_tokens=max_batch_tokens, template=template,
+                             passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv)
         self.share_prefix = share_prefix
         self._generator = None  # engine.generate.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
-        # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: the budget in
-        # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's
-        # cross K/V instead of the pooled encoder states.
-        self._kalm = None
-        if getattr(self.runner.model, "is_encoder_decoder", False):
-            from engine.kalm import KaLMScorer
-
-            self._kalm = KaLMScorer(self.runner, cache_bytes=passage_cache_bytes, cache_kv=cache_cross_kv)
 
     @property
     def task(self) -> str:
-        return self.runner.task
+        return self.engine.task
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.engine.model.is_encoder_decoder
+
+    def _submit(self, req, stats: Optional[dict]):
+        """Run a request on the engine loop; its counters go to ``stats`` and the cumulative ones."""
+        return self._wait(self.engine.submit(req), stats)
+
+    def _wait(self, req, stats: Optional[dict]):
+        try:
+            return req.wait()
+        finally:
+            merge_stats(self.stats, req.stats)
+            merge_stats(stats, req.stats)
 
     def index(self, documents: Sequence[str], compression_ratio: Optional[int] = None,
               stats: Optional[dict] = None) -> dict:
         """Pre-encode a corpus into the passage cache (KaLM-Reranker): later ``rank``/``predict``
         calls over these documents at the same ``compression_ratio`` run no encoder work."""
-        if self._kalm is None:
-            raise ValueError(f"index() needs an encoder-decoder reranker (KaLM-Reranker); {self.runner.arch} is not one")
-        out = self._kalm.index(check_texts(documents, "documents"), compression_ratio, stats)
-        merge_stats(self.stats, {"passages_encoded": out["encoded"]})
-        return out
+        if not self.is_encoder_decoder:
+            raise ValueError(f"index() needs an encoder-decoder reranker (KaLM-Reranker); {self.engine.arch} is not one")
+        ratio = check_ratio(compression_ratio)
+        docs = list(dict.fromkeys(check_texts(documents, "documents")))
+        seqs = Seqs(Seq([], passage=ids) for ids in self.engine.template.encode_documents(docs))
+        req = PassageRequest(seqs, self._passage_keys(seqs, ratio), ratio, index_only=True)
+        self._submit(req, stats)
+        return {"passages": len(docs), "encoded": req.stats["passages_encoded"],
+                "already_cached": req.stats["passage_cache_hits"]}
+
+    def _passage_keys(self, seqs, ratio: int) -> List[bytes]:
+        return [PassageCache.passage_key(self.engine.model_id, ratio, s.passage) for s in seqs]
 
     def cache_stats(self) -> dict:
         """Counters of the prefix cache, and of the passage cache for KaLM-Reranker."""
-        out = self.runner.prefix_cache.stats()
-        if self._kalm is not None:
-            out.update(self._kalm.cache.stats())
+        out = self.engine.prefix_cache.stats()
+        if self.engine.passage_cache is not None:
+            out.update(self.engine.passage_cache.stats())
         return out
 
     def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
                 raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None,
                 priority: int = 0) -> np.ndarray:
-        runner, tpl = self.runner, self.runner.template
-        if self._kalm is not None:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
-            call: dict = {}
-            out = self._kalm.scores(queries, docs, instruction, compression_ratio, cancel, call, margins=raw_scores)
-            merge_stats(self.stats, call)
-            merge_stats(stats, call)
-            return out
+        """Scores of the pairs in order; ``raw_scores``: the exact logits (cosines for bi-encoders)."""
+        eng, tpl = self.engine, self.engine.template
+        if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
+            ratio = check_ratio(compression_ratio)
+            seqs = tpl.encode(queries, docs, instruction)
+            req = PassageRequest(seqs, self._passage_keys(seqs, ratio), ratio, priority=priority, cancel=cancel)
+            scores = self._submit(req, stats)
+            return req.logits if raw_scores else scores
         if compression_ratio is not None:
             raise ValueError("compression_ratio applies to encoder-decoder rerankers (KaLM-Reranker) only")
-        if self.runner.task == "embed":  # bi-encoder: cosine of query and document embeddings
+        if eng.task == "embed":  # bi-encoder: cosine of query and document embeddings
             uq = list(dict.fromkeys(queries))
-            rq = runner.submit(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
-                               cancel=cancel, priority=priority)
-            rd = runner.submit(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel, priority=priority)
-            q = matryoshka(torch.from_numpy(rq.wait()), None)
-            d = matryoshka(torch.from_numpy(rd.wait()), None)
-            for r in (rq, rd):
-                merge_stats(self.stats, r.stats)
-                merge_stats(stats, r.stats)
+            rq = ScoreRequest(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
+                              cancel=cancel, priority=priority)
+            rd = ScoreRequest(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel, priority=priority)
+            eng.submit(rq), eng.submit(rd)
+            q = matryoshka(torch.from_numpy(self._wait(rq, stats)), None)
+            d = matryoshka(torch.from_numpy(self._wait(rd, stats)), None)
             pos = {x: i for i, x in enumerate(uq)}
             rows = torch.tensor([pos[x] for x in queries])
             return (q[rows] * d).sum(-1).numpy()
-        out = self._pair_scores(queries, docs, instruction, cancel, stats, priority)
-        post = getattr(self.runner.head, "postprocess", None)  # cross-encoders: activation, label column
-        return (out if post is None else post(out, raw=raw_scores)).numpy()
+        scores, logits = self._pair_scores(queries, docs, instruction, cancel, stats, priority)
+        return logits if raw_scores else scores
 
     def _pair_scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,
                      stats: Optional[dict] = None, priority: int = 0):
-        """Score pairs through the scheduler: one request per distinct query, all in flight together.
+        """Score pairs on the engine loop: one request per distinct query, all in flight together.
 
         With prefix sharing, each query's head (system + instruction + query) is computed once
         and its documents attend to its cached K/V; otherwise every pair is a full sequence.
+        Returns (scores [n], logits [n]).
         """
-        runner, tpl = self.runner, self.runner.template
+        eng, tpl = self.engine, self.engine.template
         groups: Dict[str, List[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault(q, []).append(i)
         pending = []
         for q, idx in groups.items():
             gdocs = [docs[i] for i in idx]
-            head = tpl.encode_head(q, instruction) if self.share_prefix and getattr(tpl, "supports_prefix", False) else None
+            head = tpl.encode_head(q, instruction) if self.share_prefix and tpl.supports_prefix else None
             if head is not None:
-                req = runner.submit(len(idx), lambda s, e, h=head, d=gdocs: tpl.encode_tails(h, d[s:e]),
-                                    head=head, cancel=cancel, priority=priority)
+                req = ScoreRequest(len(idx), lambda s, e, h=head, d=gdocs: tpl.encode_tails(h, d[s:e]),
+                                   prefix=head, cancel=cancel, priority=priority)
             else:
-                req = runner.submit(len(idx), lambda s, e, q=q, d=gdocs: tpl.encode([q] * (e - s), d[s:e], instruction),
-                                    cancel=cancel, priority=priority)
-            pending.append((idx, req))
-        out = None
+                req = ScoreRequest(len(idx), lambda s, e, q=q, d=gdocs: tpl.encode([q] * (e - s), d[s:e], instruction),
+                                   cancel=cancel, priority=priority)
+            pending.append((idx, eng.submit(req)))
+        scores = np.zeros(len(queries), dtype=np.float32)
+        logits = np.zeros(len(queries), dtype=np.float32)
         for idx, req in pending:
-            res = req.wait()
-            merge_stats(self.stats, req.stats)
-            merge_stats(stats, req.stats)
-            if out is None:
-                out = np.zeros((len(queries),) + res.shape[1:], dtype=np.float32)
-            out[idx] = res
-        return torch.from_numpy(out)
+            scores[idx] = self._wait(req, stats)
+            logits[idx] = req.logits
+        return scores, logits
 
     def predict(self, pairs: Sequence[Tuple[str, str]], instruction: Optional[str] = None, cancel=None,
                 raw_scores: bool = False, stats: Optional[dict] = None,
@@ -170,7 +201,7 @@ class Reranker:
         a tag is missing or cut off) and ``raw_output`` (the generated text, or None).
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
-        skipped and ``engine.runner.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
+        skipped and ``engine.request.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
         as in ``predict``. ``priority``: requests waiting for the engine run higher first
         (default 0; ties in arrival order).
         """
@@ -196,33 +227,37 @@ class Reranker:
                 r["document"] = docs[i]
             out.append(r)
         if return_evidence:
-            self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats)
+            self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
         return out
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
-        if self.runner.task != "rerank" or not isinstance(self.runner.head, YesNoHead) \
-                or not hasattr(self.runner.model, "embed_tokens"):
+        eng = self.engine
+        if eng.task != "rerank" or not isinstance(eng.head, YesNoHead) or not eng.model.supports_decode:
             raise ValueError(f"return_evidence needs a generative yes/no reranker (Prism-Reranker, Qwen3-Reranker); "
-                             f"{self.runner.arch} ({self.runner.task}) is not one")
+                             f"{eng.arch} ({eng.task}) is not one")
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
             raise TypeError(f"evidence_threshold must be a number, got {type(threshold).__name__}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
-    def _attach_evidence(self, query, docs, results, instruction, threshold, max_new_tokens, stats) -> None:
-        """Decode the results scoring at least ``threshold`` (one batch) and add their parsed answers."""
+    def _attach_evidence(self, query, docs, results, instruction, threshold, max_new_tokens, stats,
+                         cancel=None) -> None:
+        """Decode the results scoring at least ``threshold`` (one request) and add their parsed answers."""
         from engine.generate import Generator
 
-        if getattr(self, "_generator", None) is None:
-            self._generator = Generator(self.runner)
+        if self._generator is None:
+            self._generator = Generator(self.engine)
         chosen = [r for r in results if r["score"] >= threshold]
-        answers = self._generator.evidence(self.runner.template, query, [docs[r["index"]] for r in chosen],
-                                           instruction, max_new_tokens, self.share_prefix) if chosen else []
+        call: dict = {}
+        answers = self._generator.evidence(self.engine.template, query, [docs[r["index"]] for r in chosen],
+                                           instruction, max_new_tokens, self.share_prefix, cancel=cancel,
+                                           stats=call) if chosen else []
         for r in results:
             r.update(contribution=None, evidence=None, raw_output=None)
         for r, a in zip(chosen, answers):
             r.update(contribution=a["contribution"], evidence=a["evidence"], raw_output=a["raw_output"])
-        counts = {"evidence_decoded": len(chosen), "evidence_tokens": sum(a["tokens"] for a in answers)}
+        counts = {"evidence_decoded": len(chosen), "evidence_tokens": sum(a["tokens"] for a in answers),
+                  "decode_steps": call.get("decode_steps", 0)}
         merge_stats(self.stats, counts)
         merge_stats(stats, counts)
 
@@ -233,28 +268,28 @@ class Embedder:
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
                  max_batch_tokens: Optional[int] = None):
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
-        self.runner = ModelRunner(model, task=task or None, task_default="embed", device=device, dtype=dtype,
-                                  max_length=max_length, max_batch_tokens=max_batch_tokens)
-        if self.runner.task != "embed":
-            raise ValueError(f"{model} was loaded as a {self.runner.task} model; Embedder needs task='embed'")
+        self.engine = Engine(model, task=task or None, task_default="embed", device=device, dtype=dtype,
+                             max_length=max_length, max_batch_tokens=max_batch_tokens)
+        if self.engine.task != "embed":
+            raise ValueError(f"{model} was loaded as a {self.engine.task} model; Embedder needs task='embed'")
         self.stats: Dict[str, float] = {}
 
     @classmethod
-    def from_runner(cls, runner: ModelRunner) -> "Embedder":
-        """An Embedder sharing an already loaded embed-task runner (e.g. a Reranker's): no second copy of the weights."""
-        if runner.task != "embed":
-            raise ValueError(f"the runner holds a {runner.task} model; Embedder needs task='embed'")
+    def from_engine(cls, engine: Engine) -> "Embedder":
+        """An Embedder sharing an already loaded embed-task engine (e.g. a Reranker's): no second copy of the weights."""
+        if engine.task != "embed":
+            raise ValueError(f"the engine holds a {engine.task} model; Embedder needs task='embed'")
         self = cls.__new__(cls)
-        self.runner, self.stats = runner, {}
+        self.engine, self.stats = engine, {}
         return self
 
     @property
     def dimension(self) -> int:
-        return int(self.runner.config.hidden_size)
+        return int(self.engine.config_dict["hidden_size"])
 
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
               instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
-              cancel=None) -> np.ndarray:
+              cancel=None, stats: Optional[dict] = None) -> np.ndarray:
         """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``)."""
         if isinstance(texts, str):
             texts = [texts]
@@ -263,10 +298,13 @@ class Embedder:
             matryoshka(torch.zeros(1, self.dimension), dimensions)  # validates before any work
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
-        tpl = self.runner.template
+        tpl = self.engine.template
         # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread.
-        req = self.runner.submit(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query,
-                                                                      instruction=instruction), cancel=cancel)
-        emb = torch.from_numpy(req.wait())
-        merge_stats(self.stats, req.stats)
+        req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
+                           cancel=cancel)
+        try:
+            emb = torch.from_numpy(self.engine.submit(req).wait())
+        finally:
+            merge_stats(self.stats, req.stats)
+            merge_stats(stats, req.stats)
         return matryoshka(emb, dimensions, normalize=normalize).numpy().astype(np.float32)

@@ -10,7 +10,6 @@ blocks of one preallocated pool, with a block table per passage, so that the
 decoder's paged cross-attention reads it in place.
 """
 import hashlib
-import threading
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,37 +42,33 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: "OrderedDict[Hashable, PrefixKV]" = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
     def get(self, key: Hashable) -> Optional[PrefixKV]:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
 
     def put(self, key: Hashable, entry: PrefixKV) -> None:
-        with self._lock:
-            if key in self._entries:
-                self._bytes -= self._entries.pop(key).nbytes
-            if entry.nbytes > self.max_bytes:
-                return  # larger than the whole budget: used once, never kept
-            self._entries[key] = entry
-            self._bytes += entry.nbytes
-            while self._bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes
-                self.evictions += 1
+        if key in self._entries:
+            self._bytes -= self._entries.pop(key).nbytes
+        if entry.nbytes > self.max_bytes:
+            return  # larger than the whole budget: used once, never kept
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.evictions += 1
 
     def stats(self) -> Dict[str, int]:
-        with self._lock:
-            return {"prefix_cache_entries": len(self._entries), "prefix_cache_bytes": self._bytes,
-                    "prefix_cache_hits": self.hits, "prefix_cache_misses": self.misses,
-                    "prefix_cache_evictions": self.evictions}
+        return {"prefix_cache_entries": len(self._entries), "prefix_cache_bytes": self._bytes,
+                "prefix_cache_hits": self.hits, "prefix_cache_misses": self.misses,
+                "prefix_cache_evictions": self.evictions}
 
 
 # --- KaLM-Reranker: paged cache of passage encodings ----------------------------------------
@@ -96,8 +91,7 @@ class PassageCache:
     use), sized by ``max_bytes`` but never below ``min_blocks``. A passage owns
     ceil(n / block_size) blocks anywhere in the pool. Entries are keyed by
     ``passage_key(model, ratio, tokens)``, LRU-evicted to make room, and pinned while a
-    batch reads them: a pinned entry is never evicted. Bookkeeping is thread-safe; the
-    caller serializes the writes of the rows it allocated with ``put``.
+    batch reads them: a pinned entry is never evicted. Only the engine thread touches it.
     """
 
     def __init__(self, max_bytes: int, block_size: int, block_shape: Tuple[int, ...], dtype: torch.dtype,
@@ -113,7 +107,6 @@ class PassageCache:
         self._pool: Optional[torch.Tensor] = None
         self._free: List[int] = list(range(self.num_blocks - 1, -1, -1))
         self._entries: "OrderedDict[bytes, PassageEntry]" = OrderedDict()
-        self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
     @staticmethod
@@ -127,66 +120,68 @@ class PassageCache:
     def pool(self) -> torch.Tensor:
         """``[num_blocks, *block_shape]``; zero-filled once, so unwritten slots are finite."""
         if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = torch.zeros((self.num_blocks,) + self.block_shape, dtype=self.dtype,
-                                             device=self.device)
+            self._pool = torch.zeros((self.num_blocks,) + self.block_shape, dtype=self.dtype, device=self.device)
         return self._pool
 
     def blocks_for(self, num_tokens: int) -> int:
         return max(1, -(-num_tokens // self.block_size))
 
+    def contains(self, key: bytes) -> bool:
+        return key in self._entries
+
     def get(self, key: bytes) -> Optional[PassageEntry]:
         """The entry for ``key`` (pinned, most recently used), or None (a miss)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            entry.pins += 1
-            self.hits += 1
-            return entry
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        entry.pins += 1
+        self.hits += 1
+        return entry
 
     def put(self, key: bytes, num_tokens: int) -> Optional[PassageEntry]:
         """Allocate blocks for a new passage (pinned), evicting least recently used unpinned
         entries; None, evicting nothing, when pinned entries leave too little room."""
         need = self.blocks_for(num_tokens)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:  # another request stored it meanwhile
-                self._entries.move_to_end(key)
-                entry.pins += 1
-                return entry
-            evictable = sum(len(e.blocks) for e in self._entries.values() if e.pins == 0)
-            if len(self._free) + evictable < need:
-                return None
-            for old in [e for e in self._entries.values() if e.pins == 0]:  # oldest first
-                if len(self._free) >= need:
-                    break
-                del self._entries[old.key]
-                self._free.extend(old.blocks)
-                self.evictions += 1
-            entry = PassageEntry(key, [self._free.pop() for _ in range(need)], num_tokens, pins=1)
-            self._entries[key] = entry
+        entry = self._entries.get(key)
+        if entry is not None:  # another request stored it meanwhile
+            self._entries.move_to_end(key)
+            entry.pins += 1
             return entry
+        evictable = sum(len(e.blocks) for e in self._entries.values() if e.pins == 0)
+        if len(self._free) + evictable < need:
+            return None
+        for old in [e for e in self._entries.values() if e.pins == 0]:  # oldest first
+            if len(self._free) >= need:
+                break
+            del self._entries[old.key]
+            self._free.extend(old.blocks)
+            self.evictions += 1
+        entry = PassageEntry(key, [self._free.pop() for _ in range(need)], num_tokens, pins=1)
+        self._entries[key] = entry
+        return entry
 
     def release(self, entries) -> None:
-        with self._lock:
-            for e in entries:
-                e.pins -= 1
-                assert e.pins >= 0, "released more often than acquired"
+        for e in entries:
+            e.pins -= 1
+            assert e.pins >= 0, "released more often than acquired"
 
-    def clear(self) -> None:
-        with self._lock:
-            for e in [e for e in self._entries.values() if e.pins == 0]:
+    def discard(self, entries) -> None:
+        """Drop entries whose rows were never written (their step failed); their blocks are free again."""
+        for e in entries:
+            if self._entries.get(e.key) is e:
                 del self._entries[e.key]
                 self._free.extend(e.blocks)
 
+    def clear(self) -> None:
+        for e in [e for e in self._entries.values() if e.pins == 0]:
+            del self._entries[e.key]
+            self._free.extend(e.blocks)
+
     def stats(self) -> Dict[str, int]:
-        with self._lock:
-            used = self.num_blocks - len(self._free)
-            return {"passage_cache_entries": len(self._entries), "passage_cache_bytes": used * self.block_bytes,
-                    "passage_cache_capacity_bytes": self.num_blocks * self.block_bytes,
-                    "passage_cache_hits": self.hits, "passage_cache_misses": self.misses,
-                    "passage_cache_evictions": self.evictions}
+        used = self.num_blocks - len(self._free)
+        return {"passage_cache_entries": len(self._entries), "passage_cache_bytes": used * self.block_bytes,
+                "passage_cache_capacity_bytes": self.num_blocks * self.block_bytes,
+                "passage_cache_hits": self.hits, "passage_cache_misses": self.misses,
+                "passage_cache_evictions": self.evictions}

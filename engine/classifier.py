@@ -50,9 +50,9 @@ class Classifier:
     def _instruction(self, instruction: Optional[str]) -> Optional[str]:
         if instruction is not None:
             return instruction
-        tpl = self.reranker.runner.template
+        tpl = self.reranker.engine.template
         # Only templates with an instruction slot (LLM rerankers) take the classification instruction.
-        return CLASSIFY_INSTRUCTION if hasattr(tpl, "default_instruction") and self.reranker.task == "rerank" else None
+        return CLASSIFY_INSTRUCTION if tpl.default_instruction is not None and self.reranker.task == "rerank" else None
 
     def scores(self, texts: Sequence[str], labels: Labels, instruction: Optional[str] = None,
                stats: Optional[dict] = None, cancel=None) -> np.ndarray:

@@ -38,6 +38,8 @@ class BatchContext:
     capture_state: Optional[list] = None
     # Decoding (engine.generate.DecodeCache): layers attend over / step its per-sequence caches.
     cache: Optional[object] = None
+    # Encoder-decoder (KaLM): the batch's cross K/V, block tables into the paged passage cache.
+    cross: Optional[object] = None
     _packed: dict = field(default_factory=dict)
 
     @property

@@ -17,8 +17,21 @@ from engine.tokenizer import token_id
 from engine.weights import WeightError, read_rows, read_tensor
 
 
-# Heads take (hidden [T, H], residual [T, H] or None, ctx, model) and return fp32 [n] or [n, H].
+# Heads take (hidden [T, H], residual [T, H] or None, ctx, model) and return (logit, score):
+#   relevance heads: the exact pre-activation logit [n] and the score [n], both fp32 (``raw_scores``
+#   returns the logit itself; nothing downstream inverts a sigmoid);
+#   pooling heads: (None, embedding [n, H] fp32).
 # A builder gets (config dict, tokenizer, checkpoint index) and returns the head module.
+
+
+class Head(nn.Module):
+    """What every head declares. ``reads_last_token``: it reads only each sequence's last row,
+    so a model may compute the last layer for those rows alone. ``checkpoint_names``: tensors of
+    the checkpoint that belong to the head (read by it, or known to be unused), not to the model."""
+
+    reads_last_token = False
+    gives_logit = True
+    checkpoint_names: frozenset = frozenset()
 
 
 def build_yes_no_head(config: dict, tokenizer, index) -> "YesNoHead":
@@ -38,7 +51,7 @@ def build_yes_no_head(config: dict, tokenizer, index) -> "YesNoHead":
     return YesNoHead(rows[0], rows[1])
 
 
-class YesNoHead(nn.Module):
+class YesNoHead(Head):
     """score = sigmoid(norm(h_last) . (W[yes] - W[no])), all fp32.
 
     Equal to softmax([l_no, l_yes])[1] of the full LM head (vLLM's
@@ -56,20 +69,21 @@ class YesNoHead(nn.Module):
         logit, score = kernels.yes_no_head(
             hidden, ctx.last_index, norm.weight, self.w, norm.eps, residual=residual, offset=norm.offset,
         )
-        return score  # [n] fp32
+        return logit, score  # [n] fp32 each: l_yes - l_no and its sigmoid
 
 
-class LastTokenPooling(nn.Module):
+class LastTokenPooling(Head):
     """The final-normed hidden state of each sequence's last token, in fp32."""
 
     reads_last_token = True
+    gives_logit = False
 
     def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
         norm = model.norm
         x = hidden[ctx.last_index]
         res = residual[ctx.last_index] if residual is not None else None
         out, _ = kernels.rms_norm(x, norm.weight, norm.eps, residual=res, offset=norm.offset)
-        return out.float()  # [n, H]
+        return None, out.float()  # [n, H]
 
 
 # --- BERT / XLM-RoBERTa cross-encoders and sentence-transformers embedders ---------------------
@@ -132,16 +146,14 @@ def build_classifier_head(config: dict, tokenizer, index) -> "ClassificationHead
     num_labels = w[f"{out}.weight"].shape[0]
     head = ClassificationHead(w[f"{dense}.weight"], w[f"{dense}.bias"], w[f"{out}.weight"], w[f"{out}.bias"],
                               _cross_encoder_activation(config, num_labels), _label_column(config, num_labels))
-    head.checkpoint_names = set(names) | set(unused)
+    head.checkpoint_names = frozenset(names) | frozenset(unused)
     return head
 
 
-class ClassificationHead(nn.Module):
-    """Logits of the first token (``[CLS]`` / ``<s>``), in fp32: ``[n]`` for one label, else ``[n, L]``.
-
-    ``postprocess`` turns them into one score per pair: the activation (unless
-    ``raw``), then the entailment column for NLI models.
-    """
+class ClassificationHead(Head):
+    """Logits of the first token (``[CLS]`` / ``<s>``), in fp32, and one score per pair: the
+    activation, then the entailment column for NLI models. The logit returned is that column's
+    pre-activation logit (the only one for single-label models)."""
 
     def __init__(self, dense_w, dense_b, out_w, out_b, activation, column: Optional[int]):
         super().__init__()
@@ -151,12 +163,10 @@ class ClassificationHead(nn.Module):
 
     def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
         h = hidden[ctx.cu_seqlens[:-1].long()].float()  # [n, H]
-        logits = F.linear(torch.tanh(F.linear(h, self.dense_w, self.dense_b)), self.out_w, self.out_b)
-        return logits[:, 0] if logits.shape[1] == 1 else logits
-
-    def postprocess(self, logits: torch.Tensor, raw: bool = False) -> torch.Tensor:
-        scores = logits if raw else self.activation(logits)
-        return scores if self.column is None else scores[:, self.column]  # [n]
+        logits = F.linear(torch.tanh(F.linear(h, self.dense_w, self.dense_b)), self.out_w, self.out_b)  # [n, L]
+        scores = self.activation(logits)
+        col = 0 if self.column is None else self.column
+        return logits[:, col], scores[:, col]  # [n] each
 
 
 _POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -194,12 +204,14 @@ def build_pooling_head(config: dict, tokenizer, index) -> "PoolingHead":
             raise NotImplementedError(f"pooling mode {mode!r} is not supported; supported: {_POOLING_MODES}")
     head = PoolingHead(modes, normalize)
     # BertModel checkpoints carry a pooler that sentence-transformers never uses.
-    head.checkpoint_names = {n for n in index if n.startswith(tuple(p + "pooler." for p in _ENCODER_PREFIXES))}
+    head.checkpoint_names = frozenset(n for n in index if n.startswith(tuple(p + "pooler." for p in _ENCODER_PREFIXES)))
     return head
 
 
-class PoolingHead(nn.Module):
+class PoolingHead(Head):
     """sentence-transformers Pooling over packed sequences (modes concatenated in order), then Normalize."""
+
+    gives_logit = False
 
     def __init__(self, modes, normalize: bool):
         super().__init__()
@@ -232,7 +244,7 @@ class PoolingHead(nn.Module):
                 w = (ctx.positions + 1).float()[:, None]
                 outs.append(seg_sum(h * w) / seg_sum(w))
         emb = torch.cat(outs, dim=-1)
-        return F.normalize(emb, p=2, dim=-1) if self.normalize else emb  # [n, k * H]
+        return None, (F.normalize(emb, p=2, dim=-1) if self.normalize else emb)  # [n, k * H]
 
 
 def matryoshka(emb: torch.Tensor, dimensions: Optional[int], normalize: bool = True) -> torch.Tensor:

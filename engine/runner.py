@@ -1,22 +1,24 @@
-"""The model runner: owns the device, the weights and the heads; runs packed batches."""
+"""The model runner: owns the device, the weights, the head and the decode cache; runs one step.
+
+Only the engine thread calls it. Each step is plan (the model builds its batch
+context from typed sequences), forward, head. It never creates or calls the
+scheduler: steps come in, tensors and numbers go back.
+"""
 import logging
-import os
-import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
 
-from engine import registry
-from engine.cache import PrefixCache, PrefixKV
+from engine import generate, kalm, registry
+from engine.cache import PassageCache, PrefixKV
 from engine.context import build_context
-from engine.scheduler import Cancelled, Request, Scheduler  # noqa: F401 (Cancelled is re-exported)
 from engine.heads import HEAD_BUILDERS
-from engine.tokenizer import load_tokenizer
-from engine.weights import checkpoint_index, load_weights, read_config, resolve_model
+from engine.request import Cancelled  # noqa: F401 (re-exported for callers)
+from engine.scheduler import DecodeStep, PassageStep, PrefillStep, PrefixStep, ScoreStep
+from engine.weights import checkpoint_index, load_weights
 
 log = logging.getLogger("engine")
 
@@ -51,64 +53,61 @@ def _default_dtype(dtype):
 
 
 class ModelRunner:
-    def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None,
-                 device=None, dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None,
-                 prefix_cache_bytes: int = 256 << 20, template: Optional[str] = None):
-        self.folder: Path = resolve_model(model)
-        self.config_dict = read_config(self.folder)
-        self.arch, spec = registry.lookup(self.config_dict)
-        self.task = registry.infer_task(spec, f"{model} {self.folder.name}", task, task_default)
-        self.device = pick_device(device)
-        if self.device.type == "cpu":
-            # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.dtype = pick_dtype(dtype, self.device)
-        self.config = SimpleNamespace(**self.config_dict)
-        self.tokenizer = load_tokenizer(self.folder)
-        self.max_length = max_length
-        template_cls = registry.template_class(spec, self.task, template, f"{model} {self.folder.name}")
-        # Encoder templates read sentence-transformers files and the position limit.
-        files = {"folder": self.folder, "config": self.config_dict} if getattr(template_cls, "needs_model_files", False) else {}
-        self.template = template_cls(self.tokenizer, max_length=max_length, **files)
-        # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
-        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
-
-        index = checkpoint_index(self.folder)
+    def __init__(self, folder, config_dict: dict, spec: registry.ArchSpec, task: str, device: torch.device,
+                 dtype: torch.dtype, tokenizer):
+        self.folder, self.device, self.dtype = folder, device, dtype
+        config = SimpleNamespace(**config_dict)
+        index = checkpoint_index(folder)
         # Our layers allocate with torch.empty (no init work); the loader fills every parameter.
         model_cls = registry.model_class(spec)
         with self.device, _default_dtype(self.dtype):
-            self.model = model_cls(self.config)
+            self.model = model_cls(config)
         self.model.eval()
-        self.head = HEAD_BUILDERS[spec.tasks[self.task].head](self.config_dict, self.tokenizer, index).to(self.device)
+        self.head = HEAD_BUILDERS[spec.tasks[task].head](config_dict, tokenizer, index).to(self.device)
         # Tensors a head reads (or knows to be unused) are not the model's; all others must load.
-        reserved = {"lm_head.weight"} | set(getattr(self.head, "checkpoint_names", ()))
-        skip = set(getattr(model_cls, "ignored_checkpoint_names", ()))
-        skip_prefixes = tuple(getattr(model_cls, "ignored_checkpoint_prefixes", ()))  # e.g. a vision tower
-        self.loaded = load_weights(self.model, index, reserved=reserved,
-                                   strip_prefixes=getattr(model_cls, "checkpoint_prefixes", ("model.",)),
+        reserved = {"lm_head.weight"} | set(self.head.checkpoint_names)
+        skip, skip_prefixes = set(model_cls.ignored_checkpoint_names), tuple(model_cls.ignored_checkpoint_prefixes)
+        self.loaded = load_weights(self.model, index, reserved=reserved, strip_prefixes=model_cls.checkpoint_prefixes,
                                    ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip
                                    or (bool(skip_prefixes) and n.startswith(skip_prefixes)))
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self._scheduler: Optional[Scheduler] = None
-        self._lock = threading.Lock()
-        log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
+        # The last layer may run for the last rows alone when the head reads nothing else.
+        self.last_only = self.head.reads_last_token and self.model.supports_last_only
+        self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders
+        self.cache_kv = False
+        self.decode_cache: Optional[generate.DecodeCache] = None  # the running decode batch
+        self._lm_head: Optional[torch.Tensor] = None
 
-    @torch.inference_mode()
-    def run_batch(self, seqs, token_types=None, prefixes=None, prefix_index=None):
-        """One packed forward + head. Returns (fp32 numpy [n, ...], forward seconds, head seconds)."""
+    def execute(self, step):
+        with torch.inference_mode():
+            if isinstance(step, ScoreStep):
+                return self.score(step)
+            if isinstance(step, PrefixStep):
+                return self.compute_prefixes([list(k) for k in step.keys])
+            if isinstance(step, PassageStep):
+                return self.passages(step)
+            if isinstance(step, PrefillStep):
+                return self.prefill(step)
+            if isinstance(step, DecodeStep):
+                return self.decode(step)
+        raise TypeError(f"unknown step {type(step).__name__}")
+
+    # -- scoring and embedding ------------------------------------------------------------------
+    def score(self, step: ScoreStep):
+        """One packed forward + head: (logits [n] or None, scores [n] / embeddings [n, H], fwd s, head s)."""
         t0 = time.perf_counter()
-        ids, ctx = build_context(seqs, self.device, token_types, prefixes, prefix_index)
-        if getattr(self.head, "reads_last_token", False) and getattr(self.model, "supports_last_only", False):
+        ids, ctx = self.model.plan(step.seqs, self.device, step.prefixes or None, step.prefix_index)
+        if self.last_only:
             ctx.last_only = True
-            ctx.cu_last = torch.arange(len(seqs) + 1, dtype=torch.int32, device=self.device)
+            ctx.cu_last = torch.arange(ctx.num_seqs + 1, dtype=torch.int32, device=self.device)
         hidden, residual = self.model(ids, ctx)
         if ctx.last_only:  # the model returned the last rows only
-            ctx.last_index = torch.arange(len(seqs), device=self.device)
+            ctx.last_index = torch.arange(ctx.num_seqs, device=self.device)
         t1 = time.perf_counter()
-        out = self.head(hidden, residual, ctx, self.model).float().cpu().numpy()  # .cpu() syncs the device
-        return out, t1 - t0, time.perf_counter() - t1
+        logit, value = self.head(hidden, residual, ctx, self.model)
+        value = value.float().cpu().numpy()  # .cpu() syncs the device
+        logit = None if logit is None else logit.float().cpu().numpy()
+        return logit, value, t1 - t0, time.perf_counter() - t1
 
-    @torch.inference_mode()
     def compute_prefixes(self, heads: List[List[int]]) -> List[PrefixKV]:
         """Run shared prefixes once and keep each layer's K/V: [layers, P, Hkv, D] per prefix."""
         ids, ctx = build_context(heads, self.device)
@@ -127,26 +126,52 @@ class ModelRunner:
             off += len(h)
         return out
 
-    @property
-    def scheduler(self) -> Scheduler:
-        if self._scheduler is None:
-            with self._lock:
-                if self._scheduler is None:
-                    self._scheduler = Scheduler(self, self.max_batch_tokens)
-        return self._scheduler
+    # -- encoder-decoder pairs (KaLM-Reranker) --------------------------------------------------
+    def passages(self, step: PassageStep):
+        """Encode the step's missing passages into the pool, then decode its prompts against their
+        cached passages: (logits [n], scores [n], encode s, forward s), or None with nothing to score."""
+        t0 = time.perf_counter()
+        if step.encode:
+            todo = [(step.entries[k], ids, r) for k, ids, r in step.encode]
+            kalm.encode_passages(self.model, self.passage_cache, todo, self.device, cache_kv=self.cache_kv)
+        t1 = time.perf_counter()
+        if not step.items:
+            return None
+        seqs = [s for _, s in step.items]
+        ids, ctx = self.model.plan(seqs, self.device, passages=[step.entries[k] for k in step.keys],
+                                   passage_cache=self.passage_cache, cache_kv=self.cache_kv)
+        hidden, residual = self.model(ids, ctx)
+        logit, score = self.head(hidden, residual, ctx, self.model)
+        return logit.float().cpu().numpy(), score.float().cpu().numpy(), t1 - t0, time.perf_counter() - t1
 
-    def submit(self, n: int, encode, head=None, priority: int = 0, cancel=None) -> Request:
-        """Queue n sequences (``encode(start, end) -> Encodings``) on the engine thread."""
-        return self.scheduler.submit(Request(n, encode, head=head, priority=priority, cancel=cancel))
+    # -- generation ----------------------------------------------------------------------------
+    def lm_head(self) -> torch.Tensor:
+        if self._lm_head is None:
+            self._lm_head = generate.load_lm_head(self.model, self.folder)
+        return self._lm_head
 
+    def prefill(self, step: PrefillStep) -> List[int]:
+        """Prefill the step's prompts and add their rows to the running decode cache; first tokens."""
+        self._keep(step.keep)
+        first, cache = generate.prefill(self.model, self.lm_head(), step.seqs, step.prefix, step.capacity, self.device)
+        self.decode_cache = cache if self.decode_cache is None else self.decode_cache.extend(cache)
+        return first.tolist()
 
-_STATS_LOCK = threading.Lock()
+    def decode(self, step: DecodeStep) -> List[int]:
+        """One token for every running row: next tokens, in row order."""
+        self._keep(step.keep)
+        if not step.tokens:
+            return []
+        tokens = torch.tensor(step.tokens, dtype=torch.int64, device=self.device)
+        return generate.decode_step(self.model, self.lm_head(), self.decode_cache, tokens).tolist()
 
+    def _keep(self, keep: Optional[List[int]]) -> None:
+        if keep is None or self.decode_cache is None:
+            return
+        if not keep:
+            self.decode_cache = None
+        else:
+            self.decode_cache.keep(torch.tensor(keep, dtype=torch.int64, device=self.device))
 
-def merge_stats(into: Optional[dict], stats: dict) -> None:
-    """Add counters into a dict that request threads share (a Reranker's cumulative ``stats``)."""
-    if into is None:
-        return
-    with _STATS_LOCK:
-        for k, v in stats.items():
-            into[k] = into.get(k, 0) + v
+    def drop_decode(self) -> None:
+        self.decode_cache = None

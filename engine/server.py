@@ -39,7 +39,7 @@ from engine.classifier import normalize_labels
 from engine.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
                              EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
                              TEIRank, error_param, error_response)
-from engine.runner import Cancelled
+from engine.request import Cancelled
 from engine.service import Service, WrongTask
 
 log = logging.getLogger("engine.server")

@@ -6,10 +6,12 @@ and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional, Sequence
+
+from engine.sequence import Seq, Seqs
+from engine.tokenizer import CLIP_CHARS_PER_TOKEN, clip_text
 
 QWEN3_RERANK_SYSTEM = (
     'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
@@ -21,15 +23,23 @@ QWEN3_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages
 QWEN3_EMBED_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
-@dataclass
-class Encodings:
-    """Token ids per sequence, and segment ids for models that use them (BERT pairs)."""
+class Template:
+    """What every prompt template declares (capabilities are attributes, never probed).
 
-    ids: List[List[int]]
-    token_types: Optional[List[List[int]]] = None
+    ``supports_prefix``: ``encode_head``/``encode_tails`` split a pair exactly into a shared
+    prefix and a per-document tail (causal LLM rerankers).
+    ``needs_model_files``: the constructor takes the model ``folder`` and ``config``.
+    ``default_instruction``: the instruction slot's default, None without a slot.
+    """
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    supports_prefix = False
+    needs_model_files = False
+    default_instruction: Optional[str] = None
+    max_length: int = 8192
+
+    def clip(self, texts: Sequence[str], max_tokens: int) -> List[str]:
+        """Each text cut by characters before tokenizing (engine.tokenizer.clip_text)."""
+        return [clip_text(self.tokenizer, t, max_tokens) for t in texts]
 
 
 def check_texts(texts, what: str) -> List[str]:
@@ -42,7 +52,7 @@ def check_texts(texts, what: str) -> List[str]:
     return out
 
 
-class Qwen3RerankTemplate:
+class Qwen3RerankTemplate(Template):
     """``<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}`` in Qwen's chat layout."""
 
     default_instruction = QWEN3_RERANK_INSTRUCTION
@@ -60,16 +70,16 @@ class Qwen3RerankTemplate:
     def format_pair(query: str, doc: str, instruction: str) -> str:
         return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
-    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
         instruction = self.default_instruction if instruction is None else instruction
-        texts = [self.format_pair(q, d, instruction) for q, d in zip(queries, docs)]
+        texts = self.clip([self.format_pair(q, d, instruction) for q, d in zip(queries, docs)], self.pair_budget)
         if not texts:
-            return Encodings([])
+            return Seqs()
         pair_ids = self.tokenizer(
             texts, add_special_tokens=False, truncation=True, max_length=self.pair_budget,
             return_attention_mask=False,
         )["input_ids"]
-        return Encodings([self.prefix_ids + ids + self.suffix_ids for ids in pair_ids])
+        return Seqs.of([self.prefix_ids + ids + self.suffix_ids for ids in pair_ids])
 
     # Shared-prefix split. Everything up to "<Document>:" is the same for every document of a
     # query; the document part starts with the space before the document. Qwen's pre-tokenizer
@@ -81,22 +91,23 @@ class Qwen3RerankTemplate:
         """Template prefix + ``<Instruct>…<Document>:`` ids, or None if truncation would cut into them."""
         instruction = self.default_instruction if instruction is None else instruction
         head = self.format_pair(query, "", instruction)[:-1]  # drop the space before the document
+        head = clip_text(self.tokenizer, head, self.pair_budget)  # longer than the budget: no sharing anyway
         ids = self.tokenizer(head, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         if len(ids) >= self.pair_budget or getattr(self.tokenizer, "truncation_side", "right") != "right":
             return None
         return self.prefix_ids + ids
 
-    def encode_tails(self, head: List[int], docs: Sequence[str]) -> Encodings:
+    def encode_tails(self, head: List[int], docs: Sequence[str]) -> Seqs:
         """`` {doc}`` + suffix ids for each document, truncated as the whole pair would be."""
         if not docs:
-            return Encodings([])
+            return Seqs()
         budget = self.pair_budget - (len(head) - len(self.prefix_ids))
-        ids = self.tokenizer([" " + d for d in docs], add_special_tokens=False, truncation=True,
+        ids = self.tokenizer(self.clip([" " + d for d in docs], budget), add_special_tokens=False, truncation=True,
                              max_length=budget, return_attention_mask=False)["input_ids"]
-        return Encodings([x + self.suffix_ids for x in ids])
+        return Seqs.of([x + self.suffix_ids for x in ids], prefix=tuple(head))
 
 
-class Qwen3EmbedTemplate:
+class Qwen3EmbedTemplate(Template):
     """Queries as ``Instruct: {task}\\nQuery:{query}`` (no space); documents as-is.
 
     The tokenizer's own post-processor appends ``<|endoftext|>``, whose hidden
@@ -113,15 +124,15 @@ class Qwen3EmbedTemplate:
         instruction = self.default_instruction if instruction is None else instruction
         return f"Instruct: {instruction}\nQuery:{query}"
 
-    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Encodings:
+    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Seqs:
         if is_query:
             texts = [self.format_query(t, instruction) for t in texts]
         elif instruction is not None:
             raise ValueError("instruction applies to queries only: pass is_query=True")
         if not texts:
-            return Encodings([])
-        return Encodings(self.tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
+            return Seqs()
+        return Seqs.of(self.tokenizer(
+            self.clip(texts, self.max_length), add_special_tokens=True, truncation=True, max_length=self.max_length,
             return_attention_mask=False,
         )["input_ids"])
 
@@ -149,7 +160,7 @@ def _uses_token_types(tokenizer, config: Optional[dict]) -> bool:
     return "token_type_ids" in tokenizer.model_input_names and (config or {}).get("type_vocab_size", 2) > 1
 
 
-class CrossEncoderTemplate:
+class CrossEncoderTemplate(Template):
     """``[CLS] q [SEP] d [SEP]`` (token types 0/1) or ``<s> q </s></s> d </s>``, as the tokenizer's
     post-processor lays out pairs.
 
@@ -170,14 +181,31 @@ class CrossEncoderTemplate:
         if self.max_length <= self.num_special:
             raise ValueError(f"max_length={self.max_length} leaves no room for a pair")
 
-    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
         if instruction is not None:
             queries = [instruction + q for q in queries]
         if not queries:
-            return Encodings([])
-        enc = self.tokenizer(list(queries), list(docs), truncation="longest_first", max_length=self.max_length,
+            return Seqs()
+        enc = self.tokenizer(list(queries), self._clip_docs(queries, docs), truncation="longest_first",
+                             max_length=self.max_length,
                              return_attention_mask=False, return_token_type_ids=self.token_types)
-        return Encodings(enc["input_ids"], enc["token_type_ids"] if self.token_types else None)
+        return Seqs.of(enc["input_ids"], enc["token_type_ids"] if self.token_types else None)
+
+
+    def _clip_docs(self, queries: Sequence[str], docs: Sequence[str]) -> List[str]:
+        # longest_first cuts the longer side: a document clipped to more tokens than max_length is
+        # still the longer side, and keeps its first tokens, whenever its query is shorter than max_length.
+        short: dict = {}
+        out = []
+        for q, d in zip(queries, docs):
+            if len(d) > self.max_length * CLIP_CHARS_PER_TOKEN:  # may need clipping: check the query once
+                if q not in short:
+                    ids = self.tokenizer(clip_text(self.tokenizer, q, self.max_length), add_special_tokens=False,
+                                         return_attention_mask=False)["input_ids"]
+                    short[q] = len(ids) < self.max_length
+                d = clip_text(self.tokenizer, d, self.max_length) if short[q] else d
+            out.append(d)
+        return out
 
 
 class XLMRobertaPairTemplate(CrossEncoderTemplate):
@@ -188,17 +216,17 @@ class XLMRobertaPairTemplate(CrossEncoderTemplate):
         super().__init__(tokenizer, max_length, folder, config)
         self.layout = _pair_layout(tokenizer)
 
-    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
         if instruction is not None:
             queries = [instruction + q for q in queries]
         if not queries:
-            return Encodings([])
+            return Seqs()
         tok = self.tokenizer
         q_cap = min(self.max_length * 3 // 4, self.max_length - self.num_special)
         uniq = list(dict.fromkeys(queries))  # rank(): one query, many documents
-        q_ids = dict(zip(uniq, tok(uniq, add_special_tokens=False, truncation=True, max_length=q_cap,
+        q_ids = dict(zip(uniq, tok(self.clip(uniq, q_cap), add_special_tokens=False, truncation=True, max_length=q_cap,
                                    return_attention_mask=False)["input_ids"]))
-        d_ids = tok(list(docs), add_special_tokens=False, truncation=True, max_length=self.max_length,
+        d_ids = tok(self.clip(docs, self.max_length), add_special_tokens=False, truncation=True, max_length=self.max_length,
                     return_attention_mask=False)["input_ids"]
         (pre, mid, post), (t_pre, t_q, t_mid, t_d, t_post) = self.layout
         ids, types = [], []
@@ -208,7 +236,7 @@ class XLMRobertaPairTemplate(CrossEncoderTemplate):
             ids.append(pre + q + mid + d + post)
             if self.token_types:
                 types.append(t_pre + [t_q] * len(q) + t_mid + [t_d] * len(d) + t_post)
-        return Encodings(ids, types if self.token_types else None)
+        return Seqs.of(ids, types if self.token_types else None)
 
 
 def _pair_layout(tokenizer):
@@ -230,7 +258,7 @@ def _pair_layout(tokenizer):
     raise ValueError(f"cannot read the pair layout off this tokenizer (got {ids})")
 
 
-class SentenceTransformerEmbedTemplate:
+class SentenceTransformerEmbedTemplate(Template):
     """Texts as sentence-transformers encodes them for BERT-like embedders.
 
     ``max_seq_length`` from ``sentence_bert_config.json`` (capped by the
@@ -257,7 +285,7 @@ class SentenceTransformerEmbedTemplate:
         self.query_prompt = prompts.get("query", default)
         self.document_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
 
-    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Encodings:
+    def encode(self, texts: Sequence[str], is_query: bool = False, instruction: Optional[str] = None) -> Seqs:
         if instruction is not None and not is_query:
             raise ValueError("instruction applies to queries only: pass is_query=True")
         prompt = (self.query_prompt if instruction is None else instruction) if is_query else self.document_prompt
@@ -265,8 +293,8 @@ class SentenceTransformerEmbedTemplate:
         if self.lowercase:
             texts = [t.lower() for t in texts]
         if not texts:
-            return Encodings([])
-        return Encodings(self.tokenizer(texts, truncation=True, max_length=self.max_length,
+            return Seqs()
+        return Seqs.of(self.tokenizer(self.clip(texts, self.max_length), truncation=True, max_length=self.max_length,
                                         return_attention_mask=False)["input_ids"])
 
 
@@ -320,7 +348,7 @@ KALM_DECODER_PROMPT = ("<bos><start_of_turn>user\n{system}\n\n<Instruct>: {instr
                        "<end_of_turn>\n<start_of_turn>model\n\n\n\n")
 
 
-class KaLMRerankTemplate:
+class KaLMRerankTemplate(Template):
     """Passage and query go to different halves of the model.
 
     Encoder: ``<Document>: {document}``, no special tokens, cut at 1024 tokens (or
@@ -342,10 +370,12 @@ class KaLMRerankTemplate:
     def encode_documents(self, docs: Sequence[str]) -> List[List[int]]:
         if not docs:
             return []
-        return self.tokenizer([f"<Document>: {d}" for d in docs], add_special_tokens=False, truncation=True,
+        texts = self.clip([f"<Document>: {d}" for d in docs], self.document_max_length)
+        return self.tokenizer(texts, add_special_tokens=False, truncation=True,
                               max_length=self.document_max_length, return_attention_mask=False)["input_ids"]
 
     def format_query(self, query: str, instruction: Optional[str] = None) -> str:
+        query = clip_text(self.tokenizer, query, self.query_max_tokens)
         ids = self.tokenizer(query, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         if len(ids) > self.query_max_tokens:
             query = self.tokenizer.decode(ids[: self.query_max_tokens], skip_special_tokens=False,
@@ -358,7 +388,8 @@ class KaLMRerankTemplate:
         return self.tokenizer(self.format_query(query, instruction), add_special_tokens=False,
                               return_attention_mask=False)["input_ids"]
 
-    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Encodings:
-        """Token accounting only (the model runs the halves apart): decoder prompt + passage ids."""
+    def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
+        """One sequence per pair: the decoder prompt, reading its passage's cached encoding."""
         d_ids = self.encode_documents(list(docs))
-        return Encodings([self.encode_query(q, instruction) + d for q, d in zip(queries, d_ids)])
+        prompts = {q: self.encode_query(q, instruction) for q in dict.fromkeys(queries)}
+        return Seqs(Seq(prompts[q], passage=d) for q, d in zip(queries, d_ids))

@@ -20,6 +20,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.layers import Linear, MergedLinear, VocabEmbedding, default_weight_loader
+from engine.models.base import EngineModel
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # erf, as in the original BERT
@@ -134,7 +135,7 @@ def _is_roberta(cfg) -> bool:
     return getattr(cfg, "model_type", "bert") in ("roberta", "xlm-roberta", "camembert")
 
 
-class BertModel(nn.Module):
+class BertModel(EngineModel):
     """BERT and XLM-RoBERTa encoders: ``forward(input_ids [T], ctx) -> (hidden [T, H], None)``.
 
     The output is the last layer's (already normed) hidden states; there is no

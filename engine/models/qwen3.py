@@ -12,6 +12,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding
+from engine.models.base import EngineModel
 
 
 class Qwen3Attention(nn.Module):
@@ -100,7 +101,11 @@ def rope_theta(cfg) -> float:
     return float(getattr(cfg, "rope_theta", 10000.0))
 
 
-class Qwen3Model(nn.Module):
+class Qwen3Model(EngineModel):
+    supports_prefix = True
+    supports_last_only = True  # forward(..) honours ctx.last_only
+    supports_decode = True
+
     # checkpoint name -> (our fused parameter, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -136,9 +141,3 @@ class Qwen3Model(nn.Module):
             # residual for those rows alone (every layer's K/V still covers all tokens): exact.
             x, residual = layer(x, residual, ctx, cos, sin, last_only=ctx.last_only and i == last)
         return x, residual
-
-    @property
-    def supports_prefix(self) -> bool:
-        return True
-
-    supports_last_only = True  # forward(..) honours ctx.last_only

@@ -24,6 +24,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding, default_weight_loader
+from engine.models.base import EngineModel
 from engine.models.qwen3 import Qwen3MLP
 
 
@@ -213,7 +214,10 @@ def layer_types(cfg):
     return list(types)[: cfg.num_hidden_layers]
 
 
-class Qwen3_5Model(nn.Module):
+class Qwen3_5Model(EngineModel):
+    supports_prefix = True
+    supports_decode = True
+
     # checkpoint name -> (our fused parameter, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -269,7 +273,3 @@ class Qwen3_5Model(nn.Module):
         seq_of = torch.repeat_interleave(torch.arange(len(ctx.seq_lens), dtype=torch.int32, device=x.device), lens,
                                          output_size=x.shape[0])
         return {"chunks": kernels.chunk_plan(ctx.seq_lens, x.device), "seq_of": seq_of}
-
-    @property
-    def supports_prefix(self) -> bool:
-        return True

@@ -31,6 +31,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding
+from engine.models.base import EngineModel
 
 # transformers' T5Gemma2TextConfig defaults, for keys a config.json leaves out.
 _TEXT_DEFAULTS = dict(
@@ -195,7 +196,7 @@ class T5Gemma2Stack(nn.Module):
         return x, residual
 
 
-class T5Gemma2Model(nn.Module):
+class T5Gemma2Model(EngineModel):
     """``encode`` passages (final-normed states) and ``decode`` prompts against their cross K/V."""
 
     is_encoder_decoder = True
@@ -239,7 +240,17 @@ class T5Gemma2Model(nn.Module):
         out, _ = self.encoder.norm(x, residual)
         return out
 
-    def decode(self, input_ids: torch.Tensor, ctx: BatchContext, cross) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Packed decoder prompts attending to their passages' cross K/V; (branch, residual)
-        before the final norm."""
-        return self.decoder(input_ids, ctx, cross)
+    def plan(self, seqs, device, prefixes=None, prefix_index=None, passages=None, passage_cache=None,
+             cache_kv: bool = False):
+        """The default plan, plus the cross K/V of each prompt's passage: block tables into the pool."""
+        from engine.kalm import cross_plan
+
+        ids, ctx = super().plan(seqs, device, prefixes, prefix_index)
+        if passages is not None:
+            ctx.cross = cross_plan(passages, passage_cache, cache_kv, device)
+        return ids, ctx
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packed decoder prompts attending to their passages' cross K/V (``ctx.cross``);
+        (branch, residual) before the final norm."""
+        return self.decoder(input_ids, ctx, ctx.cross)

@@ -40,8 +40,8 @@ def transformers_mean_pooling(texts):
 
 
 def test_default_embeddings_match_transformers(embedder):
-    assert embedder.runner.arch == "BertModel" and embedder.dimension == 384
-    assert embedder.runner.template.max_length == 256  # sentence_bert_config.json
+    assert embedder.engine.arch == "BertModel" and embedder.dimension == 384
+    assert embedder.engine.template.max_length == 256  # sentence_bert_config.json
     got = torch.from_numpy(embedder.embed(SENTENCES))
     want = transformers_mean_pooling(SENTENCES)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)

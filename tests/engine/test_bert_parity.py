@@ -141,7 +141,7 @@ def test_bert_cross_encoder_matches_transformers(make_encoder, rng, labels):
     ours = Reranker(str(folder), device="cpu")
     pairs = ragged_pairs(rng)
     logits, ref_ids = transformers_logits(folder, pairs, max_length=512)
-    seqs = ours.runner.template.encode([q for q, _ in pairs], [d for _, d in pairs])
+    seqs = ours.engine.template.encode([q for q, _ in pairs], [d for _, d in pairs])
     assert seqs.ids == ref_ids  # [CLS] q [SEP] d [SEP], longest_first at 512
     assert max(len(s) for s in seqs.ids) == 512
     raw = np.array(ours.predict(pairs, raw_scores=True))
@@ -176,10 +176,10 @@ def test_bert_matches_sentence_transformers_cross_encoder(make_encoder, rng):
 def test_xlmr_cross_encoder_matches_transformers(make_encoder, rng):
     folder = make_encoder("xlmr-ce")
     ours = Reranker(str(folder), device="cpu")
-    assert ours.runner.template.max_length == 512  # 514 positions - (padding_idx + 1)
+    assert ours.engine.template.max_length == 512  # 514 positions - (padding_idx + 1)
     pairs = ragged_pairs(rng, query="the capital of china") + [("the <pad> river", "a <pad> in the middle")]
     logits, ref_ids = transformers_logits(folder, pairs, max_length=512, query_cap=True)
-    enc = ours.runner.template.encode([q for q, _ in pairs], [d for _, d in pairs])
+    enc = ours.engine.template.encode([q for q, _ in pairs], [d for _, d in pairs])
     assert enc.ids == ref_ids and enc.token_types is None  # <s> q </s></s> d </s>, no segment ids
     assert enc.ids[0][:1] == [0] and enc.ids[0][-1] == 2
     want = logits[:, 0].numpy()
@@ -194,7 +194,7 @@ def test_xlmr_query_capped_at_three_quarters(make_encoder, rng):
     ours = Reranker(str(folder), device="cpu", max_length=max_length)
     long_q = " ".join(rng.choice(WORDS) for _ in range(80))
     pairs = [(long_q, random_text(rng, 100)), (long_q, "short"), ("short query", random_text(rng, 100))]
-    enc = ours.runner.template.encode([q for q, _ in pairs], [d for _, d in pairs])
+    enc = ours.engine.template.encode([q for q, _ in pairs], [d for _, d in pairs])
     assert [len(s) for s in enc.ids][0] == max_length
     assert enc.ids[0][1 : 1 + 48] == enc.ids[1][1 : 1 + 48] and enc.ids[0][49:51] == [2, 2]  # 48 = 64 * 3 // 4
     logits, ref_ids = transformers_logits(folder, pairs, max_length=max_length, query_cap=True)
@@ -220,7 +220,7 @@ def test_embeddings_match_sentence_transformers(make_encoder, rng, kind, pooling
     st = pytest.importorskip("sentence_transformers")
     folder = make_encoder(kind, pooling=pooling)
     ours = Embedder(str(folder), device="cpu")
-    assert ours.runner.template.max_length == 128  # sentence_bert_config.json
+    assert ours.engine.template.max_length == 128  # sentence_bert_config.json
     ref = st.SentenceTransformer(str(folder), device="cpu")
     texts = ["", "hello", random_text(rng, 30), random_text(rng, 250), "the <pad> river"]
     want = ref.encode(texts, convert_to_tensor=True, batch_size=3)
@@ -239,8 +239,8 @@ def test_prompts_follow_sentence_transformers(make_encoder, rng, tmp_path):
         {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None}))
     ours, ref = Embedder(str(folder), device="cpu"), st.SentenceTransformer(str(folder), device="cpu")
     texts = [random_text(rng, 5), random_text(rng, 40)]
-    assert ours.runner.template.encode(texts[:1], is_query=True).ids == \
-        [ours.runner.tokenizer("query: " + texts[0])["input_ids"]]
+    assert ours.engine.template.encode(texts[:1], is_query=True).ids == \
+        [ours.engine.tokenizer("query: " + texts[0])["input_ids"]]
     for got, want in ((ours.embed(texts, is_query=True), ref.encode_query(texts)),
                       (ours.embed(texts), ref.encode_document(texts))):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

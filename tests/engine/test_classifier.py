@@ -45,12 +45,12 @@ def test_multi_label_and_threshold(clf):
 
 
 def test_prefix_reuse_token_accounting(clf):
-    tpl = clf.reranker.runner.template
+    tpl = clf.reranker.engine.template
     text = "The team won the league after a long season and the players celebrated."
     labels = [f"label number {i}" for i in range(20)]
     head = tpl.encode_head(text, CLASSIFY_INSTRUCTION)
     label_tokens = [len(t) - len(tpl.suffix_ids) for t in tpl.encode_tails(head, labels).ids]
-    clf.reranker.runner.prefix_cache.__init__(clf.reranker.runner.prefix_cache.max_bytes)
+    clf.reranker.engine.prefix_cache.__init__(clf.reranker.engine.prefix_cache.max_bytes)
     stats = {}
     clf.classify([text], labels, stats=stats)
     assert stats["tokens_computed"] <= len(head) + sum(n + len(tpl.suffix_ids) for n in label_tokens), stats

@@ -41,7 +41,7 @@ def reference_greedy(model, prompts, max_new_tokens, eos):
 
 def prompts_of(rr, docs):
     """(head or None, tails, whole prompts) as the Reranker decodes them."""
-    tpl = rr.runner.template
+    tpl = rr.engine.template
     head = tpl.encode_head(QUERY) if rr.share_prefix else None
     tails = tpl.encode_tails(head, docs).ids if head else tpl.encode([QUERY] * len(docs), docs).ids
     return head, tails, [(head or []) + t for t in tails]
@@ -52,7 +52,7 @@ def test_greedy_equals_transformers_generate(family, prism35, prism3, rng):
     rr, hf = prism35 if family == "qwen3_5" else prism3
     docs = ["Beijing is the capital of China.", "a", random_text(rng, 40), random_text(rng, 9)]
     head, tails, prompts = prompts_of(rr, docs)
-    gen = Generator(rr.runner)
+    gen = Generator(rr.engine)
     got = gen.generate(tails, head, max_new_tokens=10)  # all documents in one batch
     want = reference_greedy(hf, prompts, 10, gen.stop_ids)
     assert got == want
@@ -62,7 +62,7 @@ def test_stops_at_the_stop_token(prism35, rng):
     rr, hf = prism35
     docs = [random_text(rng, n) for n in (3, 30, 12)]
     head, tails, prompts = prompts_of(rr, docs)
-    gen = Generator(rr.runner)
+    gen = Generator(rr.engine)
     free = gen.generate(tails, head, max_new_tokens=8)
     stop = [free[0][3]]  # make doc 0's 4th token a stop token: doc 0 ends there, the others go on
     got = gen.generate(tails, head, max_new_tokens=8, stop_ids=stop)
@@ -73,12 +73,12 @@ def test_stops_at_the_stop_token(prism35, rng):
 def test_decoding_through_triton_kernels(prism35, monkeypatch):
     """One-token DeltaNet steps in the Triton kernels (interpreter): 16-token chunks, per-sequence states."""
     rr, _ = prism35
-    tpl, gen = rr.runner.template, Generator(rr.runner)
+    tpl, gen = rr.engine.template, Generator(rr.engine)
     head = tpl.encode_head(QUERY, "Judge.")  # a short prefix keeps the interpreter quick
     tails = tpl.encode_tails(head, ["Beijing is the capital.", "a b c"]).ids
     want = gen.generate(tails, head, max_new_tokens=4)
     monkeypatch.setenv("ENGINE_KERNELS", "triton")
-    rr.runner.prefix_cache.__init__(rr.runner.prefix_cache.max_bytes)  # the prefix through Triton too
+    rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)  # the prefix through Triton too
     assert gen.generate(tails, head, max_new_tokens=4) == want
 
 
@@ -113,7 +113,7 @@ def test_rank_decodes_only_documents_above_threshold(prism35, rng, monkeypatch):
 
 def test_rank_returns_parsed_tags(prism35, monkeypatch):
     rr, _ = prism35
-    tok = rr.runner.tokenizer
+    tok = rr.engine.tokenizer
     texts = {
         "complete": "yes\n<contribution>Beijing is the capital.</contribution>\n<evidence>China's capital is Beijing.</evidence>",
         "truncated": "yes\n<contribution>Beijing is the capital.</contribution>\n<evidence>China's capit",

@@ -24,7 +24,7 @@ def _no_encoder(monkeypatch, rr):
     def fail(*a, **k):
         raise AssertionError("the encoder ran on a warm request")
 
-    monkeypatch.setattr(rr.runner.model, "encode", fail)
+    monkeypatch.setattr(rr.engine.model, "encode", fail)
 
 
 @pytest.mark.parametrize("cache_kv", [False, True], ids=["states", "cross-kv"])
@@ -79,7 +79,7 @@ def test_eviction_under_small_budget_keeps_results_correct(folder, rng):
     # max_length 64 caps passages at 64 tokens, so the pool's floor is 4 blocks of 16 rows:
     # 8 passages of 1-3 blocks each (r = 1) cannot all stay.
     rr = Reranker(str(path), device="cpu", max_length=64, passage_cache_bytes=1)
-    assert rr._kalm.cache.num_blocks == 4
+    assert rr.engine.passage_cache.num_blocks == 4
     docs = [random_text(rng, n) for n in (12, 30, 8, 25, 16, 29, 10, 20)]
     pairs = [("the king", d) for d in docs]
     want = ref.scores(pairs, 1)

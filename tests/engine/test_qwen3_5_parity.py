@@ -56,7 +56,7 @@ def reference(models, reranker):
     def get(tie=True, nested=False):
         if (tie, nested) not in built:
             built[tie, nested] = PrismReference(models(tie, nested), nested,
-                                                tokenizer=reranker(tie, nested).runner.tokenizer)
+                                                tokenizer=reranker(tie, nested).engine.tokenizer)
         return built[tie, nested]
 
     return get
@@ -69,7 +69,7 @@ def ragged_docs(rng):
 
 def test_tokenizer_yes_no_and_prism_template(reranker):
     rr = reranker()
-    tok, tpl = rr.runner.tokenizer, rr.runner.template
+    tok, tpl = rr.engine.tokenizer, rr.engine.template
     assert isinstance(tpl, PrismRerankTemplate)
     assert (token_id(tok, "yes"), token_id(tok, "no")) == (9405, 2083)
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|audio_pad|>"]) == [248044, 248046, 248076]
@@ -101,8 +101,8 @@ def test_scores_match_transformers(reranker, reference, rng, tie, share):
 
 def test_nested_checkpoint_loads_text_part(reranker, reference, rng):
     ours = reranker(nested=True)
-    assert ours.runner.arch == "Qwen3_5ForConditionalGeneration"
-    assert not any(n.startswith(("mtp.", "model.visual.")) for n in ours.runner.loaded)
+    assert ours.engine.arch == "Qwen3_5ForConditionalGeneration"
+    assert not any(n.startswith(("mtp.", "model.visual.")) for n in ours.engine.runner.loaded)
     pairs = [("a query", random_text(rng, n)) for n in (0, 5, 70, 140)]
     want = reference(nested=True).scores(pairs)
     np.testing.assert_allclose(ours.predict(pairs), want, atol=ATOL, rtol=0)
@@ -128,7 +128,7 @@ def test_triton_path_matches_torch_path(reranker, rng, monkeypatch):
     instr = "Judge."  # a short prefix keeps the interpreter quick
     want = ours.predict(pairs, instruction=instr)
     monkeypatch.setenv("ENGINE_KERNELS", "triton")
-    ours.runner.prefix_cache.__init__(ours.runner.prefix_cache.max_bytes)  # recompute the prefix with Triton
+    ours.engine.prefix_cache.__init__(ours.engine.prefix_cache.max_bytes)  # recompute the prefix with Triton
     got = ours.predict(pairs, instruction=instr)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -149,8 +149,8 @@ def test_prism_template_on_qwen3_backbone(make_qwen3, rng):
     plain = make_qwen3()  # the same weights (seed) under a plain name and a Prism name
     by_name = Reranker(str(make_qwen3(name="Prism-Qwen3-Reranker-tiny")), device="cpu")
     by_arg = Reranker(str(plain), device="cpu", template="prism")
-    assert isinstance(by_name.runner.template, PrismRerankTemplate)
-    assert isinstance(by_arg.runner.template, PrismRerankTemplate)
+    assert isinstance(by_name.engine.template, PrismRerankTemplate)
+    assert isinstance(by_arg.engine.template, PrismRerankTemplate)
     ref = Qwen3RerankerReference(plain)
     pairs = [("what is gravity", random_text(rng, n)) for n in (0, 4, 33, 120)]
     ids = [ref.tokenizer(f"{PRISM_PREFIX}<Instruct>: {PRISM_INSTRUCTION}\n<Query>: {q}\n<Document>: {d}"

@@ -65,9 +65,9 @@ def test_long_pairs_truncated_like_reference(make_qwen3, rng):
     ours = Reranker(str(folder), device="cpu", max_length=max_length)
     ref = Qwen3RerankerReference(folder, max_length=max_length)
     pairs = [("a query", random_text(rng, 400)), ("another query", "short")]
-    seqs = ours.runner.template.encode([p[0] for p in pairs], [p[1] for p in pairs]).ids
+    seqs = ours.engine.template.encode([p[0] for p in pairs], [p[1] for p in pairs]).ids
     assert len(seqs[0]) == max_length
-    assert seqs[0][-9:] == ours.runner.template.suffix_ids  # the suffix survives truncation
+    assert seqs[0][-9:] == ours.engine.template.suffix_ids  # the suffix survives truncation
     np.testing.assert_allclose(ours.predict(pairs), ref.scores(pairs), atol=ATOL, rtol=0)
 
 
@@ -86,7 +86,7 @@ def test_embeddings_match_last_token_pooling(make_qwen3, rng, base_model):
     ours = Embedder(str(folder), device="cpu")
     ref = Qwen3EmbeddingReference(folder)
     texts = ["", "hello", random_text(rng, 30), random_text(rng, 250)]
-    seqs = ours.runner.template.encode(texts).ids
+    seqs = ours.engine.template.encode(texts).ids
     assert all(s[-1] == 151643 for s in seqs)  # the tokenizer appends <|endoftext|>
     for dims in (None, 32, 8):
         got = torch.from_numpy(ours.embed(texts, dimensions=dims))

@@ -33,7 +33,7 @@ def unshared(folder):
 
 @pytest.mark.parametrize("query", ["q", "what is the capital of china?", "long " * 200, "  spaced query\n", "北京"])
 def test_prefix_split_tokenizes_exactly(shared, query):
-    tpl = shared.runner.template
+    tpl = shared.engine.template
     head = tpl.encode_head(query)
     tails = tpl.encode_tails(head, TRICKY_DOCS).ids
     whole = tpl.encode([query] * len(TRICKY_DOCS), TRICKY_DOCS).ids
@@ -43,7 +43,7 @@ def test_prefix_split_tokenizes_exactly(shared, query):
 
 def test_prefix_split_exact_under_truncation(folder):
     rr = Reranker(str(folder), device="cpu", max_length=150)
-    tpl = rr.runner.template
+    tpl = rr.engine.template
     docs = ["word " * 300, "short", "北京" * 200]
     head = tpl.encode_head("a query")
     assert head + tpl.encode_tails(head, docs).ids[0] == tpl.encode(["a query"], docs[:1]).ids[0]
@@ -66,7 +66,7 @@ def test_shared_prefix_equals_full_pairs_and_reference(folder, shared, unshared,
 
 
 def test_token_accounting(shared, unshared):
-    tpl = shared.runner.template
+    tpl = shared.engine.template
     # A shared prefix (template + instruction + query) of exactly 300 tokens.
     query = "word"
     while len(tpl.encode_head(query)) < 300:
@@ -77,7 +77,7 @@ def test_token_accounting(shared, unshared):
         d = "alpha " * 19 + "beta"
         docs.append(d)
     assert all(len(t) - len(tpl.suffix_ids) == 20 for t in tpl.encode_tails(tpl.encode_head(query), docs).ids)
-    shared.runner.prefix_cache.__init__(shared.runner.prefix_cache.max_bytes)  # cold cache
+    shared.engine.prefix_cache.__init__(shared.engine.prefix_cache.max_bytes)  # cold cache
     stats = {}
     shared.rank(query, docs, stats=stats)
     assert stats["tokens_computed"] <= 300 + 50 * 30, stats
@@ -88,9 +88,9 @@ def test_token_accounting(shared, unshared):
     assert full["tokens_saved"] == 0
     # The same query again: its prefix comes from the cache, nothing of it is recomputed.
     again = {}
-    hits = shared.runner.prefix_cache.hits
+    hits = shared.engine.prefix_cache.hits
     shared.rank(query, docs, stats=again)
-    assert shared.runner.prefix_cache.hits == hits + 1
+    assert shared.engine.prefix_cache.hits == hits + 1
     assert again["tokens_computed"] == 50 * 29 and again["tokens_saved"] == 50 * 300
 
 
@@ -113,7 +113,7 @@ def test_bounded_memory_on_a_huge_request(folder):
     rng = random.Random(3)
     docs = [random_text(rng, rng.randint(1, 4)) for _ in range(20000)]
     chunks = []
-    tpl = rr.runner.template
+    tpl = rr.engine.template
     real = tpl.encode_tails
 
     def spy(head, d):
@@ -127,7 +127,7 @@ def test_bounded_memory_on_a_huge_request(folder):
     finally:
         tpl.encode_tails = real
     assert len(out) == 5
-    sched = rr.runner.scheduler
+    sched = rr.engine.scheduler
     assert 0 < sched.peak_batch_tokens <= budget
     assert max(chunks) <= 1024 and sum(chunks) == 20000  # tokenized lazily, chunk by chunk
     assert stats["batches"] >= 20000 * 10 // budget
@@ -158,7 +158,7 @@ def test_concurrent_requests_get_their_own_results(shared):
 def test_cancel_and_errors_do_not_stop_the_engine(shared):
     ev = threading.Event()
     ev.set()
-    from engine.runner import Cancelled
+    from engine.request import Cancelled
 
     with pytest.raises(Cancelled):
         shared.rank("q", ["a", "b"], cancel=ev)
@@ -166,15 +166,17 @@ def test_cancel_and_errors_do_not_stop_the_engine(shared):
 
 
 def test_a_failing_request_does_not_fail_its_neighbours(shared):
-    runner = shared.runner
-    from engine.templates import Encodings
+    from engine.request import ScoreRequest
+    from engine.sequence import Seqs
+
+    eng = shared.engine
 
     def bad(s, e):
         raise ValueError("tokenizer exploded")
 
-    good_enc = runner.template.encode(["q"] * 3, ["a", "b", "c"])
-    r_bad = runner.submit(3, bad)
-    r_good = runner.submit(3, lambda s, e: Encodings(good_enc.ids[s:e]))
+    good_enc = eng.template.encode(["q"] * 3, ["a", "b", "c"])
+    r_bad = eng.submit(ScoreRequest(3, bad))
+    r_good = eng.submit(ScoreRequest(3, lambda s, e: Seqs.of(good_enc.ids[s:e])))
     with pytest.raises(ValueError, match="exploded"):
         r_bad.wait()
     assert r_good.wait().shape == (3,)
@@ -182,18 +184,18 @@ def test_a_failing_request_does_not_fail_its_neighbours(shared):
 
 def test_priority_orders_waiting_requests(shared):
     """A later, higher-priority request is packed before earlier waiting ones."""
-    from engine.scheduler import Request
-    from engine.templates import Encodings
+    from engine.request import Request, ScoreRequest
+    from engine.sequence import Seqs
 
-    tpl = shared.runner.template
+    tpl = shared.engine.template
     enc = tpl.encode(["q"], ["doc"])
-    reqs = [Request(1, lambda s, e: Encodings(enc.ids[s:e]), priority=p) for p in (0, 0, 5)]
-    sched = shared.runner.scheduler
+    reqs = [ScoreRequest(1, lambda s, e: Seqs.of(enc.ids[s:e]), priority=p) for p in (0, 0, 5)]
+    sched = shared.engine.scheduler
     sched.max_batch_tokens, budget = len(enc.ids[0]), sched.max_batch_tokens  # room for one sequence
     try:
-        batch = sched._pack(sorted(reqs, key=Request.sort_key))
+        step = sched._score_step(sorted(reqs, key=Request.sort_key))
     finally:
         sched.max_batch_tokens = budget
-    assert [b[0] for b in batch] == [reqs[2]]
+    assert [r for r, _ in step.items] == [reqs[2]]
     got = shared.rank("q", ["a", "b"], priority=3)
     assert len(got) == 2

@@ -68,7 +68,7 @@ def test_custom_instruction_matches_and_matters(kalm, rng):
 
 def test_truncation_of_query_and_document(kalm, rng):
     ours, ref = kalm
-    tpl = ours.runner.template
+    tpl = ours.engine.template
     long_doc = random_text(rng, 1100)  # a token per word: cut at 1024
     assert len(tpl.encode_documents([long_doc])[0]) == 1024
     long_query = random_text(rng, 600)  # the query alone is cut to 512 tokens first
@@ -82,7 +82,7 @@ def test_truncation_of_query_and_document(kalm, rng):
 def test_batched_equals_single(kalm, rng):
     ours, _ = kalm
     pairs = [(random_text(rng, 3), random_text(rng, rng.randint(1, 40))) for _ in range(9)]
-    small = Reranker(str(ours.runner.folder), device="cpu", max_batch_tokens=150)  # about two prompts per batch
+    small = Reranker(str(ours.engine.folder), device="cpu", max_batch_tokens=150)  # about two prompts per batch
     together = small.predict(pairs)
     assert small.stats["batches"] > 4
     alone = [ours.predict([p])[0] for p in pairs]
@@ -93,11 +93,11 @@ def test_checkpoint_loads_text_only(kalm):
     ours, _ = kalm
     from engine.weights import checkpoint_index
 
-    names = set(checkpoint_index(ours.runner.folder))
+    names = set(checkpoint_index(ours.engine.folder))
     vision = {n for n in names if ".vision_tower." in n or ".multi_modal_projector." in n}
-    assert vision and not vision & ours.runner.loaded  # present in the file, skipped without error
-    assert "model.encoder.embed_tokens.eoi_embedding" in ours.runner.loaded
-    assert ours.runner.model.decoder.embed_tokens is ours.runner.model.encoder.embed_tokens  # tied
+    assert vision and not vision & ours.engine.runner.loaded  # present in the file, skipped without error
+    assert "model.encoder.embed_tokens.eoi_embedding" in ours.engine.runner.loaded
+    assert ours.engine.model.decoder.embed_tokens is ours.engine.model.encoder.embed_tokens  # tied
 
 
 def test_bad_ratio_and_wrong_model_errors(kalm):
@@ -111,7 +111,7 @@ def test_bf16_close_to_fp32(kalm, rng):
     # Low precision runs the same path (fp32 head and pooling); scores stay near fp32's.
     ours, _ = kalm
     pairs = [("the capital", random_text(rng, n)) for n in (3, 30)]
-    low = Reranker(str(ours.runner.folder), device="cpu", dtype="bfloat16")
+    low = Reranker(str(ours.engine.folder), device="cpu", dtype="bfloat16")
     np.testing.assert_allclose(low.predict(pairs), ours.predict(pairs), atol=0.05)
     assert torch.tensor(low.predict(pairs)).dtype == torch.float32
 

@@ -39,7 +39,7 @@ def start_server():
     started = []
 
     def start(service: Service, name: str, **kwargs) -> LiveServer:
-        config = ServerConfig(served_names=served_names(str(service.runner.folder), name), **kwargs)
+        config = ServerConfig(served_names=served_names(str(service.engine.folder), name), **kwargs)
         server = LiveServer(service, config).start()
         started.append(server)
         return server

@@ -163,7 +163,7 @@ def test_reranker_refuses_embeddings(rerank_server):
 
 
 def test_max_tokens_per_doc_truncates(rerank_server, py_reranker):
-    tok = py_reranker.runner.tokenizer
+    tok = py_reranker.engine.tokenizer
     doc = "gravity attracts bodies toward one another and the river runs to the ocean past the city"
     enc = tok(doc, add_special_tokens=False, return_offsets_mapping=True)
     head, tail = doc[: enc["offset_mapping"][4][1]], doc[enc["offset_mapping"][-5][0]:]
@@ -194,7 +194,7 @@ def test_long_documents_are_truncated_not_rejected(start_server, rerank_folder):
 
 
 def test_usage_is_close_to_the_engine_count(rerank_server, py_reranker, docs):
-    exact = sum(len(ids) for ids in py_reranker.runner.template.encode([QUERY] * len(docs), docs).ids)
+    exact = sum(len(ids) for ids in py_reranker.engine.template.encode([QUERY] * len(docs), docs).ids)
     with rerank_server.client() as c:
         usage = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()["usage"]
     assert abs(usage["prompt_tokens"] - exact) <= 2 * len(docs)

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from engine.runner import Cancelled
+from engine.request import Cancelled
 from server_helpers import RERANK_NAME, random_text
 
 

@@ -1,0 +1,114 @@
+"""The engine loop: one thread owns the model, the device and every cache.
+
+``Engine`` resolves a model (folder or hub id), loads its tokenizer, template,
+runner and caches, and starts one thread that repeats:
+    step = scheduler.schedule()      # what to run next (never runs anything)
+    out = runner.execute(step)       # plan, forward, head (never schedules)
+    scheduler.postprocess(step, out) # results back to the requests
+Callers on any thread build requests (engine.request), ``submit`` them and wait.
+Every model call (scoring and embedding batches, shared prefixes, KaLM passage
+encoding and decoding, evidence prefill and decode) is a step of this loop.
+"""
+import logging
+import os
+import threading
+from typing import Optional
+
+from engine import generate, kalm, registry
+from engine.cache import PrefixCache
+from engine.request import Request
+from engine.runner import ModelRunner, pick_device, pick_dtype
+from engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from engine.tokenizer import load_tokenizer
+from engine.weights import read_config, resolve_model
+
+log = logging.getLogger("engine")
+
+
+class Engine:
+    def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None, device=None,
+                 dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None,
+                 template: Optional[str] = None, prefix_cache_bytes: int = 256 << 20,
+                 passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
+                 decode_cache_bytes: int = 2 << 30):
+        self.folder = resolve_model(model)
+        self.config_dict = read_config(self.folder)
+        self.arch, spec = registry.lookup(self.config_dict)
+        name = f"{model} {self.folder.name}"
+        self.task = registry.infer_task(spec, name, task, task_default)
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.max_length = max_length
+        template_cls = registry.template_class(spec, self.task, template, name)
+        # Encoder templates read sentence-transformers files and the position limit.
+        files = {"folder": self.folder, "config": self.config_dict} if template_cls.needs_model_files else {}
+        self.template = template_cls(self.tokenizer, max_length=max_length, **files)
+        # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
+        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
+        self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
+                                  self.tokenizer)
+        model_ = self.runner.model
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.passage_cache = None
+        self.model_id = f"{self.folder.resolve()}|{self.dtype}"
+        if model_.is_encoder_decoder:
+            # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
+            if passage_cache_bytes is None:
+                passage_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+            self.passage_cache = kalm.passage_pool(model_, passage_cache_bytes, cache_cross_kv, self.dtype,
+                                                   self.device, self.template.document_max_length)
+            self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, bool(cache_cross_kv)
+            self.model_id += "|kv" if cache_cross_kv else "|states"
+        kv_bytes = generate.kv_bytes(model_) if model_.supports_decode else (0, 0)
+        self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache, self.passage_cache,
+                                   decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def head(self):
+        return self.runner.head
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request on the engine loop (started on first use); wait on the returned request."""
+        if req.done.is_set():
+            return req
+        self.scheduler.add(req)
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                    self._thread.start()
+        return req
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                step = self.scheduler.schedule(timeout=1.0)
+            except BaseException:  # a scheduling bug must not kill the thread that owns the model
+                log.exception("scheduling failed")
+                continue
+            if step is None:
+                continue
+            try:
+                out = self.runner.execute(step)
+            except Exception as e:  # e.g. out of memory: fail this step's requests only
+                log.exception("engine step %s failed", type(step).__name__)
+                if isinstance(step, (PrefillStep, DecodeStep)):
+                    self.runner.drop_decode()
+                self.scheduler.fail(step, e)
+                continue
+            try:
+                self.scheduler.postprocess(step, out)
+            except Exception as e:
+                log.exception("handing back the results of %s failed", type(step).__name__)
+                self.scheduler.fail(step, e)

@@ -1,0 +1,34 @@
+"""What every model declares, and the default batch planning.
+
+Capabilities are class attributes read by the runner and the API; nothing probes
+a model with getattr. ``plan`` turns a batch of typed sequences into the model's
+batch context (FlashInfer's plan/run split): the default packs tokens, positions,
+segment ids and shared prefixes; a family overrides it to add what it needs
+(KaLM's block tables, M-RoPE positions).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from engine.context import BatchContext, build_context
+from engine.sequence import Seq
+
+
+class EngineModel(nn.Module):
+    supports_prefix = False  # a shared prefix's K/V (and linear-attention states) can be reused
+    supports_last_only = False  # forward honours ctx.last_only (the last layer for the last rows alone)
+    supports_decode = False  # forward honours ctx.cache (greedy decoding with a KV cache)
+    is_encoder_decoder = False  # encode() passages, forward() decodes prompts against their cross K/V
+    # Checkpoint names: prefixes stripped before matching, and names or prefixes never loaded.
+    checkpoint_prefixes: Tuple[str, ...] = ("model.",)
+    ignored_checkpoint_names: Tuple[str, ...] = ()
+    ignored_checkpoint_prefixes: Tuple[str, ...] = ()
+
+    def plan(self, seqs: List[Seq], device: torch.device, prefixes: Optional[list] = None,
+             prefix_index: Optional[List[int]] = None, **extra) -> "tuple[torch.Tensor, BatchContext]":
+        """(input_ids [T], context) of a batch; host work happens once here."""
+        types = None
+        if any(s.token_types is not None for s in seqs):
+            types = [s.token_types if s.token_types is not None else [0] * s.cost for s in seqs]
+        return build_context([s.token_ids for s in seqs], device, types, prefixes, prefix_index)
