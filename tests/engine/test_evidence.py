@@ -91,9 +91,9 @@ def test_rank_decodes_only_documents_above_threshold(prism35, rng, monkeypatch):
     decoded = []
     real = Generator.generate
 
-    def spy(self, tails, head=None, max_new_tokens=512, stop_ids=None):
+    def spy(self, tails, head=None, max_new_tokens=512, stop_ids=None, **kw):
         decoded.append(len(tails))
-        return real(self, tails, head, max_new_tokens, stop_ids)
+        return real(self, tails, head, max_new_tokens, stop_ids, **kw)
 
     monkeypatch.setattr(Generator, "generate", spy)
     stats = {}
@@ -121,7 +121,7 @@ def test_rank_returns_parsed_tags(prism35, monkeypatch):
     docs = list(texts)
     end = tok.convert_tokens_to_ids("<|im_end|>")
 
-    def fake(self, tails, head=None, max_new_tokens=512, stop_ids=None):
+    def fake(self, tails, head=None, max_new_tokens=512, stop_ids=None, **kw):
         # the tail ends with the template suffix; map each back to its document by text
         return [tok.encode(texts["complete" if "complete" in tok.decode(t) else "truncated"],
                            add_special_tokens=False) + [end] for t in tails]
