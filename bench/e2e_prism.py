@@ -19,6 +19,8 @@ import argparse
 import json
 import random
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -84,6 +86,9 @@ def main():
     ap.add_argument("--docs", type=int, default=None, help="documents to score (default 64 CPU, 1024 GPU)")
     ap.add_argument("--gen-docs", type=int, default=32, help="relevant documents to decode")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per document (default 32 CPU, 256 GPU)")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="evidence decode from this many caller threads at once, each with its own query "
+                         "and --gen-docs / N documents (ours only)")
     ap.add_argument("--ref-batch", type=int, default=None, help="transformers batch size (default 8 CPU, 32 GPU)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -125,6 +130,35 @@ def main():
     n_tok = sum(len(s) for s in seqs)
     results["ours_generate"] = {"tokens_per_s": n_tok / t, "seconds": t, "docs": len(tails), "tokens": n_tok}
     print(f"ours evidence decode:  {n_tok / t:9.1f} tokens/s ({len(tails)} docs x {new_tokens} tokens, {t:.2f} s)")
+
+    if args.concurrency > 1:
+        per = max(1, args.gen_docs // args.concurrency)
+        jobs = []
+        for _ in range(args.concurrency):
+            h = tpl.encode_head(words(rng, 20))
+            jobs.append((h, tpl.encode_tails(h, docs[:per]).ids))
+        for h, tl in jobs:  # warm the prefixes: the timed part is prefill + decode
+            gen.generate(tl[:1], h, max_new_tokens=1, stop_ids=[])
+        outs = [None] * len(jobs)
+        start = threading.Barrier(len(jobs) + 1)
+
+        def work(i):
+            start.wait()
+            outs[i] = gen.generate(jobs[i][1], jobs[i][0], max_new_tokens=new_tokens, stop_ids=[])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+        for th in threads:
+            th.start()
+        t0 = time.perf_counter()
+        start.wait()
+        for th in threads:
+            th.join()
+        t = time.perf_counter() - t0
+        n_tok = sum(len(s) for o in outs for s in o)
+        results["ours_generate_concurrent"] = {"tokens_per_s": n_tok / t, "seconds": t, "callers": len(jobs),
+                                               "docs_per_caller": per, "tokens": n_tok}
+        print(f"ours evidence decode, {len(jobs)} concurrent callers x {per} docs: {n_tok / t:9.1f} tokens/s "
+              f"({t:.2f} s)")
 
     if not args.skip_reference:
         from transformers import Qwen3_5ForCausalLM

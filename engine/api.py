@@ -43,17 +43,24 @@ class Reranker:
     query and document embeddings.
     """
 
-    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None, share_prefix: bool = True, template: Optional[str] = None,
-                 passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False):
-        # template: "prism" or "qwen3" picks a yes/no reranker's prompt (a model named *prism* gets Prism's).
+    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
+                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None, share_prefix: bool = True,
+                 template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
+                 label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
+                 cache_cross_kv: bool = False):
+        # template: a built-in prompt ("qwen3", "prism", "querit"; a model named *prism* gets Prism's), a
+        # Jinja template file, or a format string with {query}, {document} and {instruction} (between
+        # template_prefix and template_suffix). label_tokens: the yes/no answers, e.g. ("true", "false").
+        # max_length: tokens per sequence (default: the template's, 8192; Querit 4096).
         # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: its budget in
         # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's cross
         # K/V instead of the pooled encoder states.
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
         self.engine = Engine(model, task=task, task_default="rerank", device=device, dtype=dtype,
                              max_length=max_length, max_batch_tokens=max_batch_tokens, template=template,
-                             passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv)
+                             template_prefix=template_prefix, template_suffix=template_suffix,
+                             label_tokens=label_tokens, passage_cache_bytes=passage_cache_bytes,
+                             cache_cross_kv=cache_cross_kv)
         self.share_prefix = share_prefix
         self._generator = None  # engine.generate.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
@@ -265,8 +272,8 @@ class Reranker:
 class Embedder:
     """Embed texts: last-token pooling (Qwen3-Embedding), L2-normalised, Matryoshka ``dimensions``."""
 
-    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None):
+    def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
+                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None):
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
         self.engine = Engine(model, task=task or None, task_default="embed", device=device, dtype=dtype,
                              max_length=max_length, max_batch_tokens=max_batch_tokens)

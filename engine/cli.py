@@ -31,10 +31,17 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
                    help="default: what the model's name says (Reranker / Embedding)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--max-length", type=int, default=8192, help="tokens per sequence; longer inputs are truncated")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
-    p.add_argument("--template", choices=["qwen3", "prism"], default=None,
-                   help="prompt of a yes/no reranker (default: Prism's for models named *prism*, else Qwen3's)")
+    p.add_argument("--template", default=None,
+                   help="prompt of a yes/no or 2-way reranker: qwen3, prism, querit, a Jinja template file "
+                        "(rendered with query, document, instruction) or a format string with {query}, {document} "
+                        "and {instruction} (default: the model's own; Prism's for models named *prism*)")
+    p.add_argument("--template-prefix", default="", help="literal text before a format-string --template")
+    p.add_argument("--template-suffix", default="", help="literal text after a format-string --template")
+    p.add_argument("--label-tokens", default=None,
+                   help="the yes/no answers of a yes/no reranker, comma-separated (default: yes,no)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--documents", required=True, help="JSONL: one string or {\"text\": ...} per line")
     r.add_argument("--top-n", type=int, default=None)
     r.add_argument("--instruction", default=None)
+    r.add_argument("--raw-scores", action="store_true",
+                   help="the exact logits (l_yes - l_no for yes/no rerankers) instead of the scores")
 
     e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
     _model_args(e)
@@ -97,8 +106,10 @@ def read_jsonl(path: str) -> List[str]:
 def _service(args, task: Optional[str] = None):
     from engine.service import Service
 
+    labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype,
-                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template)
+                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
+                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
 
 
 def _chunks(n: int, desc: str):
@@ -118,7 +129,8 @@ def cmd_rank(args) -> int:
     service = _service(args)
     scores: List[float] = []
     for a, b in _chunks(len(docs), "rank"):
-        s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction)
+        s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction,
+                             raw_scores=args.raw_scores)
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
     results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]

@@ -12,28 +12,30 @@ encoding and decoding, evidence prefill and decode) is a step of this loop.
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from engine import generate, kalm, registry
 from engine.cache import PrefixCache
+from engine.prompt_template import PromptTemplate, user_template
 from engine.request import Request
 from engine.runner import ModelRunner, pick_device, pick_dtype
 from engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from engine.tokenizer import load_tokenizer
-from engine.weights import read_config, resolve_model
+from engine.weights import checkpoint_index, read_config, resolve_model
 
 log = logging.getLogger("engine")
 
 
 class Engine:
     def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None, device=None,
-                 dtype=None, max_length: int = 8192, max_batch_tokens: Optional[int] = None,
-                 template: Optional[str] = None, prefix_cache_bytes: int = 256 << 20,
+                 dtype=None, max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+                 template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
+                 label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
                  passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
                  decode_cache_bytes: int = 2 << 30):
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
-        self.arch, spec = registry.lookup(self.config_dict)
+        self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
         name = f"{model} {self.folder.name}"
         self.task = registry.infer_task(spec, name, task, task_default)
         self.device = pick_device(device)
@@ -42,15 +44,21 @@ class Engine:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(self.folder)
-        self.max_length = max_length
         template_cls = registry.template_class(spec, self.task, template, name)
+        extra: dict = {}
+        if template_cls is PromptTemplate:  # a user's Jinja file or format string
+            extra = user_template(template, template_prefix, template_suffix, spec.tasks[self.task].head)
+        elif template_prefix or template_suffix:
+            raise ValueError("template_prefix/template_suffix go with a format-string template")
         # Encoder templates read sentence-transformers files and the position limit.
-        files = {"folder": self.folder, "config": self.config_dict} if template_cls.needs_model_files else {}
-        self.template = template_cls(self.tokenizer, max_length=max_length, **files)
+        if template_cls.needs_model_files:
+            extra.update(folder=self.folder, config=self.config_dict)
+        self.max_length = max_length if max_length is not None else template_cls.default_max_length
+        self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                  self.tokenizer)
+                                  self.tokenizer, label_tokens=label_tokens)
         model_ = self.runner.model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.passage_cache = None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from engine.context import BatchContext, build_context
+from engine.layers import Attention
 from engine.request import GenerateRequest
 from engine.sequence import Seqs
 from engine.weights import checkpoint_index, read_tensor
@@ -113,11 +114,9 @@ def kv_bytes(model) -> "tuple[int, int]":
     per_token = per_seq = 0
     size = model.embed_tokens.weight.element_size()
     for m in model.modules():
-        if hasattr(m, "num_kv_heads") and hasattr(m, "head_dim"):
+        if isinstance(m, Attention):
             per_token += 2 * m.num_kv_heads * m.head_dim * size
-        elif hasattr(m, "conv_dim") and hasattr(m, "num_v_heads"):
-            per_seq += m.conv_dim * (m.conv1d.weight.shape[-1] - 1) * size
-            per_seq += m.num_v_heads * m.head_k_dim * m.head_v_dim * 4
+        per_seq += getattr(m, "decode_state_bytes", 0)  # recurrent layers (Gated DeltaNet)
     return per_token, per_seq
 
 

@@ -34,9 +34,15 @@ class Head(nn.Module):
     checkpoint_names: frozenset = frozenset()
 
 
-def build_yes_no_head(config: dict, tokenizer, index) -> "YesNoHead":
-    """Fold the LM head's yes/no rows (or the tied embedding's) into one fp32 vector."""
-    yes, no = token_id(tokenizer, "yes"), token_id(tokenizer, "no")
+def build_yes_no_head(config: dict, tokenizer, index, label_tokens=("yes", "no")) -> "YesNoHead":
+    """Fold the LM head's yes/no rows (or the tied embedding's) into one fp32 vector.
+    ``label_tokens``: the (positive, negative) answers, for models that say "true"/"false"."""
+    if len(label_tokens) != 2:
+        raise ValueError(f"label_tokens must be two tokens (positive, negative), got {list(label_tokens)}")
+    try:
+        yes, no = token_id(tokenizer, label_tokens[0]), token_id(tokenizer, label_tokens[1])
+    except ValueError as e:
+        raise ValueError(f"label tokens: {e}") from None
     # T5Gemma2 (KaLM) names its head lm_head.out_proj and its shared embedding model.encoder.embed_tokens.
     name = next((n for n in ("lm_head.weight", "model.lm_head.weight", "lm_head.out_proj.weight") if n in index), None)
     if name is None:
@@ -127,7 +133,7 @@ def _label_column(config: dict, num_labels: int) -> Optional[int]:
     return hits[0]
 
 
-def build_classifier_head(config: dict, tokenizer, index) -> "ClassificationHead":
+def build_classifier_head(config: dict, tokenizer, index, **_) -> "ClassificationHead":
     """BERT: ``classifier(tanh(pooler.dense(h)))``; RoBERTa: ``out_proj(tanh(dense(h)))``, on the first token."""
     if "classifier.out_proj.weight" in index:
         dense, out = "classifier.dense", "classifier.out_proj"
@@ -180,7 +186,7 @@ def _read_json(path):
         return json.load(fh)
 
 
-def build_pooling_head(config: dict, tokenizer, index) -> "PoolingHead":
+def build_pooling_head(config: dict, tokenizer, index, **_) -> "PoolingHead":
     """Pooling and Normalize as the sentence-transformers folder declares (``modules.json``,
     ``1_Pooling/config.json``); a plain transformers folder gets mean pooling, like sentence-transformers."""
     folder = Path(next(iter(index.values())).file).parent
@@ -258,9 +264,44 @@ def matryoshka(emb: torch.Tensor, dimensions: Optional[int], normalize: bool = T
     return F.normalize(emb, p=2, dim=-1) if normalize else emb
 
 
+def build_two_way_head(config: dict, tokenizer, index, **_) -> "TwoWayHead":
+    """Querit-Reranker's ``head = Linear(hidden, 2)`` (with bias), read from ``head.*``."""
+    names = ("head.weight", "head.bias")
+    for n in names:
+        if n not in index:
+            raise WeightError(f"missing tensor {n} for the 2-way head")
+    w, b = (read_tensor(index[n], n).float() for n in names)
+    if w.dim() != 2 or w.shape[0] != 2 or b.shape != (2,):
+        raise WeightError(f"head.weight must be [2, hidden] and head.bias [2], got {list(w.shape)} and {list(b.shape)}")
+    head = TwoWayHead(w, b)
+    head.checkpoint_names = frozenset(names)
+    return head
+
+
+class TwoWayHead(Head):
+    """Querit: z = head(norm(h_last)) in fp32; score = softmax(z)[1] - softmax(z)[0] in [-1, 1],
+    logit = z1 - z0 (score = tanh(logit / 2))."""
+
+    reads_last_token = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())  # [2, H] fp32
+        self.register_buffer("bias", bias.contiguous())  # [2] fp32
+
+    def forward(self, hidden, residual, ctx: BatchContext, model):
+        norm = model.norm
+        res = residual[ctx.last_index] if residual is not None else None
+        h, _ = kernels.rms_norm(hidden[ctx.last_index], norm.weight, norm.eps, residual=res, offset=norm.offset)
+        z = F.linear(h.float(), self.weight, self.bias)  # [n, 2]
+        p = torch.softmax(z, dim=-1)
+        return z[:, 1] - z[:, 0], p[:, 1] - p[:, 0]
+
+
 HEAD_BUILDERS = {
     "yes_no": build_yes_no_head,
-    "last_token": lambda config, tokenizer, index: LastTokenPooling(),
+    "two_way": build_two_way_head,
+    "last_token": lambda config, tokenizer, index, **_: LastTokenPooling(),
     "classifier": build_classifier_head,
     "pooling": build_pooling_head,
 }

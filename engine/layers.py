@@ -3,13 +3,15 @@
 Fused projections (qkv, gate_up) are one weight whose shards are filled by the
 loader through ``weight_loader(param, tensor, shard_id)``.
 """
-from typing import Dict, Optional
+from types import SimpleNamespace
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.context import BatchContext
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -86,3 +88,124 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+# --- config helpers ------------------------------------------------------------------------------
+
+def text_config(cfg):
+    """The text decoder's config: ``cfg.text_config`` for multimodal checkpoints, else ``cfg``."""
+    nested = getattr(cfg, "text_config", None)
+    if nested is None:
+        return cfg
+    return SimpleNamespace(**nested) if isinstance(nested, dict) else nested
+
+
+def head_dim(cfg) -> int:
+    """``head_dim``, or hidden_size / num_attention_heads where the config leaves it out."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def rope_parameters(cfg) -> dict:
+    """The rope settings of a flat config: transformers 5's ``rope_parameters``, else the older
+    ``rope_scaling`` + top-level ``rope_theta`` / ``partial_rotary_factor``."""
+    params = getattr(cfg, "rope_parameters", None)
+    params = dict(params) if isinstance(params, dict) else dict(getattr(cfg, "rope_scaling", None) or {})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", float(getattr(cfg, "rope_theta", 10000.0)))
+    if getattr(cfg, "partial_rotary_factor", None) is not None:
+        params.setdefault("partial_rotary_factor", cfg.partial_rotary_factor)
+    return params
+
+
+# --- rotary embedding, MLP, attention ------------------------------------------------------------
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin ``[T, dim // 2]`` fp32 of integer positions, rotate-half convention; a linear
+    ``factor`` divides the frequencies (transformers' "linear" rope type)."""
+
+    def __init__(self, dim: int, theta: float, factor: float = 1.0):
+        super().__init__()
+        self.dim, self.theta, self.factor = dim, float(theta), float(factor)
+
+    def forward(self, positions: torch.Tensor):
+        if self.factor == 1.0:
+            return kernels.rope_cos_sin(positions, self.dim, self.theta)
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=positions.device).float() / self.dim
+        inv_freq = 1.0 / (self.theta ** exponents) / self.factor  # as transformers scales it
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+
+_GATE_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with one fused gate_up projection; ``act`` is silu (SwiGLU,
+    one fused kernel) or gelu_tanh (GeGLU)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        if act not in _GATE_ACTIVATIONS:
+            raise NotImplementedError(f"gated MLP activation {act!r} is not supported; supported: {_GATE_ACTIVATIONS}")
+        self.act = act
+        self.gate_up_proj = MergedLinear(hidden_size, {0: intermediate_size, 1: intermediate_size}, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "silu":
+            return self.down_proj(kernels.swiglu(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Attention(nn.Module):
+    """Attention of packed queries over their keys: the only code that reads the batch context's modes.
+
+    - decode (``ctx.cache``): one new token per sequence, attending over its KV cache;
+    - capture (``ctx.capture_kv``): a shared prefix (or a decode prefill) keeps this layer's K/V;
+    - prefix (``ctx.prefixes``): each sequence also attends to its shared prefix's cached K/V;
+    - last-token-only (``ctx.last_only``, on the model's last layer): queries are the last rows;
+    - window / cross (``window`` set; ``ctx.cross``): sliding windows and paged cross K/V
+      (encoder-decoder), through the paged kernel; ``cross_kv`` projects cached states.
+    Takes q ``[T, Hq, D]`` and k, v ``[T, Hkv, D]``; returns ``[T or n, Hq, D]``.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int = 0,
+                 causal: bool = True, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+                 last_layer: bool = False, cross_kv=None):
+        super().__init__()
+        assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.layer_idx, self.causal = scale, layer_idx, causal
+        self.window, self.last_layer = window, last_layer
+        self._cross_kv = cross_kv
+
+    def cross_kv(self, states: torch.Tensor):
+        return self._cross_kv(states)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        if ctx.cache is not None:  # decoding: attend over the per-sequence KV cache
+            return ctx.cache.attend(self.layer_idx, q, k, v, self.scale)
+        if ctx.capture_kv is not None:  # computing a shared prefix (or a decode prefill): keep K/V
+            ctx.capture_kv.append((k, v))
+        if self.window is not None:
+            extra = {}
+            if ctx.cross is not None:
+                k_cache, v_cache = ctx.cross.kv(self)  # [blocks, page, Hkv, D] each
+                extra = dict(k_cache=k_cache, v_cache=v_cache, block_tables=ctx.cross.block_tables,
+                             cross_lens=ctx.cross.cross_lens)
+            left, right = self.window
+            return kernels.paged_attention(q, k, v, ctx.cu_seqlens, scale=self.scale, window_left=left,
+                                           window_right=right, max_seqlen=ctx.max_seqlen, **extra)
+        prefix_k, prefix_v = ctx.prefix_kv(self.layer_idx)
+        cu_q, max_q = ctx.cu_seqlens, ctx.max_seqlen
+        if self.last_layer and ctx.last_only:  # one query per sequence (its last token): bottom-right causal
+            q = q[ctx.last_index]
+            cu_q, max_q = ctx.cu_last, 1
+        return kernels.varlen_attention(
+            q, k, v, cu_q, ctx.cu_seqlens, causal=self.causal, scale=self.scale,
+            prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=ctx.cu_seqlens_p, prefix_index=ctx.prefix_index,
+            max_seqlen_q=max_q, max_seqlen_k=ctx.max_seqlen,
+        )

@@ -5,6 +5,7 @@ implementation. An unknown architecture lists the supported ones.
 """
 import importlib
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -48,6 +49,8 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
     # Prism-Reranker: unchanged Qwen3.5 weights (text part of the multimodal checkpoints too).
     "Qwen3_5ForCausalLM": ArchSpec("qwen3_5", "Qwen3_5Model", _PRISM_TASKS),
     "Qwen3_5ForConditionalGeneration": ArchSpec("qwen3_5", "Qwen3_5Model", _PRISM_TASKS),
+    # Querit-Reranker: a Qwen3 backbone with a 2-way linear head at the appended [CLS] (model.*, head.*).
+    "MLQwen3Model": ArchSpec("qwen3", "Qwen3Model", {"rerank": TaskSpec(head="two_way", template="QueritTemplate")}),
     # KaLM-Reranker-V1: T5Gemma2 encoder-decoder with cached passage encodings (engine/kalm.py).
     "T5Gemma2ForConditionalGeneration": ArchSpec(
         "t5gemma2", "T5Gemma2Model", {"rerank": TaskSpec(head="yes_no", template="KaLMRerankTemplate")}),
@@ -55,17 +58,27 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
 
 # Prompt templates a user may pick by name (``Reranker(model, template="prism")``) on an
 # architecture whose head fits them; a model whose name says "prism" gets the Prism template.
-TEMPLATE_ALIASES = {"prism": "PrismRerankTemplate", "qwen3": "Qwen3RerankTemplate"}
+TEMPLATE_ALIASES = {"prism": "PrismRerankTemplate", "qwen3": "Qwen3RerankTemplate", "querit": "QueritTemplate"}
+_ALIAS_HEADS = {"prism": "yes_no", "qwen3": "yes_no", "querit": "two_way"}
+_TEMPLATE_MODULES = {"QueritTemplate": "engine.prompt_template",  # every other class: engine.templates
+                     "PromptTemplate": "engine.prompt_template"}
+# Heads whose models read a prompt a user may write (a Jinja file or a format string).
+_PROMPT_HEADS = ("yes_no", "two_way")
 
 
 def supported_architectures():
     return sorted(ARCHITECTURES)
 
 
-def lookup(config: dict) -> Tuple[str, ArchSpec]:
+def lookup(config: dict, names=()) -> Tuple[str, ArchSpec]:
+    """The architecture of a config.json; ``names`` (the checkpoint's tensor names) tells a Qwen3
+    checkpoint carrying Querit's 2-way head (``head.weight`` [2, hidden], num_labels 2) apart."""
     archs = config.get("architectures") or []
     for a in archs:
         if a in ARCHITECTURES:
+            labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default
+            if a in ("Qwen3ForCausalLM", "Qwen3Model") and "head.weight" in names and labels == 2:
+                return "MLQwen3Model", ARCHITECTURES["MLQwen3Model"]
             return a, ARCHITECTURES[a]
     raise ValueError(
         f"unsupported architecture {archs or config.get('model_type')!r}; "
@@ -98,17 +111,34 @@ def model_class(spec: ArchSpec):
     return getattr(importlib.import_module(f"engine.models.{spec.module}"), spec.cls)
 
 
+def _is_file(path: str) -> bool:
+    return len(path) < 4096 and "\n" not in path and Path(path).is_file()
+
+
 def template_class(spec: ArchSpec, task: str, template: Optional[str] = None, name: str = ""):
-    """The task's template class; ``template`` (an alias of TEMPLATE_ALIASES) overrides it for
-    yes/no rerankers, and a Qwen3 yes/no reranker named "prism" gets the Prism template."""
+    """The template class of a task.
+
+    ``template`` overrides the task's default on rerankers whose head reads a prompt: a built-in
+    name of TEMPLATE_ALIASES, else a user's template (a Jinja file or a format string, see
+    engine.prompt_template.user_template), served by PromptTemplate. A Qwen3 yes/no reranker
+    named "prism" gets the Prism template.
+    """
+    head = spec.tasks[task].head
     chosen = spec.tasks[task].template
-    yes_no = spec.tasks[task].head == "yes_no"
     if template is not None:
-        if template not in TEMPLATE_ALIASES:
-            raise ValueError(f"template must be one of {sorted(TEMPLATE_ALIASES)}, got {template!r}")
-        if not yes_no:
-            raise ValueError(f"template={template!r} applies to yes/no rerankers; {spec.cls} ({task}) is not one")
-        chosen = TEMPLATE_ALIASES[template]
-    elif yes_no and "prism" in name.lower():
+        if head not in _PROMPT_HEADS:
+            raise ValueError(f"template={template!r} applies to yes/no rerankers and 2-way ones (Querit); "
+                             f"{spec.cls} ({task}) is neither")
+        if template in TEMPLATE_ALIASES:
+            if _ALIAS_HEADS[template] != head:
+                raise ValueError(f"template={template!r} is for {_ALIAS_HEADS[template]} heads; "
+                                 f"{spec.cls} ({task}) has a {head} head")
+            chosen = TEMPLATE_ALIASES[template]
+        elif "{" in template or _is_file(template):
+            chosen = "PromptTemplate"
+        else:
+            raise ValueError(f"template must be one of {sorted(TEMPLATE_ALIASES)}, a Jinja template file or a "
+                             f"format string with {{document}}; got {template!r}")
+    elif head == "yes_no" and "prism" in name.lower():
         chosen = TEMPLATE_ALIASES["prism"]
-    return getattr(importlib.import_module("engine.templates"), chosen)
+    return getattr(importlib.import_module(_TEMPLATE_MODULES.get(chosen, "engine.templates")), chosen)

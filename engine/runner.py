@@ -54,7 +54,7 @@ def _default_dtype(dtype):
 
 class ModelRunner:
     def __init__(self, folder, config_dict: dict, spec: registry.ArchSpec, task: str, device: torch.device,
-                 dtype: torch.dtype, tokenizer):
+                 dtype: torch.dtype, tokenizer, label_tokens=None):
         self.folder, self.device, self.dtype = folder, device, dtype
         config = SimpleNamespace(**config_dict)
         index = checkpoint_index(folder)
@@ -63,7 +63,11 @@ class ModelRunner:
         with self.device, _default_dtype(self.dtype):
             self.model = model_cls(config)
         self.model.eval()
-        self.head = HEAD_BUILDERS[spec.tasks[task].head](config_dict, tokenizer, index).to(self.device)
+        head = spec.tasks[task].head
+        if label_tokens is not None and head != "yes_no":
+            raise ValueError(f"label_tokens applies to yes/no rerankers; {spec.cls} ({task}) has a {head} head")
+        options = {"label_tokens": tuple(label_tokens)} if label_tokens is not None else {}
+        self.head = HEAD_BUILDERS[head](config_dict, tokenizer, index, **options).to(self.device)
         # Tensors a head reads (or knows to be unused) are not the model's; all others must load.
         reserved = {"lm_head.weight"} | set(self.head.checkpoint_names)
         skip, skip_prefixes = set(model_cls.ignored_checkpoint_names), tuple(model_cls.ignored_checkpoint_prefixes)

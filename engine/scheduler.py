@@ -141,12 +141,13 @@ class Scheduler:
         """The step raised: fail the requests it served (never the engine)."""
         if isinstance(step, PrefixStep):
             reqs = [r for rs in step.requests.values() for r in rs]
-        elif isinstance(step, (ScoreStep, PassageStep)):
-            reqs = [r for r, _ in step.items + getattr(step, "index_items", [])]
-            if isinstance(step, PassageStep):  # unwritten entries must not be found later
-                new = {k for k, _, _ in step.encode}
-                self.passage_cache.discard([step.entries[k] for k in new])
-                self.passage_cache.release([e for k, e in step.entries.items() if k not in new])
+        elif isinstance(step, ScoreStep):
+            reqs = [r for r, _ in step.items]
+        elif isinstance(step, PassageStep):
+            reqs = [r for r, _ in step.items + step.index_items]
+            new = {k for k, _, _ in step.encode}  # their rows were never written: nobody may find them
+            self.passage_cache.discard([step.entries[k] for k in new])
+            self.passage_cache.release([e for k, e in step.entries.items() if k not in new])
         elif isinstance(step, PrefillStep):  # the runner's decode cache is lost: every running row with it
             reqs = [step.request] + [r for r, _ in self.running]
             self._reset_decode()

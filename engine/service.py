@@ -28,10 +28,12 @@ class WrongTask(ValueError):
 
 
 class Service:
-    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: int = 8192,
-                 max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None):
+    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: Optional[int] = None,
+                 max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
+                 template_prefix: str = "", template_suffix: str = "", label_tokens=None):
         self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
-                                 max_batch_tokens=max_batch_tokens, template=template)
+                                 max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
+                                 template_suffix=template_suffix, label_tokens=label_tokens)
         self.engine = self.reranker.engine
         self.task = self.engine.task
         self.embedder = Embedder.from_engine(self.engine) if self.task == "embed" else None
@@ -126,13 +128,13 @@ class Service:
         return ranked, int(call.get("prompt_tokens", 0))
 
     def score(self, queries: Sequence[str], documents: Sequence[str], instruction: Optional[str] = None,
-              cancel=None) -> Tuple[List[float], int]:
-        """(scores of the pairs in order, prompt tokens)."""
+              cancel=None, raw_scores: bool = False) -> Tuple[List[float], int]:
+        """(scores of the pairs in order, or their exact logits with ``raw_scores``; prompt tokens)."""
         if not queries:
             return [], 0
         call: dict = {}
         scores = self.reranker.predict(list(zip(queries, documents)), instruction=instruction, cancel=cancel,
-                                       stats=call)
+                                       raw_scores=raw_scores, stats=call)
         return scores, int(call.get("prompt_tokens", 0))
 
     def embed(self, texts: Sequence[str], dimensions: Optional[int] = None, normalize: bool = True,

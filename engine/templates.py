@@ -35,6 +35,7 @@ class Template:
     supports_prefix = False
     needs_model_files = False
     default_instruction: Optional[str] = None
+    default_max_length = 8192  # when the caller gives none
     max_length: int = 8192
 
     def clip(self, texts: Sequence[str], max_tokens: int) -> List[str]:

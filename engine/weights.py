@@ -131,7 +131,7 @@ def load_weights(
     Returns the set of checkpoint names loaded. Raises WeightError before copying anything
     if a parameter would be missing, loaded twice, or mis-shaped, or a tensor is unexpected.
     """
-    packed = getattr(model, "packed_modules_mapping", {})
+    packed = model.packed_modules_mapping
     params = dict(model.named_parameters())
     # Every (param, shard) that must be filled, and by which checkpoint name.
     needed: Dict[Tuple[str, object], Optional[str]] = {}

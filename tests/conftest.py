@@ -64,6 +64,30 @@ def make_qwen3(tmp_path_factory, qwen3_backend):
     return make
 
 
+@pytest.fixture(scope="session")
+def loud_qwen3(make_qwen3, tmp_path_factory):
+    """(folder, yes id, no id): a Qwen3 reranker whose untied LM head has its yes/no rows scaled, so
+    that l_yes - l_no reaches about +-40, where an fp32 sigmoid can no longer be inverted."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    src = make_qwen3(name="Qwen3-Reranker-untied", tie=False)
+    folder = tmp_path_factory.mktemp("loud") / "Qwen3-Reranker-loud"
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(str(src))
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    w = tensors["lm_head.weight"].clone()
+    w[yes] *= 60.0
+    w[no] *= -60.0
+    tensors["lm_head.weight"] = w
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder, yes, no
+
+
 @pytest.fixture
 def rng():
     return random.Random(1234)

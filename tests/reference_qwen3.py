@@ -39,6 +39,16 @@ class Qwen3RerankerReference:
         return out
 
 
+    @torch.inference_mode()
+    def logits(self, pairs, instruction=None):
+        """l_yes - l_no at the last position, one unpadded pair at a time, in float64."""
+        out = []
+        for ids in self.encode(pairs, instruction)["input_ids"]:
+            logits = self.model(torch.tensor([ids])).logits[0, -1].double()
+            out.append(float(logits[self.yes] - logits[self.no]))
+        return out
+
+
 class Qwen3EmbeddingReference:
     """Qwen3-Embedding model card code: left padding, last-token pool, L2 normalise."""
 

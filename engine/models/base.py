@@ -24,6 +24,8 @@ class EngineModel(nn.Module):
     checkpoint_prefixes: Tuple[str, ...] = ("model.",)
     ignored_checkpoint_names: Tuple[str, ...] = ()
     ignored_checkpoint_prefixes: Tuple[str, ...] = ()
+    # Checkpoint name -> (our fused parameter, shard id), e.g. {"q_proj": ("qkv_proj", "q")}.
+    packed_modules_mapping: dict = {}
 
     def plan(self, seqs: List[Seq], device: torch.device, prefixes: Optional[list] = None,
              prefix_index: Optional[List[int]] = None, **extra) -> "tuple[torch.Tensor, BatchContext]":

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from engine.context import BatchContext
-from engine.layers import Linear, MergedLinear, VocabEmbedding, default_weight_loader
+from engine.layers import Attention, Linear, MergedLinear, VocabEmbedding, default_weight_loader
 from engine.models.base import EngineModel
 
 _ACTIVATIONS = {
@@ -73,14 +72,12 @@ class BertSelfAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv_proj = MergedLinear(hidden_size, {"q": hidden_size, "k": hidden_size, "v": hidden_size}, bias=True)
+        self.attn = Attention(num_heads, num_heads, self.head_dim, self.scale, causal=False)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, nh, hd]
-        o = kernels.varlen_attention(
-            q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, causal=False, scale=self.scale,
-            max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen,
-        )  # [T, nh, hd]
+        o = self.attn(q, k, v, ctx)  # [T, nh, hd]
         return o.reshape(t, -1)
 
 

@@ -14,7 +14,6 @@ start every document's scan from the prefix's final conv and recurrent states
 During decoding (``ctx.cache``, engine/generate.py) attention layers attend over the
 per-sequence KV cache and DeltaNet layers step their states.
 """
-from types import SimpleNamespace
 from typing import Tuple
 
 import torch
@@ -23,29 +22,18 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding, default_weight_loader
+from engine.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
+                           default_weight_loader, head_dim, rope_parameters, text_config)
 from engine.models.base import EngineModel
-from engine.models.qwen3 import Qwen3MLP
-
-
-def text_config(cfg) -> SimpleNamespace:
-    """The text decoder's config: ``cfg.text_config`` for multimodal checkpoints, else ``cfg``."""
-    nested = getattr(cfg, "text_config", None)
-    if nested is None:
-        return cfg
-    return SimpleNamespace(**nested) if isinstance(nested, dict) else nested
 
 
 def rope_settings(cfg) -> Tuple[float, float]:
     """(theta, partial_rotary_factor). Text tokens have equal t/h/w positions, so the
     interleaved M-RoPE sections reduce to plain RoPE over the rotary dims."""
-    params = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type"))
-    if rope_type not in ("default", None):
-        raise NotImplementedError(f"rope type {rope_type!r} is not supported for Qwen3.5")
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 0.25))
-    return float(theta), float(factor)
+    params = rope_parameters(cfg)
+    if params["rope_type"] != "default":
+        raise NotImplementedError(f"rope type {params['rope_type']!r} is not supported for Qwen3.5")
+    return float(params["rope_theta"]), float(params.get("partial_rotary_factor", 0.25))
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,15 +58,14 @@ class Qwen3_5GatedAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rms_norm_eps: float,
                  kv_index: int, attention_bias: bool = False):
         super().__init__()
-        assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.kv_index = kv_index  # this layer's slot among the attention layers (prefix K/V, KV cache)
-        self.scale = head_dim ** -0.5
         self.sizes = [num_heads * head_dim * 2, num_kv_heads * head_dim, num_kv_heads * head_dim]
         self.qkv_proj = MergedLinear(hidden_size, dict(zip("qkv", self.sizes)), bias=attention_bias)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=attention_bias)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, offset=1.0)
+        # kv_index: this layer's slot among the attention layers (prefix K/V, KV cache).
+        self.attn = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, kv_index, causal=True)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n_tok, d = x.shape[0], self.head_dim
@@ -88,17 +75,7 @@ class Qwen3_5GatedAttention(nn.Module):
         q = apply_partial_rope(self.q_norm(qg[..., :d]), cos, sin)  # [T, Hq, D]
         k = apply_partial_rope(self.k_norm(k.view(n_tok, self.num_kv_heads, d)), cos, sin)  # [T, Hkv, D]
         v = v.view(n_tok, self.num_kv_heads, d)
-        if ctx.cache is not None:  # decoding: attend over the per-sequence KV cache
-            o = ctx.cache.attend(self.kv_index, q, k, v, self.scale)
-        else:
-            if ctx.capture_kv is not None:  # computing a shared prefix (or a decode prefill): keep K/V
-                ctx.capture_kv.append((k, v.contiguous()))
-            prefix_k, prefix_v = ctx.prefix_kv(self.kv_index)
-            o = kernels.varlen_attention(
-                q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, causal=True, scale=self.scale,
-                prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=ctx.cu_seqlens_p, prefix_index=ctx.prefix_index,
-                max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen,
-            )  # [T, Hq, D]
+        o = self.attn(q, k, v, ctx)  # [T, Hq, D]
         return self.o_proj(o.reshape(n_tok, -1) * torch.sigmoid(gate))
 
 
@@ -142,6 +119,13 @@ class Qwen3_5GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(head_v_dim, rms_norm_eps)
         self.out_proj = Linear(self.value_dim, hidden_size)
 
+    @property
+    def decode_state_bytes(self) -> int:
+        """Bytes of one sequence's decode state: the conv window and the fp32 recurrent state."""
+        size = self.conv1d.weight.element_size()
+        return (self.conv_dim * (self.conv1d.weight.shape[-1] - 1) * size
+                + self.num_v_heads * self.head_k_dim * self.head_v_dim * 4)
+
     def _initial_states(self, ctx: BatchContext):
         if ctx.cache is not None:
             return ctx.cache.linear_state(self.lin_index)
@@ -184,14 +168,13 @@ class Qwen3_5DecoderLayer(nn.Module):
                 cfg.linear_value_head_dim, getattr(cfg, "linear_conv_kernel_dim", 4), cfg.rms_norm_eps, index,
             )
         elif layer_type == "full_attention":
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             self.self_attn = Qwen3_5GatedAttention(
-                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
+                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg), cfg.rms_norm_eps,
                 index, getattr(cfg, "attention_bias", False),
             )
         else:
             raise NotImplementedError(f"Qwen3.5 layer type {layer_type!r} is not supported")
-        self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
 
@@ -238,9 +221,8 @@ class Qwen3_5Model(EngineModel):
     def __init__(self, cfg):
         super().__init__()
         cfg = text_config(cfg)
-        self.rope_theta, factor = rope_settings(cfg)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.rotary_dim = int(head_dim * factor)
+        theta, factor = rope_settings(cfg)
+        self.rotary = RotaryEmbedding(int(head_dim(cfg) * factor), theta)
         self.hidden_size = cfg.hidden_size
         self.layer_types = layer_types(cfg)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
@@ -256,7 +238,7 @@ class Qwen3_5Model(EngineModel):
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> Tuple[torch.Tensor, torch.Tensor]:
         # input_ids: [T]; returns (last layer output [T, H], residual [T, H]); final norm(x + residual).
-        cos, sin = kernels.rope_cos_sin(ctx.positions, self.rotary_dim, self.rope_theta)
+        cos, sin = self.rotary(ctx.positions)
         x = self.embed_tokens(input_ids)
         plan = self._plan(ctx, x)
         residual = None

@@ -30,7 +30,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import Linear, MergedLinear, RMSNorm, VocabEmbedding
+from engine.layers import Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from engine.models.base import EngineModel
 
 # transformers' T5Gemma2TextConfig defaults, for keys a config.json leaves out.
@@ -71,14 +71,6 @@ def rope_parameters(cfg, layer_type: str) -> Tuple[float, float]:
     raise NotImplementedError(f"RoPE type {rope_type!r} ({layer_type}) is not supported for T5Gemma2")
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, factor: float):
-    """cos/sin ``[T, head_dim // 2]`` fp32; linear scaling divides the frequencies (as transformers)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents) / factor
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    return freqs.cos(), freqs.sin()
-
-
 class T5Gemma2Embedding(VocabEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, eoi_token_index: int):
         super().__init__(vocab_size, hidden_size)
@@ -96,10 +88,8 @@ class T5Gemma2Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                  scale: float, window: Tuple[Optional[int], Optional[int]], bias: bool = False, layer_idx: int = 0):
         super().__init__()
-        assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.eps, self.scale, self.layer_idx = eps, scale, layer_idx
-        self.window_left, self.window_right = window
+        self.eps, self.layer_idx = eps, layer_idx
         self.qkv_proj = MergedLinear(
             hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim},
             bias=bias,
@@ -107,23 +97,18 @@ class T5Gemma2Attention(nn.Module):
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps, offset=1.0)
         self.k_norm = RMSNorm(head_dim, eps, offset=1.0)
+        # Windows and cross K/V go through the paged kernel; cross_kv projects cached encoder states.
+        self.attn = Attention(num_heads, num_kv_heads, head_dim, scale, layer_idx, window=window,
+                              cross_kv=self.cross_kv)
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext, cos, sin, cross=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BatchContext, cos, sin) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         # qk_norm_rope scales by w: hand it (1 + w) in fp32, the Gemma norm's factor.
         q, k, v = kernels.qk_norm_rope(
             qkv, self.q_norm.weight.float() + 1.0, self.k_norm.weight.float() + 1.0, cos, sin,
             self.num_heads, self.num_kv_heads, self.head_dim, self.eps,
         )
-        extra = {}
-        if cross is not None:
-            k_cache, v_cache = cross.kv(self)  # [blocks, page, Hkv, D] each
-            extra = dict(k_cache=k_cache, v_cache=v_cache, block_tables=cross.block_tables,
-                         cross_lens=cross.cross_lens)
-        o = kernels.paged_attention(
-            q, k, v, ctx.cu_seqlens, scale=self.scale, window_left=self.window_left,
-            window_right=self.window_right, max_seqlen=ctx.max_seqlen, **extra,
-        )  # [T, Hq, D]
+        o = self.attn(q, k, v, ctx)  # [T, Hq, D]; decoder: [self ; cross] keys, one softmax
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     def cross_kv(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,17 +119,6 @@ class T5Gemma2Attention(nn.Module):
         kv = F.linear(states, self.qkv_proj.weight[q_size:], bias).view(-1, 2, self.num_kv_heads, self.head_dim)
         k, _ = kernels.rms_norm(kv[:, 0], self.k_norm.weight, self.eps, offset=1.0)
         return k, kv[:, 1]
-
-
-class T5Gemma2MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {0: intermediate_size, 1: intermediate_size})
-        self.down_proj = Linear(intermediate_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class T5Gemma2Layer(nn.Module):
@@ -160,18 +134,18 @@ class T5Gemma2Layer(nn.Module):
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
             cfg.query_pre_attn_scalar ** -0.5, window, cfg.attention_bias, layer_idx,
         )
-        self.mlp = T5Gemma2MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "gelu_tanh")
         for name in ("pre_self_attn_layernorm", "post_self_attn_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0))
 
-    def forward(self, x, residual, ctx, cos, sin, cross=None):
+    def forward(self, x, residual, ctx, cos, sin):
         # Returns (post-MLP branch, residual stream): the caller's next norm adds them.
         if residual is None:
             residual, h = x, self.pre_self_attn_layernorm(x)
         else:
             h, residual = self.pre_self_attn_layernorm(x, residual)
-        h = self.post_self_attn_layernorm(self.self_attn(h, ctx, cos, sin, cross))
+        h = self.post_self_attn_layernorm(self.self_attn(h, ctx, cos, sin))
         h, residual = self.pre_feedforward_layernorm(h, residual)
         return self.post_feedforward_layernorm(self.mlp(h)), residual
 
@@ -185,14 +159,16 @@ class T5Gemma2Stack(nn.Module):
         self.embed_tokens = embed_tokens
         self.layers = nn.ModuleList([T5Gemma2Layer(cfg, i, bidirectional) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
-        self.rope = {t: rope_parameters(cfg, t) for t in sorted(set(cfg.layer_types))}
+        self.rotary = nn.ModuleDict({t: RotaryEmbedding(cfg.head_dim, *rope_parameters(cfg, t))
+                                     for t in sorted(set(cfg.layer_types))})
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, cross=None):
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext):
         # input_ids: [T]; returns (last layer branch [T, H], residual [T, H]) before the final norm.
-        rope = {t: rope_cos_sin(ctx.positions, self.head_dim, *p) for t, p in self.rope.items()}
+        # The decoder reads its prompts' cross K/V through ctx.cross (the Attention layer does).
+        rope = {t: rot(ctx.positions) for t, rot in self.rotary.items()}
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, ctx, *rope[layer.layer_type], cross)
+            x, residual = layer(x, residual, ctx, *rope[layer.layer_type])
         return x, residual
 
 
@@ -253,4 +229,4 @@ class T5Gemma2Model(EngineModel):
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> Tuple[torch.Tensor, torch.Tensor]:
         """Packed decoder prompts attending to their passages' cross K/V (``ctx.cross``);
         (branch, residual) before the final norm."""
-        return self.decoder(input_ids, ctx, ctx.cross)
+        return self.decoder(input_ids, ctx)

@@ -37,6 +37,7 @@ PARITY_TESTS = {
     "Qwen3_5ForCausalLM": "tests/engine/test_qwen3_5_parity.py",
     "Qwen3_5ForConditionalGeneration": "tests/engine/test_qwen3_5_parity.py",
     "T5Gemma2ForConditionalGeneration": "tests/engine/test_t5gemma2_parity.py",
+    "MLQwen3Model": "tests/engine/test_querit_parity.py",
 }
 
 
