@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ._dispatch import use_triton
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
@@ -64,6 +63,22 @@ def _attend_small(q, k, v, scale, causal, lp):
     return o.transpose(0, 1).to(q.dtype)
 
 
+def _attend_blocks(q, k, v, scale, lp):
+    """Causal attention over [prefix ; own] keys (bottom-right aligned) in blocks of queries, so that
+    the fp32 scores of a block stay within _SMALL_SCORES elements whatever the length; [Lq, Hq, D].
+    A block of queries ending at own row r1 sees the prefix and own keys up to r1: the same
+    bottom-right alignment as the whole."""
+    hq, lq, _ = q.shape
+    lk = k.shape[1]
+    offset = lk - lq  # prefix keys, plus own keys before the first query
+    rows = max(1, _SMALL_SCORES // (hq * lk))
+    out = q.new_empty(lq, hq, q.shape[2])
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        out[r0:r1] = _attend_small(q[:, r0:r1], k[:, : offset + r1], v[:, : offset + r1], scale, True, lp)
+    return out
+
+
 def varlen_attention_ref(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool, scale: float,
     prefix_k=None, prefix_v=None, cu_seqlens_p=None, prefix_index=None,
@@ -95,11 +110,11 @@ def varlen_attention_ref(
             continue
         if causal and lp == 0 and lq == lk:  # the common case: SDPA's own causal kernel
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
-        elif causal and lk >= lq:  # [prefix ; own] keys, causal aligned bottom-right, no mask tensor
-            if gqa:
-                rep = qi.shape[1] // ki.shape[1]
-                kt, vt = kt.repeat_interleave(rep, 0), vt.repeat_interleave(rep, 0)
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(lq, lp + lk), scale=scale)
+        elif causal and lk >= lq:  # [prefix ; own] keys, causal aligned bottom-right: query blocks
+            out[cq[i] : cq[i + 1]] = _attend_blocks(qt, kt, vt, scale, lp)
+            continue
+        elif not causal:  # SDPA's fused kernel: no score matrix in memory
+            o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
         else:
             mask = None
             if causal:  # fewer own keys than queries: rows that see no key come out as 0

@@ -202,3 +202,21 @@ def test_dispatch_uses_triton(monkeypatch, device):
     ref = kernels.varlen_attention(*args, causal=True, scale=0.2, **extra)
     assert calls == [1]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_reference_long_sequences_in_bounded_blocks(causal, monkeypatch):
+    """Past the explicit-scores size, the reference attends in query blocks (causal with a prefix) or
+    through SDPA's fused kernel: the same result as explicit scores, never a whole score matrix."""
+    args, extra = _case([37, 1, 64, 20], [37, 1, 64, 20], 4, 2, 16, torch.float32, "cpu",
+                        prefix=([9, 30], [1, 0, -1, 1]))
+    want = _ref(args, extra, causal, 0.25)  # all sequences small: explicit scores
+    monkeypatch.setattr(mod, "_SMALL_SCORES", 4 * 5 * 40)  # a few query rows per block
+    blocks = []
+    real = mod._attend_small
+    monkeypatch.setattr(mod, "_attend_small", lambda q, *a: blocks.append(q.shape[1]) or real(q, *a))
+    got = _ref(args, extra, causal, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if causal:
+        # Sequences with a prefix went by blocks of a few rows (the 64-token one without a prefix through SDPA).
+        assert max(blocks) <= 4 and sum(blocks) == 37 + 1 + 20
