@@ -4,6 +4,15 @@ import torch
 from engine.templates import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
 
 
+# The Qwen3-Reranker prompt written as a user's Jinja template (renders exactly the built-in prompt).
+QWEN3_JINJA = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: {{ instruction }}\n<Query>: {{ query }}\n<Document>: {{ document }}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
 class Qwen3RerankerReference:
     """Qwen3-Reranker model card code: left-padded batch, LM logits at the last position, softmax over [no, yes]."""
 

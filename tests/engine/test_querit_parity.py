@@ -11,7 +11,7 @@ from tokenizers import AddedToken, Tokenizer
 from engine import Reranker
 from engine.prompt_template import QUERIT_DEFAULT, QUERIT_WITH_INSTRUCTION, TemplateError
 from qwen_vocab import save_qwen3_tokenizer
-from reference_qwen3 import Qwen3RerankerReference
+from reference_qwen3 import QWEN3_JINJA, Qwen3RerankerReference
 from textgen import random_text
 
 ATOL = 1e-4
@@ -136,14 +136,6 @@ def test_qwen3_checkpoint_with_two_way_head_is_querit(tmp_path, qwen3_backend, r
 
 
 # --- user templates ---------------------------------------------------------------------------
-
-QWEN3_JINJA = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
-    "<Instruct>: {{ instruction }}\n<Query>: {{ query }}\n<Document>: {{ document }}<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
-
 
 def test_user_template_reproducing_qwen3_gives_identical_scores(make_qwen3, tmp_path, rng):
     folder = make_qwen3()

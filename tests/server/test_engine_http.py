@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine.service import Service
-from reference_qwen3 import Qwen3RerankerReference
+from reference_qwen3 import QWEN3_JINJA, Qwen3RerankerReference
 from server_helpers import random_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +87,23 @@ def test_a_20_mb_document_leaves_memory_bounded(tmp_path, rerank_folder):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_serve_with_a_user_template(start_server, rerank_folder, rerank_server, tmp_path, rng):
+    """``serve MODEL --template my.jinja``: the CLI's options reach the service, and a user template that
+    reproduces the built-in one serves the same scores."""
+    from engine.cli import _parser
+
+    jinja = tmp_path / "my.jinja"
+    jinja.write_text(QWEN3_JINJA)
+    args = _parser().parse_args(["serve", str(rerank_folder), "--template", str(jinja), "--label-tokens", "yes,no"])
+    assert args.template == str(jinja) and args.label_tokens == "yes,no"
+    server = start_server(Service(str(rerank_folder), device="cpu", template=args.template,
+                                  label_tokens=args.label_tokens.split(",")), "user-template")
+    query, docs = "where is the river?", [random_text(rng, n) for n in (3, 20, 50)]
+    with server.client() as c:
+        got = c.post("/v1/rerank", json={"query": query, "documents": docs}).json()["results"]
+    with rerank_server.client() as c:
+        want = c.post("/v1/rerank", json={"query": query, "documents": docs}).json()["results"]
+    assert [r["index"] for r in got] == [r["index"] for r in want]
+    np.testing.assert_allclose([r["relevance_score"] for r in got], [r["relevance_score"] for r in want], atol=1e-6)
