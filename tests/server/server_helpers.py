@@ -2,6 +2,7 @@
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -46,3 +47,23 @@ class LiveServer:
     def client(self, **kwargs) -> httpx.Client:
         kwargs.setdefault("timeout", 60)
         return httpx.Client(base_url=self.url, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc, url: str, log_path, timeout: float = 120.0) -> None:
+    """Poll ``url``/health until a subprocess server answers 200 (failing with its log if it died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, Path(log_path).read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)

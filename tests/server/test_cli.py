@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import pytest
 
 from engine import Embedder, Reranker
 from engine.cli import CHUNK, main, read_jsonl
+from server_helpers import free_port, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,14 +74,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path, rerank_folder):
-    port = _free_port()
+    port = free_port()
     url, key = f"http://127.0.0.1:{port}", "cli-key"
     log = open(tmp_path / "serve.log", "w+")
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -90,16 +84,8 @@ def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path, rerank_folder):
                              "--max-queue", "4"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     headers = {"Authorization": f"Bearer {key}"}
     try:
+        wait_until_healthy(proc, url, tmp_path / "serve.log", timeout=90)
         deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         assert httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"] == "cli-model"
         result = {}
         body = {"model": "alias", "query": "q", "documents": ["a", "b", "c"]}

@@ -1,10 +1,8 @@
 """The engine loop behind HTTP: exact raw scores, and memory bounded on huge documents."""
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +11,7 @@ import pytest
 
 from engine.service import Service
 from reference_qwen3 import QWEN3_JINJA, Qwen3RerankerReference
-from server_helpers import random_text
+from server_helpers import free_port, random_text, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,12 +32,6 @@ def test_tei_raw_scores_are_exact_logits(start_server, loud_qwen3, rng):
     np.testing.assert_allclose([sig[i] for i in range(len(docs))], 1 / (1 + np.exp(-want)), atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss(pid: int) -> int:
     """Peak resident set (VmHWM) of a process, in bytes, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -50,7 +42,7 @@ def _peak_rss(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc (Linux only)")
 def test_a_20_mb_document_leaves_memory_bounded(tmp_path, rerank_folder):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w+")
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -58,16 +50,7 @@ def test_a_20_mb_document_leaves_memory_bounded(tmp_path, rerank_folder):
                              "--port", str(port), "--max-body-mb", "64"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, tmp_path / "serve.log", timeout=120)
         small = {"query": "where is the river?", "documents": ["the river runs past the city"] * 4}
         assert httpx.post(f"{url}/v1/rerank", json=small, timeout=60).status_code == 200  # warm
         before = _peak_rss(proc.pid)
