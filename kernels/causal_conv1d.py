@@ -143,7 +143,9 @@ def _conv_final_state_kernel(
             sv = tl.load(STATE + slot * stride_s0 + offs_c * stride_s1 + (src_pos + K - 1) * stride_s2,
                          mask=c_mask & (src_pos < 0) & (slot >= 0), other=0.0)
             val = val + sv.to(val.dtype)
-        tl.store(FINAL + n * stride_f0 + offs_c * stride_f1 + i, val.to(FINAL.dtype.element_ty), mask=c_mask)
+        # n * stride_f0 in int64: it passes 2^31 for large batches of wide channels
+        tl.store(FINAL + n.to(tl.int64) * stride_f0 + offs_c * stride_f1 + i, val.to(FINAL.dtype.element_ty),
+                 mask=c_mask)
 
 
 def causal_conv1d_triton(x, weight, cu_seqlens, bias=None, initial_state=None, state_index=None,

@@ -284,8 +284,9 @@ def _gdr_chunk_scan_kernel(
                  mask=r_mask[:, None] & v_mask[None, :])
         k_dec = k * tl.exp(g_last - gcum)[:, None]  # rows past the end have k = 0
         s = s * tl.exp(g_last) + tl.dot(tl.trans(k_dec), v_new, input_precision=INPUT_PRECISION)
-    if STORE_FINAL:
-        tl.store(FINAL + n * stride_f0 + h * stride_f1 + offs_dk[:, None] * stride_f2 + offs_v[None, :], s,
+    if STORE_FINAL:  # n * stride_f0 passes 2^31 at 8,192 sequences of [16, 128, 128]: index in int64
+        fin = FINAL + n.to(tl.int64) * stride_f0 + h * stride_f1
+        tl.store(fin + offs_dk[:, None] * stride_f2 + offs_v[None, :], s,
                  mask=dk_mask[:, None] & v_mask[None, :])
 
 

@@ -51,6 +51,9 @@ def _yes_no_head_kernel(
     pid = tl.program_id(0)
     row = tl.load(IDX + pid).to(tl.int64)
     row = tl.where(row < 0, row + n_tokens, row)  # python-style negative index
+    # An index outside [-T, T) reads nothing and scores NaN (a host-side check would sync the device).
+    valid = (row >= 0) & (row < n_tokens)
+    row = tl.where(valid, row, 0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     x = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
@@ -62,6 +65,7 @@ def _yes_no_head_kernel(
     nw = tl.load(NW + cols, mask=mask, other=0.0).to(tl.float32) + offset
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     logit = tl.sum((x * rstd) * nw * w, axis=0)
+    logit = tl.where(valid, logit, float("nan"))
     tl.store(LOGIT + pid, logit)
     tl.store(SCORE + pid, tl.sigmoid(logit))
 

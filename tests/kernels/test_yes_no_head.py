@@ -51,6 +51,16 @@ def test_empty_selection(device):
     assert logit.shape == score.shape == (0,)
 
 
+def test_out_of_range_rows_score_nan_and_read_nothing(device):
+    h, _, norm_w, w = _inputs(5, 16, torch.float32, device, False)
+    last = torch.tensor([4, 5, -5, -6, 2], device=device)  # 5 and -6 fall outside the 5 rows
+    logit, score = yes_no_head_triton(h, last, norm_w, w, 1e-6)
+    bad = torch.tensor([False, True, False, True, False])
+    assert torch.isnan(logit.cpu()[bad]).all() and torch.isnan(score.cpu()[bad]).all()
+    ref_logit, _ = yes_no_head_ref(h, last[~bad.to(last.device)], norm_w, w, 1e-6)
+    torch.testing.assert_close(logit[~bad.to(logit.device)], ref_logit, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs(device):
     h, _, norm_w, w = _inputs(5, 16, torch.float32, device, False)
     with pytest.raises(ValueError, match="must be"):
