@@ -122,16 +122,17 @@ class Reranker:
         if compression_ratio is not None:
             raise ValueError("compression_ratio applies to encoder-decoder rerankers (KaLM-Reranker) only")
         if eng.task == "embed":  # bi-encoder: cosine of query and document embeddings
-            uq = list(dict.fromkeys(queries))
+            # Each distinct text is embedded once (a classification's label descriptions, once per call).
+            uq, ud = list(dict.fromkeys(queries)), list(dict.fromkeys(docs))
             rq = ScoreRequest(len(uq), lambda s, e: tpl.encode(uq[s:e], is_query=True, instruction=instruction),
                               cancel=cancel, priority=priority)
-            rd = ScoreRequest(len(docs), lambda s, e: tpl.encode(docs[s:e]), cancel=cancel, priority=priority)
+            rd = ScoreRequest(len(ud), lambda s, e: tpl.encode(ud[s:e]), cancel=cancel, priority=priority)
             eng.submit(rq), eng.submit(rd)
             q = matryoshka(torch.from_numpy(self._wait(rq, stats)), None)
             d = matryoshka(torch.from_numpy(self._wait(rd, stats)), None)
-            pos = {x: i for i, x in enumerate(uq)}
-            rows = torch.tensor([pos[x] for x in queries])
-            return (q[rows] * d).sum(-1).numpy()
+            qpos, dpos = {x: i for i, x in enumerate(uq)}, {x: i for i, x in enumerate(ud)}
+            rows, cols = torch.tensor([qpos[x] for x in queries]), torch.tensor([dpos[x] for x in docs])
+            return (q[rows] * d[cols]).sum(-1).numpy()
         scores, logits = self._pair_scores(queries, docs, instruction, cancel, stats, priority)
         return logits if raw_scores else scores
 

@@ -23,6 +23,9 @@ def normalize_labels(labels: Labels) -> "tuple[List[str], List[str]]":
         raise TypeError("labels must be a list of strings or a {name: description} mapping, not a string")
     if isinstance(labels, Mapping):
         names, descs = list(labels.keys()), list(labels.values())
+    elif not isinstance(labels, (list, tuple)):
+        raise TypeError(f"labels must be a list of strings or a {{name: description}} mapping, "
+                        f"got {type(labels).__name__}")
     else:
         names = list(labels)
         descs = names

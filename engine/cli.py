@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the name clients send as 'model' (comma-separated aliases); default: the MODEL argument")
     s.add_argument("--max-queue", type=int, default=128, help="requests in flight at once; more get 429")
     s.add_argument("--max-documents", type=int, default=100_000, help="documents per request; more get 413")
+    s.add_argument("--max-pairs", type=int, default=100_000,
+                   help="/v1/classify: inputs x labels per request; more get 413")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="request body cap in MiB; larger get 413")
     s.add_argument("--log-level", default="info")
 
@@ -188,7 +190,8 @@ def cmd_serve(args) -> int:
 
         model, name = str(default_model_path()), name or DEFAULT_MODEL
     config = ServerConfig(served_names=served_names(model, name), api_key=args.api_key,
-                          max_queue=args.max_queue, max_documents=args.max_documents,
+                          strict_names=args.served_model_name is not None,
+                          max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
                           max_body_bytes=int(args.max_body_mb * (1 << 20)))
     app = create_app(service, config)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight, then exit.

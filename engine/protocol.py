@@ -30,6 +30,19 @@ def _unicode(v: str) -> str:
     return v
 
 
+def _labels(v: Any) -> Any:
+    """Labels as engine.classifier.normalize_labels takes them, every name and description valid text."""
+    from engine.classifier import normalize_labels
+
+    try:
+        names, descs = normalize_labels(v)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    for i, t in enumerate(names + descs):
+        _unicode(t)
+    return v
+
+
 def _one_or_many(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
@@ -52,7 +65,9 @@ Direction = Literal["right", "left", "Right", "Left"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: no bool/string coercions (top_n: true, top_n: "2", return_documents: "yes" are 422);
+    # allow_inf_nan=False: the NaN/Infinity literals Python's JSON parser accepts are 422 too.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class RerankRequest(_Request):
@@ -124,9 +139,10 @@ class ClassifyRequest(_Request):
 
     model: Optional[str] = None
     input: Texts
-    labels: Any = Field(description="a list of label names, or a {name: description} mapping",
-                        json_schema_extra={"anyOf": [_STRINGS, {"type": "object",
-                                                                "additionalProperties": {"type": "string"}}]})
+    labels: Annotated[Any, AfterValidator(_labels)] = Field(
+        description="a non-empty list of distinct label names, or a non-empty {name: description} mapping",
+        json_schema_extra={"anyOf": [{**_STRINGS, "minItems": 1, "uniqueItems": True},
+                                     {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}}]})
     multi_label: bool = False
     threshold: Optional[float] = None
     instruction: Optional[Text] = None

@@ -18,6 +18,7 @@ as JSON whatever their Content-Type.
 import asyncio
 import base64
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import List, Optional, Union
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -51,6 +53,8 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_queue: int = 128  # requests admitted to the model at once
     max_documents: int = 100_000  # per request; more -> 413 (there is no lower batch limit)
+    max_pairs: int = 100_000  # /v1/classify: inputs x labels per request; more -> 413
+    strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
     max_body_bytes: int = 8 << 20
     retry_after_s: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
@@ -60,6 +64,19 @@ def served_names(model: str, name: Optional[str]) -> List[str]:
     """``--served-model-name`` (comma-separated aliases), then the model as given and its folder name."""
     names = [n.strip() for n in (name or "").split(",") if n.strip()] + [model, Path(model).name]
     return list(dict.fromkeys(n for n in names if n))
+
+
+def _finite(result) -> bool:
+    """No NaN or Inf anywhere in a handler's result (JSON cannot carry them)."""
+    if isinstance(result, float):
+        return math.isfinite(result)
+    if isinstance(result, np.ndarray):
+        return bool(np.isfinite(result).all()) if result.dtype.kind == "f" else True
+    if isinstance(result, dict):
+        return all(_finite(v) for v in result.values())
+    if isinstance(result, (list, tuple)):
+        return all(_finite(v) for v in result)
+    return True
 
 
 class ApiError(Exception):
@@ -84,7 +101,9 @@ class Server:
         return self.config.served_names[0]
 
     def check_model(self, model: Optional[str]):
-        if model is not None and model not in self.config.served_names:
+        # Without --served-model-name any name is accepted (as TEI does: clients send the name their tool
+        # defaults to, e.g. "rerank-v3.5") and responses carry the served name; with it, names are strict.
+        if self.config.strict_names and model is not None and model not in self.config.served_names:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}", "model")
 
     def check_count(self, n: int, param: str):
@@ -116,6 +135,9 @@ class Server:
             watcher.cancel()
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
+        if not _finite(result):
+            raise ApiError(500, "the model produced a non-finite score or embedding (NaN or Inf): its weights or "
+                                "the input are broken", type="server_error")
         self.metrics.request_tokens.labels(endpoint).observe(tokens)
         return result, tokens
 
@@ -221,10 +243,11 @@ class Server:
     async def classify(self, body: ClassifyRequest, request: Request):
         self.check_model(body.model)
         self.check_count(len(body.input), "input")
-        try:
-            normalize_labels(body.labels)
-        except (TypeError, ValueError) as e:
-            raise ApiError(400, str(e), "labels")
+        pairs = len(body.input) * len(normalize_labels(body.labels)[0])  # labels were validated with the body
+        if pairs > self.config.max_pairs:
+            raise ApiError(413, f"{len(body.input)} inputs x {pairs // len(body.input)} labels = {pairs} pairs is more "
+                                f"than this server's limit of {self.config.max_pairs} per request (--max-pairs)",
+                           "labels")
         data, tokens = await self.call(request, "classify", self.service.classify, body.input, body.labels,
                                        multi_label=body.multi_label, threshold=body.threshold,
                                        instruction=body.instruction)
@@ -260,7 +283,7 @@ def _api_error(request: Request, exc: ApiError):
 
 
 def _server_error(request: Request, exc: Exception):
-    log.exception("unhandled error on %s", request.url.path)
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)  # not in an except block: pass exc
     return error_response(500, f"internal error: {type(exc).__name__}")
 
 

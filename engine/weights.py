@@ -104,16 +104,25 @@ def checkpoint_index(folder: Path) -> Dict[str, TensorInfo]:
     return out
 
 
+def _finite(t: torch.Tensor, name: str, path) -> torch.Tensor:
+    """``t``, checked for NaN and Inf: a broken checkpoint fails at load, naming the tensor, not at
+    every request later."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise WeightError(f"tensor {name} in {Path(path).name} holds {bad} NaN or Inf value(s)")
+    return t
+
+
 def read_rows(info: TensorInfo, name: str, rows: Iterable[int]) -> torch.Tensor:
     """Read a few rows of a 2-D tensor without loading the rest (e.g. two LM-head rows)."""
     with safe_open(str(info.file), framework="pt") as f:
         sl = f.get_slice(name)
-        return torch.cat([sl[r : r + 1] for r in rows])
+        return _finite(torch.cat([sl[r : r + 1] for r in rows]), name, info.file)
 
 
 def read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
     with safe_open(str(info.file), framework="pt") as f:
-        return f.get_tensor(name)
+        return _finite(f.get_tensor(name), name, info.file)
 
 
 def load_weights(
@@ -187,7 +196,8 @@ def load_weights(
         with safe_open(str(path), framework="pt") as f:
             for ck_name, target, sid in items:
                 p = params[target]
-                t = f.get_tensor(ck_name).to(p.dtype)
+                t = _finite(f.get_tensor(ck_name), ck_name, path)
+                t = t.to(p.dtype)
                 if sid is None:
                     p.weight_loader(p, t)
                 else:

@@ -41,11 +41,17 @@ def test_classify_multi_label_and_plain_names(rerank_server):
 
 
 @pytest.mark.parametrize("labels,match", [([], "must not be empty"), (["a", "a"], "duplicate"),
-                                          (["a", 1], r"labels\[1\]"), ({"a": 3}, "description"), ("a", "not a string")])
+                                          (["a", 1], r"labels\[1\]"), ({"a": 3}, "description"), ("a", "not a string"),
+                                          (5, "list of strings"), (None, "list of strings"),
+                                          ({"\ud800": "sports"}, "lone surrogate"), (["\ud800", "b"], "lone surrogate"),
+                                          ({"a": "\ud800"}, "lone surrogate")])
 def test_classify_bad_labels(rerank_server, labels, match):
+    """Labels are validated with the body (422 naming them), never a 500; the connection stays usable."""
     with rerank_server.client() as c:
-        r = c.post("/v1/classify", json={"input": ["t"], "labels": labels})
-        assert r.status_code == 400, r.text
+        # Sent as ASCII JSON, so that lone surrogates travel as \ud800 escapes.
+        r = c.post("/v1/classify", content=json.dumps({"input": ["t"], "labels": labels}),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
         assert r.json()["error"]["param"] == "labels"
         assert re.search(match, r.json()["error"]["message"])
         assert c.get("/health").status_code == 200
