@@ -20,6 +20,16 @@ from typing import List, Optional
 CHUNK = 256  # texts per engine call offline: the progress bar moves per chunk
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, positional: bool = False):
     # No model: the bundled all-MiniLM-L6-v2 (the default-model extra), so a fresh offline machine works.
     help_ = "a local model folder or a hub id (default: the bundled all-MiniLM-L6-v2)"
@@ -55,13 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("RERANK_ENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $RERANK_ENGINE_API_KEY)")
+    s.add_argument("--api-key-file", default=None,
+                   help="read the API key from this file (keeps it out of the process list)")
     s.add_argument("--served-model-name", default=None,
                    help="the name clients send as 'model' (comma-separated aliases); default: the MODEL argument")
-    s.add_argument("--max-queue", type=int, default=128, help="requests in flight at once; more get 429")
-    s.add_argument("--max-documents", type=int, default=100_000, help="documents per request; more get 413")
-    s.add_argument("--max-pairs", type=int, default=100_000,
+    s.add_argument("--max-queue", type=_positive_int, default=128, help="requests in flight at once; more get 429")
+    s.add_argument("--max-documents", type=_positive_int, default=100_000, help="documents per request; more get 413")
+    s.add_argument("--max-pairs", type=_positive_int, default=100_000,
                    help="/v1/classify: inputs x labels per request; more get 413")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="request body cap in MiB; larger get 413")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds to receive a request body; a stalled client gets 408")
+    s.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
     s.add_argument("--log-level", default="info")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
@@ -178,24 +194,43 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def _api_key(args) -> Optional[str]:
+    key = args.api_key
+    if args.api_key_file is not None:
+        try:
+            key = open(args.api_key_file).read().strip()
+        except OSError as e:
+            raise SystemExit(f"cannot read --api-key-file: {e}")
+    if key is not None and not key.strip():
+        raise SystemExit("the API key is empty (--api-key, --api-key-file or RERANK_ENGINE_API_KEY): give a key, "
+                         "or none to serve without one")
+    return key
+
+
 def cmd_serve(args) -> int:
+    import signal
+
     import uvicorn
 
     from engine.server import ServerConfig, create_app, served_names
 
+    key = _api_key(args)
     service = _service(args)
     model, name = args.model, args.served_model_name
     if model is None:
         from engine.default_model import DEFAULT_MODEL, default_model_path
 
         model, name = str(default_model_path()), name or DEFAULT_MODEL
-    config = ServerConfig(served_names=served_names(model, name), api_key=args.api_key,
+    config = ServerConfig(served_names=served_names(model, name), api_key=key,
                           strict_names=args.served_model_name is not None,
                           max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
-                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
     app = create_app(service, config)
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight, then exit.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight (up to the graceful
+    # timeout), then re-raise the signal on the handler it found. Ours makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_timeout)
     return 0
 
 

@@ -5,6 +5,7 @@ oversize body is refused with 413 even when it is chunked and declares no length
 the app then gets it replayed, and later receive() calls (the disconnect watch)
 go through to the connection.
 """
+import asyncio
 import hmac
 from typing import Optional
 
@@ -16,8 +17,8 @@ OPEN_PATHS = frozenset({"/health"})  # everything else needs the API key when on
 class Gate:
     """ASGI middleware in front of the app: the API key, then the body-size cap (read before routing)."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
-        self.app, self.max_body = app, max_body_bytes
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, body_timeout_s: float = 30.0):
+        self.app, self.max_body, self.body_timeout = app, max_body_bytes, body_timeout_s
         self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -42,9 +43,15 @@ class Gate:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # Read the whole body here, so an undeclared (chunked) oversize body is refused too.
+        # A client that stalls mid-body (fewer bytes than its Content-Length) gets 408 after body_timeout,
+        # so it can hold neither a worker nor a graceful shutdown forever.
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                late = error_response(408, f"request body not received within {self.body_timeout:g} s")
+                return await late(scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client left before sending its body
             chunks.append(message.get("body", b""))

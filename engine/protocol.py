@@ -232,7 +232,7 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+               405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large", 422: "invalid_request_error",
                429: "rate_limit_error", 499: "client_closed_request"}
 
 

@@ -56,6 +56,7 @@ class ServerConfig:
     max_pairs: int = 100_000  # /v1/classify: inputs x labels per request; more -> 413
     strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
     max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0  # a body not received within this many seconds -> 408
     retry_after_s: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -95,6 +96,7 @@ class Server:
         self.metrics = Metrics(service.stats)
         self.pool = ThreadPoolExecutor(max_workers=config.max_queue, thread_name_prefix="engine-worker")
         self.in_flight = 0  # touched only on the event loop
+        self.cancels: "set[threading.Event]" = set()  # of the requests in flight
 
     @property
     def name(self) -> str:
@@ -120,6 +122,7 @@ class Server:
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         cancel = threading.Event()
+        self.cancels.add(cancel)
         watcher = asyncio.ensure_future(self._watch(request, cancel))
         try:
             loop = asyncio.get_running_loop()
@@ -133,6 +136,7 @@ class Server:
             raise ApiError(400, str(e))
         finally:
             watcher.cancel()
+            self.cancels.discard(cancel)
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
         if not _finite(result):
@@ -297,7 +301,11 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        log.info("API key %s", "required on every route but /health" if config.api_key else "not required (no --api-key)")
         yield
+        # Past the graceful timeout, work still in flight is cancelled at its next engine step.
+        for cancel in list(server.cancels):
+            cancel.set()
         server.pool.shutdown(wait=True)
 
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
@@ -323,6 +331,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _server_error)
-    app.add_middleware(Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       body_timeout_s=config.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, paths=[r.path for r in app.routes])
     return app
