@@ -1,6 +1,16 @@
 """An inference engine for rerankers and embedders."""
-from engine.api import Embedder, Reranker
-from engine.classifier import Classifier
-
 __all__ = ["Reranker", "Embedder", "Classifier"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: ``import engine`` (and so ``rerank-engine --help``) does not import torch until a class is used.
+    if name in ("Reranker", "Embedder"):
+        from engine import api
+
+        return getattr(api, name)
+    if name == "Classifier":
+        from engine.classifier import Classifier
+
+        return Classifier
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

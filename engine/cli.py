@@ -37,6 +37,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
         p.add_argument("model", nargs="?", default=None, help=help_)
     else:
         p.add_argument("--model", default=None, help=help_)
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_argument("--task", choices=["rerank", "embed"], default=None,
                    help="default: what the model's name says (Reranker / Embedding)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -55,13 +57,16 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from engine import __version__
+
     ap = argparse.ArgumentParser(prog="rerank-engine", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"rerank-engine {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve one model over HTTP")
     _model_args(s, positional=True)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--api-key", default=os.environ.get("RERANK_ENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $RERANK_ENGINE_API_KEY)")
@@ -78,14 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to receive a request body; a stalled client gets 408")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r)
-    r.add_argument("--query", required=True)
+    r.add_argument("--query", required=True, help="the query the documents are ranked against")
     r.add_argument("--documents", required=True, help="JSONL: one string or {\"text\": ...} per line")
-    r.add_argument("--top-n", type=int, default=None)
-    r.add_argument("--instruction", default=None)
+    r.add_argument("--top-n", type=int, default=None, help="keep the best N documents (default: all)")
+    r.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers (default: the model's)")
     r.add_argument("--raw-scores", action="store_true",
                    help="the exact logits (l_yes - l_no for yes/no rerankers) instead of the scores")
 
@@ -100,19 +105,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", required=True, help="JSON file: a list of label names or {name: description}")
     c.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
     c.add_argument("--multi-label", action="store_true", help="every label scoring at least --threshold")
-    c.add_argument("--threshold", type=float, default=None)
-    c.add_argument("--instruction", default=None)
+    c.add_argument("--threshold", type=float, default=None,
+                   help="minimum score of a label (with --multi-label: default 0.5; else no label below it)")
+    c.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers")
     return ap
 
 
 def read_jsonl(path: str) -> List[str]:
     """Texts of a JSONL file: each line a JSON string or an object with a string ``text``."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="strict") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            v = json.loads(line)
+            try:
+                v = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected JSONL, one string or "
+                                 f"{{\"text\": ...}} object per line") from None
             if isinstance(v, dict):
                 v = v.get("text")
             if not isinstance(v, str):
@@ -144,6 +154,8 @@ def cmd_rank(args) -> int:
     if args.top_n is not None and args.top_n < 1:
         raise SystemExit("--top-n must be a positive integer")
     docs = read_jsonl(args.documents)
+    if not docs:
+        logging.getLogger("engine").warning("%s holds no documents: the result is empty", args.documents)
     service = _service(args)
     scores: List[float] = []
     for a, b in _chunks(len(docs), "rank"):
@@ -163,6 +175,9 @@ def cmd_embed(args) -> int:
     texts = read_jsonl(args.input)
     if not args.output.endswith((".npy", ".jsonl")):
         raise SystemExit("--output must end with .npy or .jsonl")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):  # before loading the model, not after embedding everything
+        raise SystemExit(f"--output: the folder {folder} does not exist")
     service = _service(args, task="embed")
     parts = []
     for a, b in _chunks(len(texts), "embed"):
@@ -236,8 +251,18 @@ def cmd_serve(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify}[args.command](args)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify}[args.command]
+    if args.debug:
+        return command(args)
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user errors (a bad file, model or option): one line, no traceback
+        print(f"rerank-engine {args.command}: error: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Engine:
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
-        name = f"{model} {self.folder.name}"
+        name = f"{model} {self.folder.name}"  # what the task and template are inferred from
         self.task = registry.infer_task(spec, name, task, task_default)
         self.device = pick_device(device)
         if self.device.type == "cpu":
@@ -76,7 +76,8 @@ class Engine:
                                    decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
-        log.info("loaded %s (%s, task %s) on %s in %s", self.folder, self.arch, self.task, self.device, self.dtype)
+        log.info("loaded %s (%s, task %s) on %s in %s", self.folder.name, self.arch, self.task, self.device,
+                 str(self.dtype).replace("torch.", ""))
 
     @property
     def model(self):

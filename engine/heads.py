@@ -3,7 +3,6 @@
 Heads read only the rows they need (the last token of each sequence) and apply
 the model's final norm to those rows alone.
 """
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,7 @@ from torch import nn
 import kernels
 from engine.context import BatchContext
 from engine.tokenizer import token_id
-from engine.weights import WeightError, read_rows, read_tensor
+from engine.weights import WeightError, read_json, read_rows, read_tensor
 
 
 # Heads take (hidden [T, H], residual [T, H] or None, ctx, model) and return (logit, score):
@@ -182,8 +181,7 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
 
 
 def _read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
+    return read_json(path, expect=None)
 
 
 def build_pooling_head(config: dict, tokenizer, index, **_) -> "PoolingHead":

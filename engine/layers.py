@@ -102,7 +102,13 @@ def text_config(cfg):
 
 def head_dim(cfg) -> int:
     """``head_dim``, or hidden_size / num_attention_heads where the config leaves it out."""
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    given = getattr(cfg, "head_dim", None)
+    if given:
+        return given
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size ({cfg.hidden_size}) is not a multiple of num_attention_heads "
+                         f"({cfg.num_attention_heads}) and the config gives no head_dim")
+    return cfg.hidden_size // cfg.num_attention_heads
 
 
 def rope_parameters(cfg) -> dict:
@@ -176,7 +182,9 @@ class Attention(nn.Module):
                  causal: bool = True, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
                  last_layer: bool = False, cross_kv=None):
         super().__init__()
-        assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+                             f"({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.layer_idx, self.causal = scale, layer_idx, causal
         self.window, self.last_layer = window, last_layer

@@ -88,9 +88,14 @@ def lookup(config: dict, names=()) -> Tuple[str, ArchSpec]:
 
 def infer_task(spec: ArchSpec, name: str, task: Optional[str], default: Optional[str] = None) -> str:
     """The task asked for, else the one the model's name implies, else ``default``."""
+    short = name.split()[-1] if name else name
     if task is not None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "rerank" and "rerank" not in spec.tasks and "embed" in spec.tasks:
+            log.warning("%s is an embedding model: it reranks by the cosine similarity of query and document "
+                        "embeddings", short)
+            return "embed"
         if task not in spec.tasks:
             raise ValueError(f"{spec.cls} does not support task {task!r}; it supports {sorted(spec.tasks)}")
         return task
@@ -103,7 +108,7 @@ def infer_task(spec: ArchSpec, name: str, task: Optional[str], default: Optional
         chosen, why = default, "the caller's default"
     else:
         chosen, why = sorted(spec.tasks)[0], "the only task it supports" if len(spec.tasks) == 1 else "no hint"
-    log.info("task for %s: %s (%s)", name, chosen, why)
+    log.info("task for %s: %s (%s)", short, chosen, why)
     return chosen
 
 

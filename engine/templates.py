@@ -5,13 +5,13 @@ tokenized on their own; the formatted pair is tokenized without special tokens
 and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
 from engine.sequence import Seq, Seqs
 from engine.tokenizer import CLIP_CHARS_PER_TOKEN, clip_text
+from engine.weights import read_json
 
 QWEN3_RERANK_SYSTEM = (
     'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
@@ -302,8 +302,7 @@ class SentenceTransformerEmbedTemplate(Template):
 def _read_json_if(folder: Optional[Path], name: str) -> dict:
     if folder is None or not (folder / name).is_file():
         return {}
-    with open(folder / name) as fh:
-        return json.load(fh)
+    return read_json(folder / name)
 
 
 # --- Prism-Reranker (Qwen3.5; Prism-Qwen3-Reranker-4B-exp on Qwen3) --------------------------

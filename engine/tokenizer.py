@@ -27,7 +27,14 @@ def load_tokenizer(folder: Path):
         )
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    from engine.weights import ModelFileError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # a garbage tokenizer.json / tokenizer_config.json
+        files = [f for f in ("tokenizer.json", "tokenizer_config.json") if (folder / f).is_file()]
+        raise ModelFileError(f"the tokenizer files in {folder} ({', '.join(files) or 'none'}) cannot be loaded: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not getattr(tok, "is_fast", False):
         raise TypeError(f"the tokenizer in {folder} has no fast (Rust) implementation")
     return SerializedTokenizer(tok)

@@ -59,12 +59,29 @@ def resolve_model(model) -> Path:
         ) from e
 
 
+class ModelFileError(ValueError):
+    """A model file that is unreadable or malformed; the message names the file."""
+
+
+def read_json(path: Path, expect=dict):
+    """A JSON file of a model folder; an unreadable or malformed one is a ModelFileError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: cannot be read ({e})") from None
+    if expect is not None and not isinstance(data, expect):
+        raise ModelFileError(f"{path}: expected an object, got {type(data).__name__}")
+    return data
+
+
 def read_config(folder: Path) -> dict:
     f = Path(folder) / "config.json"
     if not f.is_file():
         raise ModelNotFoundError(f"config.json is missing in {folder}")
-    with open(f) as fh:
-        return json.load(fh)
+    return read_json(f)
 
 
 @dataclass
@@ -79,8 +96,9 @@ def checkpoint_index(folder: Path) -> Dict[str, TensorInfo]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFileError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -97,10 +115,13 @@ def checkpoint_index(folder: Path) -> Dict[str, TensorInfo]:
         path = folder / name
         if not path.is_file():
             raise WeightError(f"weight shard {name} listed in the index is missing from {folder}")
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = TensorInfo(path, tuple(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = TensorInfo(path, tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ModelFileError(f"{path}: truncated or not a safetensors file ({type(e).__name__}: {e})") from None
     return out
 
 

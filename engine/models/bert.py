@@ -68,7 +68,8 @@ class BertSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        assert hidden_size % num_heads == 0, "hidden_size must be a multiple of num_attention_heads"
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv_proj = MergedLinear(hidden_size, {"q": hidden_size, "k": hidden_size, "v": hidden_size}, bias=True)

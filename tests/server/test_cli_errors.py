@@ -1,0 +1,116 @@
+"""The CLI's user errors: one line on stderr, exit 2, no traceback; and model files that fail to load name
+the file and what is wrong."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import Reranker
+from engine.cli import main
+from engine.weights import ModelFileError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *needles):
+    lines = [x for x in err.splitlines() if "error" in x]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_malformed_and_non_jsonl_files(tmp_path, capsys, rerank_folder):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('"one"\n{"text": "two"\n')
+    code, _, err = run(capsys, "rank", "--model", str(rerank_folder), "--query", "q", "--documents", str(bad))
+    one_line_error(code, err, f"{bad}:2: not valid JSON")
+    array = tmp_path / "docs.json"
+    array.write_text('[\n  "one",\n  "two"\n]\n')
+    code, _, err = run(capsys, "rank", "--query", "q", "--documents", str(array))
+    one_line_error(code, err, f"{array}:1", "expected JSONL")
+
+
+def test_device_limits_and_output_are_checked_first(tmp_path, capsys, rerank_folder, embed_folder):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"a"\n')
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    if not cuda:
+        code, _, err = run(capsys, "rank", "--model", str(rerank_folder), "--device", "cuda", "--query", "q",
+                           "--documents", str(docs))
+        one_line_error(code, err, "CUDA is not available")
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(rerank_folder), "--max-queue", "0"])
+    assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["embed", "--model", str(embed_folder), "--input", str(docs), "--output", str(tmp_path / "no" / "x.npy")])
+
+
+def test_empty_documents_version_quiet_and_embedding_model_as_reranker(tmp_path, capsys, caplog, embed_folder):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, out, err = run(capsys, "rank", "--model", str(embed_folder), "--query", "q", "--documents", str(empty))
+    assert code == 0 and json.loads(out) == {"query": "q", "results": []} and "no documents" in caplog.text
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"the river"\n"a city"\n')
+    # The bundled all-MiniLM-L6-v2 (BertModel) only embeds: as a reranker it ranks by cosine, and says so.
+    code, out, err = run(capsys, "rank", "--task", "rerank", "--query", "river", "--documents", str(docs))
+    assert code == 0 and len(json.loads(out)["results"]) == 2 and "cosine similarity" in caplog.text
+    quiet = subprocess.run([sys.executable, "-m", "engine.cli", "rank", "--model", str(embed_folder), "--quiet",
+                            "--query", "river", "--documents", str(docs)], capture_output=True, text=True,
+                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert quiet.returncode == 0 and " INFO " not in quiet.stderr and json.loads(quiet.stdout)["results"]
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "rerank-engine 0.1.0" in capsys.readouterr().out
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("broken,needle", [
+    ("truncated-weights", "truncated or not a safetensors file"),
+    ("garbage-config", "config.json: not valid JSON (line 1"),
+    ("config-list", "config.json: expected an object"),
+    ("garbage-tokenizer", "tokenizer files"),
+    ("heads", "hidden_size (64) is not a multiple of num_attention_heads (5)"),
+])
+def test_model_files_that_fail_to_load_are_named(tmp_path, capsys, rerank_folder, broken, needle):
+    folder = _copy(rerank_folder, tmp_path / "Qwen3-Reranker-broken")
+    if broken == "truncated-weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif broken == "garbage-config":
+        (folder / "config.json").write_text("{not json")
+    elif broken == "config-list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif broken == "garbage-tokenizer":
+        (folder / "tokenizer.json").write_text("\x00garbage")
+    else:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(num_attention_heads=5)
+        cfg.pop("head_dim")
+        (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ModelFileError, ValueError), match=needle.replace("(", r"\(").replace(")", r"\)")):
+        Reranker(str(folder), device="cpu")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"a"\n')
+    code, _, err = run(capsys, "rank", "--model", str(folder), "--query", "q", "--documents", str(docs))
+    one_line_error(code, err, needle)
