@@ -45,7 +45,7 @@ class Gate:
         # Read the whole body here, so an undeclared (chunked) oversize body is refused too.
         # A client that stalls mid-body (fewer bytes than its Content-Length) gets 408 after body_timeout,
         # so it can hold neither a worker nor a graceful shutdown forever.
-        chunks, size = [], 0
+        received, size = bytearray(), 0
         while True:
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
@@ -54,13 +54,14 @@ class Gate:
                 return await late(scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client left before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
+            received += message.get("body", b"")
+            size = len(received)
             if size > self.max_body:
                 return await too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
-        body = [b"".join(chunks)]
+        body = [bytes(received)]
+        del received
         # Bodies are JSON whatever Content-Type says (``curl -d`` sends form encoding, some clients none).
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                      + [(b"content-type", b"application/json")])

@@ -8,6 +8,7 @@ a document ``{"text": ...}`` becomes its text, and a single string where a
 list is allowed becomes a list of one.
 """
 import json
+import re
 from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -22,10 +23,12 @@ def _doc_text(v: Any) -> Any:
     return v
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _unicode(v: str) -> str:
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
+    # A scan, not v.encode(): a 20 MB document must not be copied to be checked.
+    if _SURROGATE.search(v):
         raise ValueError("not valid Unicode text: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)")
     return v
 
@@ -74,7 +77,8 @@ class RerankRequest(_Request):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
     model: Optional[str] = None
-    query: Text
+    query: Text = Field(description="must hold a non-whitespace character (else 400)",
+                        json_schema_extra={"pattern": "\\S"})
     documents: Optional[List[Document]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
     top_n: Optional[PositiveInt] = None
@@ -97,7 +101,7 @@ class RerankRequest(_Request):
 
 
 class ScoreRequest(_Request):
-    """vLLM ``/v1/score``: one query against many texts, or pairs of equal-length lists."""
+    """vLLM ``/v1/score``: one ``text_1`` against many ``text_2``, or two lists of equal length (else 400)."""
 
     model: Optional[str] = None
     text_1: Texts

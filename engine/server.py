@@ -325,7 +325,10 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
                       responses={200: {"model": ClassifyResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
-    app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics")
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics",
+                      response_class=Response,
+                      responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                       "description": "Prometheus text exposition format"}})
     app.add_api_route("/health", health, methods=["GET"], summary="Liveness (no API key)")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -68,8 +68,11 @@ class Service:
             for k, v in list(self.embedder.stats.items()):
                 out[k] = out.get(k, 0) + v
         sched = self.engine.scheduler
-        # Per-request "batches" counts a shared batch once per request in it; the scheduler's is the real count.
+        # Engine-wide counts, updated as each batch finishes (per-request sums arrive only when a request
+        # ends, and a shared batch would count once per request in it); a cancelled request stops adding.
         out["batches"] = sched.totals["batches"]
+        out["tokens_computed"] = sched.totals["tokens_computed"]
+        out["tokens_saved"] = sched.totals["tokens_saved"]
         out["peak_batch_tokens"] = sched.peak_batch_tokens
         out["active_requests"] = sched.queue_depth()
         return out

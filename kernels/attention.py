@@ -36,8 +36,10 @@ except ImportError:  # the torch reference still imports without Triton
     from ._utils import tl_stub as tl, triton_stub as triton
 
 
-# Score matrices up to this many elements (per sequence, all heads) take the explicit path below.
+# Score matrices up to this many elements (per sequence, all heads) take the explicit path below;
+# longer causal sequences behind a prefix go through it in query blocks of at most _BLOCK_SCORES.
 _SMALL_SCORES = 1 << 23
+_BLOCK_SCORES = 1 << 21
 
 
 def _attend_small(q, k, v, scale, causal, lp):
@@ -65,13 +67,13 @@ def _attend_small(q, k, v, scale, causal, lp):
 
 def _attend_blocks(q, k, v, scale, lp):
     """Causal attention over [prefix ; own] keys (bottom-right aligned) in blocks of queries, so that
-    the fp32 scores of a block stay within _SMALL_SCORES elements whatever the length; [Lq, Hq, D].
+    the fp32 scores of a block stay within _BLOCK_SCORES elements whatever the length; [Lq, Hq, D].
     A block of queries ending at own row r1 sees the prefix and own keys up to r1: the same
     bottom-right alignment as the whole."""
     hq, lq, _ = q.shape
     lk = k.shape[1]
     offset = lk - lq  # prefix keys, plus own keys before the first query
-    rows = max(1, _SMALL_SCORES // (hq * lk))
+    rows = max(1, min(_SMALL_SCORES, _BLOCK_SCORES) // (hq * lk))
     out = q.new_empty(lq, hq, q.shape[2])
     for r0 in range(0, lq, rows):
         r1 = min(lq, r0 + rows)

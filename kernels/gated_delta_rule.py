@@ -290,6 +290,13 @@ def _gdr_chunk_scan_kernel(
                  mask=dk_mask[:, None] & v_mask[None, :])
 
 
+# Software-pipelining depth of the scan's chunk loop. Triton's default (3) keeps three chunks' q, k,
+# w, u and attention tiles in shared memory: at chunk 64 that is 287,744 B on sm_90 and 238,592 B on
+# sm_80, over both limits. Two stages need 197,120 B (sm_90) and 147,968 B (sm_80), and spill less
+# than one stage on sm_90 (bench/aot_compile.py; compile-time figures, not timed on a GPU yet).
+_SCAN_STAGES = {16: 3, 32: 3, 64: 2}
+
+
 def gated_delta_rule_triton(
     q, k, v, g, beta, cu_seqlens, *, scale: Optional[float] = None, initial_state=None, state_index=None,
     output_final_state: bool = False, use_qk_l2norm: bool = True, plan: Optional[ChunkPlan] = None,
@@ -369,7 +376,7 @@ def gated_delta_rule_triton(
         scale,
         GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), HAS_STATE=has_state,
         STORE_FINAL=bool(output_final_state), BT=chunk, BLOCK_DK=block_dk, BV=bv, INPUT_PRECISION=prec,
-        num_warps=warps,
+        num_warps=warps, num_stages=_SCAN_STAGES[chunk],
     )
     return out, final
 

@@ -17,8 +17,12 @@ def test_task_inference_logs_choice(make_qwen3, caplog):
     assert registry.infer_task(spec, "Qwen3-Embedding", "rerank") == "rerank"
     with pytest.raises(ValueError, match="task must be"):
         registry.infer_task(spec, "x", "classify")
-    with pytest.raises(ValueError, match="does not support task 'rerank'"):
-        registry.infer_task(registry.ARCHITECTURES["Qwen3Model"], "x", "rerank")
+    # An embedding-only model asked to rerank ranks by cosine similarity, and says so.
+    with caplog.at_level(logging.INFO, logger="engine"):
+        assert registry.infer_task(registry.ARCHITECTURES["Qwen3Model"], "x", "rerank") == "embed"
+    assert "cosine similarity" in caplog.text
+    with pytest.raises(ValueError, match="does not support task 'embed'"):
+        registry.infer_task(registry.ARCHITECTURES["T5Gemma2ForConditionalGeneration"], "x", "embed")
 
 
 def test_explicit_task_overrides_name(make_qwen3):
