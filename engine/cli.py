@@ -131,11 +131,12 @@ def read_jsonl(path: str) -> List[str]:
     return out
 
 
-def _service(args, task: Optional[str] = None):
+def _service(args, task: Optional[str] = None, warmup: bool = False):
     from engine.service import Service
 
     labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
-    return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype,
+    # Only the server warms up (its first request should not pay for it); offline commands go straight on.
+    return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
                    template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
 
@@ -164,7 +165,9 @@ def cmd_rank(args) -> int:
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
     results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
-    json.dump({"query": args.query, "results": results}, sys.stdout, ensure_ascii=False)
+    # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
+    out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
+    sys.stdout.write(out)
     sys.stdout.write("\n")
     return 0
 
@@ -190,7 +193,7 @@ def cmd_embed(args) -> int:
     else:
         with open(args.output, "w", encoding="utf-8") as f:
             for row in emb.tolist():
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}", file=sys.stderr)
     return 0
 
@@ -205,7 +208,7 @@ def cmd_classify(args) -> int:
                                   instruction=args.instruction)
         for r in out:
             r["index"] += a
-            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
     return 0
 
 
@@ -230,7 +233,7 @@ def cmd_serve(args) -> int:
     from engine.server import ServerConfig, create_app, served_names
 
     key = _api_key(args)
-    service = _service(args)
+    service = _service(args, warmup=True)
     model, name = args.model, args.served_model_name
     if model is None:
         from engine.default_model import DEFAULT_MODEL, default_model_path

@@ -88,6 +88,7 @@ def _copy(src, dst):
 @pytest.mark.parametrize("broken,needle", [
     ("truncated-weights", "truncated or not a safetensors file"),
     ("garbage-config", "config.json: not valid JSON (line 1"),
+    ("garbage-index", "model.safetensors.index.json: not valid JSON (line 1"),
     ("config-list", "config.json: expected an object"),
     ("garbage-tokenizer", "tokenizer files"),
     ("heads", "hidden_size (64) is not a multiple of num_attention_heads (5)"),
@@ -97,6 +98,8 @@ def test_model_files_that_fail_to_load_are_named(tmp_path, capsys, rerank_folder
     if broken == "truncated-weights":
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif broken == "garbage-index":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
     elif broken == "garbage-config":
         (folder / "config.json").write_text("{not json")
     elif broken == "config-list":

@@ -72,3 +72,38 @@ def test_non_finite_results_are_an_error_not_invalid_json(start_server, rerank_s
         monkeypatch.undo()
         assert c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
     assert np.isfinite(real("q", ["a"])[0]["score"])
+
+
+def test_schema_says_what_the_server_enforces(rerank_server, embed_server):
+    with rerank_server.client() as c:
+        spec = c.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["RerankRequest"]["properties"]["query"]["pattern"] == "\\S"
+    labels = schemas["ClassifyRequest"]["properties"]["labels"]["anyOf"]
+    assert labels[0]["minItems"] == 1 and labels[1]["minProperties"] == 1
+    assert "equal length" in schemas["ScoreRequest"]["description"]
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    with embed_server.client() as c:
+        r = c.post("/embed", json={"inputs": ["x"], "truncate": 0})  # an int is not a bool
+        assert r.status_code == 422 and r.json()["error"]["param"] == "truncate"
+
+
+def test_unhandled_errors_are_500_with_their_traceback_logged(start_server, rerank_service, monkeypatch, caplog):
+    server = start_server(rerank_service, "boom")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(rerank_service, "rank", boom)
+    with caplog.at_level("ERROR", logger="engine.server"), server.client() as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+    assert r.status_code == 500 and "RuntimeError" in r.json()["error"]["message"]
+    record = next(x for x in caplog.records if "unhandled error" in x.getMessage())
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError  # not "NoneType: None"
+
+
+def test_engine_counters_move_with_batches(rerank_service):
+    before = rerank_service.stats()["tokens_computed"]
+    rerank_service.rank("a query about rivers", ["the river runs", "a city"])
+    assert rerank_service.stats()["tokens_computed"] == rerank_service.engine.scheduler.totals["tokens_computed"]
+    assert rerank_service.stats()["tokens_computed"] > before
