@@ -89,7 +89,8 @@ class Reranker:
         """Pre-encode a corpus into the passage cache (KaLM-Reranker): later ``rank``/``predict``
         calls over these documents at the same ``compression_ratio`` run no encoder work."""
         if not self.is_encoder_decoder:
-            raise ValueError(f"index() needs an encoder-decoder reranker (KaLM-Reranker); {self.engine.arch} is not one")
+            raise ValueError(f"index() needs an encoder-decoder reranker (KaLM-Reranker); "
+                             f"{self.engine.arch} is not one")
         ratio = check_ratio(compression_ratio)
         docs = list(dict.fromkeys(check_texts(documents, "documents")))
         seqs = Seqs(Seq([], passage=ids) for ids in self.engine.template.encode_documents(docs))
@@ -284,7 +285,8 @@ class Embedder:
 
     @classmethod
     def from_engine(cls, engine: Engine) -> "Embedder":
-        """An Embedder sharing an already loaded embed-task engine (e.g. a Reranker's): no second copy of the weights."""
+        """An Embedder sharing an already loaded embed-task engine (e.g. a Reranker's): no second copy
+        of the weights."""
         if engine.task != "embed":
             raise ValueError(f"the engine holds a {engine.task} model; Embedder needs task='embed'")
         self = cls.__new__(cls)

@@ -112,12 +112,15 @@ class Engine:
                 out = self.runner.execute(step)
             except Exception as e:  # e.g. out of memory: fail this step's requests only
                 log.exception("engine step %s failed", type(step).__name__)
-                if isinstance(step, (PrefillStep, DecodeStep)):
-                    self.runner.drop_decode()
-                self.scheduler.fail(step, e)
+                self._fail(step, e)
                 continue
             try:
                 self.scheduler.postprocess(step, out)
             except Exception as e:
                 log.exception("handing back the results of %s failed", type(step).__name__)
-                self.scheduler.fail(step, e)
+                self._fail(step, e)
+
+    def _fail(self, step, err: Exception) -> None:
+        if isinstance(step, (PrefillStep, DecodeStep)):  # the decode batch's cache goes with its requests
+            self.runner.drop_decode()
+        self.scheduler.fail(step, err)

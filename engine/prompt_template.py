@@ -32,7 +32,8 @@ _PROBES = ("Hello, world: the river runs past 42 cities.", "s and more", "ing yz
            "\n\nnewlines", "ßüñ 東京\tend", "\u0301accent", "'s")
 FIELDS = ("query", "document", "instruction")
 
-QUERIT_DEFAULT = "Judge whether the Content meets the requirements based on the Query. Query: {query}; Content: {document}"
+QUERIT_DEFAULT = ("Judge whether the Content meets the requirements based on the Query. "
+                  "Query: {query}; Content: {document}")
 QUERIT_WITH_INSTRUCTION = "{instruction} Query: {query}; Content: {document}"
 
 
@@ -56,7 +57,8 @@ def format_renderer(fmt: str, source: str = "the template") -> Callable[[str, st
     if bad:
         raise TemplateError(f"{source}: unknown placeholder {{{bad[0]}}}; use {{query}}, {{document}}, {{instruction}}")
     if names.count("document") != 1:
-        raise TemplateError(f"{source} must hold {{document}} exactly once (it holds it {names.count('document')} times)")
+        raise TemplateError(f"{source} must hold {{document}} exactly once "
+                            f"(it holds it {names.count('document')} times)")
     return lambda query, document, instruction: fmt.format(query=query, document=document, instruction=instruction)
 
 

@@ -146,7 +146,8 @@ class ClassifyRequest(_Request):
     labels: Annotated[Any, AfterValidator(_labels)] = Field(
         description="a non-empty list of distinct label names, or a non-empty {name: description} mapping",
         json_schema_extra={"anyOf": [{**_STRINGS, "minItems": 1, "uniqueItems": True},
-                                     {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}}]})
+                                     {"type": "object", "minProperties": 1,
+                                      "additionalProperties": {"type": "string"}}]})
     multi_label: bool = False
     threshold: Optional[float] = None
     instruction: Optional[Text] = None

@@ -29,7 +29,9 @@ class Seq:
     @property
     def prompt_tokens(self) -> int:
         """Tokens of the whole input as the reference would see it: usage accounting."""
-        return len(self.token_ids) + (len(self.prefix) if self.prefix else 0) + (len(self.passage) if self.passage else 0)
+        prefix = len(self.prefix) if self.prefix else 0
+        passage = len(self.passage) if self.passage else 0
+        return len(self.token_ids) + prefix + passage
 
 
 class Seqs(list):

@@ -301,7 +301,8 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        log.info("API key %s", "required on every route but /health" if config.api_key else "not required (no --api-key)")
+        log.info("API key %s", "required on every route but /health" if config.api_key
+                 else "not required (no --api-key)")
         yield
         # Past the graceful timeout, work still in flight is cancelled at its next engine step.
         for cancel in list(server.cancels):

@@ -136,3 +136,25 @@ def test_raw_scores_are_exact_logits_at_large_magnitudes(loud_qwen3, rng):
     assert out.returncode == 0, out.stderr
     cli = {r["index"]: r["relevance_score"] for r in json.loads(out.stdout)["results"]}
     np.testing.assert_allclose([cli[i] for i in range(len(pairs))], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_decode_step_fails_its_requests_and_the_loop_goes_on(engines, monkeypatch):
+    rr = engines["prism"]
+    gen = Generator(rr.engine)
+    tpl = rr.engine.template
+    head = tpl.encode_head("a question")
+    tails = tpl.encode_tails(head, ["one document", "another one"]).ids
+    want = gen.generate(tails, head, max_new_tokens=4, stop_ids=[])
+    runner = rr.engine.runner
+    real = runner.decode
+
+    def broken(step):
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(runner, "decode", broken)
+    with pytest.raises(RuntimeError, match="device fault"):
+        gen.generate(tails, head, max_new_tokens=4, stop_ids=[])
+    assert runner.decode_cache is None and not rr.engine.scheduler.running  # nothing half-kept
+    monkeypatch.setattr(runner, "decode", real)
+    assert gen.generate(tails, head, max_new_tokens=4, stop_ids=[]) == want
+    assert len(rr.rank("a question", ["one document"])) == 1
