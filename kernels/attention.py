@@ -20,6 +20,7 @@ makes it load Q/K/V and store O through tensor descriptors (TMA on Hopper)
 instead of pointer loads; bench/gpu_suite.py times both.
 """
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -361,16 +362,16 @@ def build_schedule(cu_seqlens_q, cu_seqlens_k, block_t: int, n_slots: int, causa
 
 
 _SCHEDULES = ScheduleCache()
-_ALLOCATOR_SET = False
+_ALLOCATOR = threading.local()  # Triton keeps its allocator in a ContextVar: one per thread
 USE_DESC_DEFAULT = os.environ.get("ENGINE_ATTN_TMA", "0") == "1"
 
 
 def _ensure_allocator():
-    # Device-side tensor descriptors need global scratch memory on the GPU.
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
+    # Device-side tensor descriptors need global scratch memory on the GPU. triton.set_allocator sets a
+    # ContextVar, which a new thread does not inherit: every engine thread must set its own.
+    if not getattr(_ALLOCATOR, "set", False):
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
-        _ALLOCATOR_SET = True
+        _ALLOCATOR.set = True
 
 
 def _pick_pack(group: int, block_m: int) -> int:

@@ -220,3 +220,25 @@ def test_reference_long_sequences_in_bounded_blocks(causal, monkeypatch):
     if causal:
         # Sequences with a prefix went by blocks of a few rows (the 64-token one without a prefix through SDPA).
         assert max(blocks) <= 4 and sum(blocks) == 37 + 1 + 20
+
+
+def test_tma_allocator_is_set_on_every_thread():
+    """triton.set_allocator is per thread (a ContextVar): an engine thread started after another thread
+    set it must set its own, or TMA launches fail with "no allocator was set"."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    mod._ensure_allocator()
+    assert _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR
+    seen = []
+
+    def engine_thread():
+        before = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR  # a fresh thread starts without
+        mod._ensure_allocator()
+        seen.append((before, _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR))
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == [(True, True)]
