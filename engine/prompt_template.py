@@ -15,7 +15,6 @@ a log line says so).
 """
 import logging
 import string
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -90,6 +89,14 @@ def jinja_renderer(path: Path) -> Callable[[str, str, str], str]:
     return render
 
 
+class _Head(list):
+    """Head token ids, with the text that starts every tail (``gap``) and the text after the document."""
+
+    def __init__(self, ids: List[int], gap: str, after: str):
+        super().__init__(ids)
+        self.gap, self.after = gap, after
+
+
 class PromptTemplate(Template):
     supports_prefix = True
 
@@ -106,7 +113,6 @@ class PromptTemplate(Template):
         if self.budget <= 0:
             raise ValueError(f"max_length={max_length} leaves no room for the pair")
         self._warned = False
-        self._heads: "OrderedDict[tuple, Tuple[str, str]]" = OrderedDict()  # head ids -> (gap, after)
 
     def _ids(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -156,14 +162,14 @@ class PromptTemplate(Template):
         if split is None:
             return None
         head, gap = split
-        self._heads[tuple(head)] = (gap, after)
-        while len(self._heads) > 1024:
-            self._heads.popitem(last=False)
-        return head
+        return _Head(head, gap, after)
 
     def encode_tails(self, head: List[int], docs: Sequence[str]) -> Seqs:
-        gap, after = self._heads[tuple(head)]
-        return Seqs.of([self._tail(len(head), gap, d, after) for d in docs], prefix=tuple(head))
+        """Tails after ``head``, which must be what ``encode_head`` returned (it carries the text around
+        the document, which may depend on the query, e.g. a query placed after the document)."""
+        if not isinstance(head, _Head):
+            raise TypeError("encode_tails needs the head returned by this template's encode_head")
+        return Seqs.of([self._tail(len(head), head.gap, d, head.after) for d in docs], prefix=tuple(head))
 
     def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
         out, parts = [], {}

@@ -205,3 +205,21 @@ def test_label_tokens(make_qwen3, rng):
     ref.yes, ref.no = ref.tokenizer.convert_tokens_to_ids("true"), ref.tokenizer.convert_tokens_to_ids("false")
     np.testing.assert_allclose(tf.predict(pairs), ref.scores(pairs), atol=ATOL)
     assert np.max(np.abs(np.array(tf.predict(pairs)) - np.array(default.predict(pairs)))) > 1e-4
+
+
+def test_template_with_the_query_after_the_document(make_qwen3, rng):
+    """The head is the same for every query here; what follows the document is not. Each query's tails
+    still carry its own text, concurrently or not, and equal the unshared pairs."""
+    folder = str(make_qwen3())
+    tpl = "<|im_start|>user\nDocument: {document}\nQuestion: {query}<|im_end|>\n<|im_start|>assistant\n"
+    shared = Reranker(folder, device="cpu", template=tpl)
+    plain = Reranker(folder, device="cpu", template=tpl, share_prefix=False)
+    docs = [random_text(rng, n) for n in (2, 15, 40)]
+    pairs = [(q, d) for q in ("first question", "a second, longer question") for d in docs]
+    stats = {}
+    got = shared.predict(pairs, stats=stats)
+    assert stats["tokens_saved"] > 0
+    np.testing.assert_allclose(got, plain.predict(pairs), atol=1e-6, rtol=0)
+    tok = shared.engine.tokenizer
+    assert shared.engine.template.encode([q for q, _ in pairs], [d for _, d in pairs]).ids == \
+        [tok(tpl.format(query=q, document=d), add_special_tokens=False)["input_ids"] for q, d in pairs]
