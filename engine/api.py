@@ -1,8 +1,6 @@
 """The public Python API: Reranker and Embedder (sentence-transformers-like)."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import threading
-
 import numpy as np
 import torch
 
@@ -11,20 +9,10 @@ from engine.default_model import default_model_path
 from engine.engine import Engine
 from engine.heads import YesNoHead, matryoshka
 from engine.kalm import check_ratio
-from engine.request import PassageRequest, ScoreRequest
+from engine.request import PassageRequest, ScoreRequest, merge_stats
 from engine.sequence import Seq, Seqs
 from engine.templates import check_texts
 
-_STATS_LOCK = threading.Lock()
-
-
-def merge_stats(into: Optional[dict], stats: dict) -> None:
-    """Add counters into a dict that request threads share (a Reranker's cumulative ``stats``)."""
-    if into is None:
-        return
-    with _STATS_LOCK:
-        for k, v in stats.items():
-            into[k] = into.get(k, 0) + v
 
 
 def _check_top_n(top_n):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import kernels
 from engine.context import BatchContext, build_context
 from engine.layers import Attention
-from engine.request import GenerateRequest
+from engine.request import GenerateRequest, merge_stats
 from engine.sequence import Seqs
 from engine.weights import checkpoint_index, read_tensor
 
@@ -202,11 +202,10 @@ class Generator:
         seqs = Seqs.of([list(t) for t in tails], prefix=tuple(head) if head else None)
         req = GenerateRequest(seqs, max_new_tokens, self.stop_ids if stop_ids is None else stop_ids, head,
                               priority=priority, cancel=cancel)
-        out = self.engine.submit(req).wait()
-        if stats is not None:
-            for k, v in req.stats.items():
-                stats[k] = stats.get(k, 0) + v
-        return out
+        try:
+            return self.engine.submit(req).wait()
+        finally:
+            merge_stats(stats, req.stats)
 
     def evidence(self, template, query: str, docs: Sequence[str], instruction: Optional[str] = None,
                  max_new_tokens: int = 512, share_prefix: bool = True, cancel=None,

@@ -24,6 +24,18 @@ import numpy as np
 from engine.sequence import Seq, Seqs
 
 
+_STATS_LOCK = threading.Lock()
+
+
+def merge_stats(into: Optional[dict], stats: dict) -> None:
+    """Add a request's counters into a dict that caller threads may share (a Reranker's cumulative ``stats``)."""
+    if into is None:
+        return
+    with _STATS_LOCK:
+        for k, v in stats.items():
+            into[k] = into.get(k, 0) + v
+
+
 class Cancelled(RuntimeError):
     """The caller cancelled the request (e.g. its HTTP client went away)."""
 
@@ -188,17 +200,21 @@ class GenerateRequest(Request):
         """KV slots sequence ``i`` needs: prefix + prompt + every token it may generate."""
         return (len(self.prefix_key) if self.prefix_key else 0) + self.seqs[i].cost + self.max_new_tokens
 
+    def finished(self, i: int) -> bool:
+        """Sequence ``i`` has reached a stop token or ``max_new_tokens``."""
+        out = self.outputs[i]
+        return bool(out) and (out[-1] in self.stop_ids or len(out) >= self.max_new_tokens)
+
     def append(self, i: int, token: int) -> bool:
         """Record a generated token; True when sequence ``i`` is finished."""
-        out = self.outputs[i]
-        out.append(token)
+        self.outputs[i].append(token)
         self.stats["generated_tokens"] += 1
-        finished = token in self.stop_ids or len(out) >= self.max_new_tokens
-        if finished:
+        if self.finished(i):
             self.remaining -= 1
             if self.remaining == 0:
                 self.done.set()
-        return finished
+            return True
+        return False
 
     def result(self) -> List[List[int]]:
         return self.outputs

@@ -204,16 +204,9 @@ class Scheduler:
         share = max(1, budget // len(live))
         for fair in (True, False):
             for r in live:
-                if r.done.is_set():
+                if r.done.is_set() or not self._refill(r):
                     continue
                 taken = 0
-                try:
-                    r.refill(self.tokenizer_pool)
-                except Exception as e:  # a bad input fails its own request only
-                    r.fail(e)
-                    batch = [b for b in batch if b[0] is not r]
-                    used = sum(s.cost for _, s in batch)
-                    continue
                 while r.pending:
                     n = r.pending[0].cost
                     if batch and used + n > budget:
@@ -223,18 +216,13 @@ class Scheduler:
                     batch.append((r, r.pending.popleft()))
                     used += n
                     taken += n
-                    if not r.pending:
-                        try:
-                            r.refill(self.tokenizer_pool)
-                        except Exception as e:
-                            r.fail(e)
-                            batch = [b for b in batch if b[0] is not r]
-                            used = sum(s.cost for _, s in batch)
-                            break
+                    if not r.pending and not self._refill(r):
+                        break
                 if used >= budget:
                     break
             if used >= budget:
                 break
+        batch = [b for b in batch if not b[0].done.is_set()]  # a request whose next chunk failed to tokenize
         if not batch:
             return None
         prefixes, index, seen = [], [], {}
@@ -248,13 +236,21 @@ class Scheduler:
             index.append(seen[id(r.prefix)])
         return ScoreStep(batch, prefixes, index if prefixes else None, time.perf_counter() - t0)
 
+    def _refill(self, r: ScoreRequest) -> bool:
+        """Tokenized sequences pending for ``r``; False when its input failed (only it fails)."""
+        try:
+            r.refill(self.tokenizer_pool)
+            return True
+        except Exception as e:
+            r.fail(e)
+            return False
+
     def _done_score(self, step: ScoreStep, out) -> None:
         logits, values, forward_s, head_s = out
         tokens = sum(s.cost for s in step.seqs)
         self.peak_batch_tokens = max(self.peak_batch_tokens, tokens)
         self.totals["batches"] += 1
         self.totals["tokens_computed"] += tokens
-        k = 0
         for r, seqs in pair_items(step.items):
             n_tok = sum(s.cost for s in seqs)
             saved = r.prefix.num_tokens * len(seqs) if r.prefix is not None else 0
@@ -341,7 +337,7 @@ class Scheduler:
     # -- generation: prefill, then continuous batching of decode --------------------------------
     def _alive_rows(self) -> List[int]:
         return [i for i, (r, _) in enumerate(self.running) if not r.done.is_set() and not r.cancelled
-                and not _finished(r, self.running[i][1])]
+                and not r.finished(self.running[i][1])]
 
     def _compact(self) -> Optional[List[int]]:
         """Drop finished and cancelled rows from the running list; the runner's cache keeps ``keep``."""
@@ -427,8 +423,5 @@ class Scheduler:
         self.running, self.next_tokens, self.capacity = [], [], 0
 
 
-def _finished(r: GenerateRequest, i: int) -> bool:
-    out = r.outputs[i]
-    return bool(out) and (out[-1] in r.stop_ids or len(out) >= r.max_new_tokens)
 
 
