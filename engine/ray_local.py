@@ -71,6 +71,9 @@ def init(address: Optional[str] = None, num_cpus: Optional[int] = None, num_gpus
     Returns the ``ray`` module. A driver already connected is left as it is.
     """
     if address is not None:
+        if address.split("://")[-1].startswith(("127.", "localhost")):
+            # Ray would swap a loopback address for the LAN one; keep it (read when Ray is imported).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray = require_ray()
         if not ray.is_initialized():
             ray.init(address=address, logging_level="WARNING")
