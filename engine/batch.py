@@ -236,7 +236,8 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
         blocks = [table.slice(i, batch_size) for i in range(0, n, batch_size)]
         crash = os.environ.get(CRASH_ENV)
         ds = ray.data.from_arrow(blocks).map_batches(
-            _Worker, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
+            _Worker, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=num_cpus, num_gpus=num_gpus or None,
             fn_constructor_kwargs={"task": task, "model": model, "engine": engine,
                                    "threads": threads or max(1, int(num_cpus)), "crash": crash},
