@@ -276,20 +276,17 @@ def _server_config(args):
 
 
 def cmd_serve_replicas(args) -> int:
-    from engine.ray_local import require_ray
+    from engine.ray_local import check_ray
 
     if args.replicas is None:
         raise SystemExit("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
-    require_ray()  # before loading anything: without the extra, one line naming it
+    check_ray()  # before loading anything: without the extra, one line naming it
     from engine import ray_serve
 
     config = _server_config(args)
     spec = ray_serve.ReplicaSpec(model=args.model, config=config, service=_service_kwargs(args))
-    gpus = args.device is None or args.device.startswith("cuda")
-    import ray
-
-    ray_serve.init(args.ray_address)
-    gpus = gpus and ray.cluster_resources().get("GPU", 0) >= 1
+    ray = ray_serve.init(args.ray_address)
+    gpus = (args.device is None or args.device.startswith("cuda")) and ray.cluster_resources().get("GPU", 0) >= 1
     options = ray_serve.deployment_options(args.replicas, args.max_queue, args.max_replicas, args.target_queue,
                                            gpus=gpus, cpus=args.replica_cpus)
     return ray_serve.run(spec, options, args.host, args.port, args.ray_address)
@@ -317,9 +314,9 @@ def cmd_serve(args) -> int:
 
 def cmd_batch(args) -> int:
     from engine.batch import run_batch
-    from engine.ray_local import require_ray
+    from engine.ray_local import check_ray
 
-    require_ray()
+    check_ray()
     engine = {k: v for k, v in _service_kwargs(args).items() if v not in (None, "")}
     if args.batch_task == "embed":
         for k in ("template", "template_prefix", "template_suffix", "label_tokens"):

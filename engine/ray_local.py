@@ -31,6 +31,21 @@ class RayMissing(ImportError):
     """The optional ``ray`` extra is not installed."""
 
 
+def check_ray() -> None:
+    """A one-line error naming the extra when Ray is missing, without importing it (``init`` must set
+    ``LOOPBACK_ENV`` first)."""
+    import importlib.util
+
+    # Top-level names only: finding ``ray.serve`` would import ``ray``. These stand for ray[serve,data].
+    for name in ("ray", "pyarrow", "fastapi", "uvicorn"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent missing, or a module set to None
+            found = False
+        if not found:
+            raise RayMissing(f"{EXTRA_HINT} (no module {name})")
+
+
 def require_ray():
     """``import ray``, or a one-line error naming the extra."""
     try:

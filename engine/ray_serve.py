@@ -111,12 +111,13 @@ def shutdown() -> None:
 def run(spec: ReplicaSpec, options: dict, host: str, port: int, address: Optional[str] = None) -> int:
     """``rerank-engine serve --replicas N``: deploy, serve until SIGINT/SIGTERM, then shut down."""
     n = options.get("num_replicas") or options["autoscaling_config"]["min_replicas"]
+    init(address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's own handlers (ray.init), before deploying
+        signal.signal(sig, lambda signum, frame: stop.set())
     deploy(spec, options, host, port, address)
     log.info("serving on http://%s:%d with %s replica(s) on Ray", host, port,
              n if "num_replicas" in options else f"{n}-{options['autoscaling_config']['max_replicas']}")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
     stop.wait()
     log.info("shutting down the replicas")
     shutdown()
