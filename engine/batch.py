@@ -44,10 +44,18 @@ class BatchReport:
     seconds: float
     output: str
     errors_path: str
+    startup_s: float = 0.0  # until the first results came back (actors starting, models loading)
+    first_rows: int = 0  # rows of that first result
 
     @property
     def rows_per_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Throughput once the first results are back (model loading excluded)."""
+        rest = self.seconds - self.startup_s
+        return (self.written - self.first_rows) / rest if rest > 0 else 0.0
 
 
 # Reading and checking the input (on the driver: row numbers must be those of the file)
@@ -224,6 +232,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     start = time.perf_counter()
     n = table.num_rows
     results = []
+    startup_s, first_rows = 0.0, 0
     if n:
         ray = init(ray_address)
         if num_gpus is None:
@@ -251,6 +260,8 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
             seen[rows] = True
             if not fresh.all():
                 out = out.filter(pa.array(fresh))
+            if not results:
+                startup_s, first_rows = time.perf_counter() - start, out.num_rows
             results.append(out)
             bar.update(out.num_rows)
         bar.close()
@@ -269,7 +280,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     # Input order: the good rows are in row order, and so is ``done``.
     assert done["_row"].to_pylist() == table["_row"].to_pylist()
     pq.write_table(pa.table({"id": table["id"], value: done[value]}), output)
-    report = BatchReport(task, n_rows, done.num_rows, len(errors), seconds, output, errors_path)
+    report = BatchReport(task, n_rows, done.num_rows, len(errors), seconds, output, errors_path, startup_s, first_rows)
     log.info("%s: %d rows in %.1f s (%.0f rows/s); %d bad rows in %s; wrote %s", task, report.written, seconds,
              report.rows_per_s, report.errors, errors_path, output)
     return report

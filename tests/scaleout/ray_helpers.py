@@ -14,7 +14,7 @@ NO_RAY = 'the Ray tests need the ray extra and psutil: pip install "rerank-engin
 class ConnectionLog:
     """Every inet connection of this process and its descendants, sampled in a thread."""
 
-    def __init__(self, every_s: float = 0.25):
+    def __init__(self, every_s: float = 0.5):
         import psutil
 
         self.psutil, self.every_s = psutil, every_s
