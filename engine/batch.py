@@ -192,6 +192,39 @@ class _Worker:
 
 # The job
 
+class Results:
+    """Result tables kept once per row: a batch that ran twice (its actor lost after handing it over, and
+    the task retried) adds nothing the second time."""
+
+    def __init__(self, n_rows: int):
+        self.seen = np.zeros(n_rows, dtype=bool)
+        self.tables: list = []
+        self.rows = 0
+
+    def add(self, out) -> int:
+        """Keep the rows of ``out`` not seen before; -> how many."""
+        import pyarrow as pa
+
+        rows = out["_row"].to_numpy()
+        fresh = ~self.seen[rows]
+        fresh &= ~_repeated(rows)  # a row twice within one table counts once too
+        self.seen[rows] = True
+        if not fresh.all():
+            out = out.filter(pa.array(fresh))
+        if out.num_rows:
+            self.tables.append(out)
+        self.rows += out.num_rows
+        return out.num_rows
+
+
+def _repeated(rows: np.ndarray) -> np.ndarray:
+    """True at every occurrence of a value but its first."""
+    _, first = np.unique(rows, return_index=True)
+    mask = np.ones(len(rows), dtype=bool)
+    mask[first] = False
+    return mask
+
+
 def _write_errors(path: str, errors) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rid, reason in errors:
@@ -231,7 +264,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     _write_errors(errors_path, errors)
     start = time.perf_counter()
     n = table.num_rows
-    results = []
+    results = Results(n_rows)
     startup_s, first_rows = 0.0, 0
     if n:
         ray = init(ray_address)
@@ -251,27 +284,21 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
             fn_constructor_kwargs={"task": task, "model": model, "engine": engine,
                                    "threads": threads or max(1, int(num_cpus)), "crash": crash},
             max_restarts=-1, max_task_retries=-1)
-        seen = np.zeros(n_rows, dtype=bool)
         bar = tqdm(total=n, desc=f"batch {task}", unit="row", disable=not progress, file=sys.stderr,
                    smoothing=0.1)
         for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = out["_row"].to_numpy()
-            fresh = ~seen[rows]  # a batch that ran twice (an actor lost after handing it over) counts once
-            seen[rows] = True
-            if not fresh.all():
-                out = out.filter(pa.array(fresh))
-            if not results:
-                startup_s, first_rows = time.perf_counter() - start, out.num_rows
-            results.append(out)
-            bar.update(out.num_rows)
+            kept = results.add(out)
+            if not first_rows:
+                startup_s, first_rows = time.perf_counter() - start, kept
+            bar.update(kept)
         bar.close()
-        missing = n - int(sum(t.num_rows for t in results))
+        missing = n - results.rows
         if missing:
             raise RuntimeError(f"{missing} rows came back without a result; nothing was written")
     seconds = time.perf_counter() - start
     value = "score" if task == "rank" else "embedding"
-    if results:
-        done = pa.concat_tables(results)
+    if results.tables:
+        done = pa.concat_tables(results.tables)
         order = np.argsort(done["_row"].to_numpy(), kind="stable")
         done = done.take(pa.array(order))
     else:

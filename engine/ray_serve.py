@@ -83,10 +83,6 @@ def build_app(spec: ReplicaSpec, options: dict):
 
             return create_app(self.service, self.spec.config)
 
-        def check_health(self):
-            # Serve restarts a replica whose check fails; the engine loop restarts itself on the next request.
-            assert self.service.engine.runner is not None
-
     return EngineReplica.bind(spec)
 
 

@@ -8,6 +8,7 @@ connection of the test process tree is sampled while the cluster lives.
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,11 +16,28 @@ from engine.ray_local import LOOPBACK_ENV, loopback_env
 from ray_helpers import ConnectionLog
 
 
+HERE = Path(__file__).parent
+_stops = []  # what the session fixtures below started, stopped when this folder's tests are done
+
+
+def _stop_all():
+    while _stops:
+        _stops.pop()()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    # Session scope so the cluster serves every file here, but not the tests that run after this folder.
+    if nextitem is None or HERE not in Path(nextitem.path).parents:
+        _stop_all()
+
+
 @pytest.fixture(scope="session")
 def connection_log():
     log = ConnectionLog().start()
+    _stops.append(log.stop)
     yield log
-    log.stop()
+    _stop_all()
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +55,8 @@ def ray_cluster(connection_log):
         cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
         cluster.add_node(**node)
     ray.init(address=cluster.address, logging_level="WARNING")
-    try:
-        yield cluster
-    finally:
+
+    def stop():
         ray.shutdown()
         cluster.shutdown()
         for k, v in saved.items():
@@ -50,3 +67,7 @@ def ray_cluster(connection_log):
             else:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
+
+    _stops.append(stop)
+    yield cluster
+    _stop_all()

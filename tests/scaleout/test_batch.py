@@ -129,3 +129,16 @@ def test_input_errors_are_one_line(tmp_path):
     dup.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
     with pytest.raises(ValueError, match="appears twice"):
         run_batch("embed", str(dup), str(tmp_path / "o.parquet"))
+
+
+def test_results_keep_each_row_once():
+    from engine.batch import Results
+
+    res = Results(6)
+    part = lambda rows: pa.table({"_row": pa.array(rows, pa.int64()), "score": pa.array([float(r) for r in rows])})
+    assert res.add(part([0, 1, 2])) == 3
+    assert res.add(part([2, 3, 3])) == 1  # 2 seen before, 3 twice in one batch
+    assert res.add(part([0, 1, 2])) == 0  # a whole batch run again
+    assert res.add(part([5])) == 1
+    got = pa.concat_tables(res.tables)
+    assert sorted(got["_row"].to_pylist()) == [0, 1, 2, 3, 5] and res.rows == 5
