@@ -162,8 +162,9 @@ def bench_http(args):
         print(f"| {name} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | {len(lat) / wall:.1f} |")
     if len(rows) > 1:
         (plain, _), (ray1, _) = rows[0][1], rows[1][1]
-        print(f"Ray's overhead (1 replica on the same cores - plain): p50 {np.percentile(ray1, 50) - np.percentile(plain, 50):+.1f} ms, "
-              f"p99 {np.percentile(ray1, 99) - np.percentile(plain, 99):+.1f} ms")
+        d50 = np.percentile(ray1, 50) - np.percentile(plain, 50)
+        d99 = np.percentile(ray1, 99) - np.percentile(plain, 99)
+        print(f"Ray's overhead (1 replica on the same cores - plain): p50 {d50:+.1f} ms, p99 {d99:+.1f} ms")
 
 
 def main():

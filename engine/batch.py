@@ -244,7 +244,8 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     on ``concurrency`` actors of a Ray cluster (``ray_address``, or a local instance on 127.0.0.1).
 
     Each actor takes ``num_cpus`` cores (``threads`` torch threads, default the same) and ``num_gpus`` GPUs
-    (default: 1 where the cluster has GPUs and ``device`` is not cpu) and holds one engine; ``engine`` goes to ``Reranker``/``Embedder`` (task, device, dtype, max_length, ...).
+    (default: 1 where the cluster has GPUs and ``device`` is not cpu) and holds one engine; ``engine`` goes
+    to ``Reranker``/``Embedder`` (task, device, dtype, max_length, ...).
     Bad rows go to ``errors_path`` (default: beside the output, ``*.errors.jsonl``).
     """
     import pyarrow as pa

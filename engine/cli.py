@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("--input", required=True,
                        help="parquet or JSONL with " + ("query and document (or text)" if task == "rank" else "text")
                             + " columns and an optional id column (default: the row number)")
-        t.add_argument("--output", required=True, help="parquet: id and " + ("score" if task == "rank" else "embedding"))
+        t.add_argument("--output", required=True,
+                       help="parquet: id and " + ("score" if task == "rank" else "embedding"))
         t.add_argument("--errors", default=None,
                        help="JSONL of the rows refused (empty or not strings), with id and reason "
                             "(default: OUTPUT without .parquet + .errors.jsonl)")

@@ -1,6 +1,5 @@
 """Helpers of the Ray tests (a module with a unique name: tests import it, never conftest)."""
 import importlib.util
-import os
 import socket
 import threading
 

@@ -1,6 +1,5 @@
 """Ray Data jobs: 20,000 pairs over 2 actors, one of which dies mid-job; bad rows; embeddings; the CLI."""
 import json
-import os
 import random
 import subprocess
 import sys
