@@ -46,6 +46,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+    p.add_argument("--compile", action="store_true",
+                   help="run the scoring forward through torch.compile (slower start; see bench/RESULTS.md)")
     p.add_argument("--template", default=None,
                    help="prompt of a yes/no or 2-way reranker: qwen3, prism, querit, a Jinja template file "
                         "(rendered with query, document, instruction) or a format string with {query}, {document} "
@@ -138,7 +140,8 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     # Only the server warms up (its first request should not pay for it); offline commands go straight on.
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
-                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
+                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
+                   compile=args.compile)
 
 
 def _chunks(n: int, desc: str):

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
                      unit_stride_last, ScheduleCache)
 
@@ -83,10 +83,12 @@ def _attend_blocks(q, k, v, scale, lp):
 
 
 def varlen_attention_ref(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool, scale: float,
-    prefix_k=None, prefix_v=None, cu_seqlens_p=None, prefix_index=None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    *, causal: bool, scale: float,
+    prefix_k: Optional[torch.Tensor] = None, prefix_v: Optional[torch.Tensor] = None,
+    cu_seqlens_p: Optional[torch.Tensor] = None, prefix_index: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-):
+) -> torch.Tensor:
     out = torch.empty_like(q)
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
@@ -507,19 +509,27 @@ def varlen_attention_triton(
     return out
 
 
+def _varlen_attention_schema(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    causal: bool, scale: float, prefix_k: Optional[torch.Tensor] = None, prefix_v: Optional[torch.Tensor] = None,
+    cu_seqlens_p: Optional[torch.Tensor] = None, prefix_index: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+varlen_attention_op = engine_op(
+    "varlen_attention", varlen_attention_ref, lambda **kw: varlen_attention_triton(**kw),
+    lambda q, **kw: torch.empty_like(q), schema=_varlen_attention_schema)
+
+
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, scale,
     prefix_k=None, prefix_v=None, cu_seqlens_p=None, prefix_index=None,
     max_seqlen_q=None, max_seqlen_k=None,
 ):
-    """Packed varlen attention forward; see the module docstring for layout."""
-    if use_triton(q):
-        return varlen_attention_triton(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-            prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=cu_seqlens_p, prefix_index=prefix_index,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        )
-    return varlen_attention_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+    """Packed varlen attention forward (``torch.ops.engine.varlen_attention``); see the module docstring."""
+    return varlen_attention_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal), scale=float(scale),
         prefix_k=prefix_k, prefix_v=prefix_v, cu_seqlens_p=cu_seqlens_p, prefix_index=prefix_index,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )

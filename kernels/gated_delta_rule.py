@@ -24,7 +24,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_pow2, require_triton
 
 try:
@@ -381,20 +381,55 @@ def gated_delta_rule_triton(
     return out, final
 
 
+def _no_state(out: torch.Tensor, final: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return out, (final if final is not None else out.new_empty((0,), dtype=torch.float32))
+
+
+def _gdr_op_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    cu_seqlens: torch.Tensor, scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+    state_index: Optional[torch.Tensor] = None, output_final_state: bool = False, use_qk_l2norm: bool = True,
+    max_seqlen: Optional[int] = None, chunks: Optional[torch.Tensor] = None, chunk: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    # The recurrence for one-token steps (decoding), the chunked algorithm otherwise.
+    kw = dict(scale=scale, initial_state=initial_state, state_index=state_index,
+              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    if max_seqlen == 1:
+        return _no_state(*gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens, **kw))
+    return _no_state(*_chunked_torch(q, k, v, g, beta, cu_seqlens, **kw))
+
+
+def _gdr_op_triton(q, k, v, g, beta, cu_seqlens, scale=None, initial_state=None, state_index=None,
+                   output_final_state=False, use_qk_l2norm=True, max_seqlen=None, chunks=None, chunk=0):
+    plan = ChunkPlan(chunks, chunk) if chunks is not None else None
+    return _no_state(*gated_delta_rule_triton(
+        q, k, v, g, beta, cu_seqlens, scale=scale, initial_state=initial_state, state_index=state_index,
+        output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, plan=plan))
+
+
+def _gdr_op_fake(q, k, v, g, beta, cu_seqlens, output_final_state=False, **kw):
+    n, hv, dk, dv = cu_seqlens.shape[0] - 1, v.shape[1], q.shape[2], v.shape[2]
+    final = q.new_empty((n, hv, dk, dv) if output_final_state else (0,), dtype=torch.float32)
+    return torch.empty_like(v), final
+
+
+gated_delta_rule_op = engine_op("gated_delta_rule", _gdr_op_ref, _gdr_op_triton, _gdr_op_fake)
+
+
 def gated_delta_rule(
     q, k, v, g, beta, cu_seqlens, *, scale: Optional[float] = None, initial_state=None, state_index=None,
     output_final_state: bool = False, use_qk_l2norm: bool = True, max_seqlen: Optional[int] = None,
     plan: Optional[ChunkPlan] = None,
 ):
-    """Gated delta rule over packed sequences; returns ``(o [T, Hv, Dv], final state [n, Hv, Dk, Dv] fp32 or None)``.
+    """Gated delta rule over packed sequences (``torch.ops.engine.gated_delta_rule``); returns
+    ``(o [T, Hv, Dv], final state [n, Hv, Dk, Dv] fp32 or None)``.
 
     CUDA: the Triton chunked kernels. CPU: the recurrence for one-token steps
     (decoding), the chunked algorithm in torch otherwise.
     """
-    kw = dict(scale=scale, initial_state=initial_state, state_index=state_index,
-              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
-    if use_triton(q):
-        return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens, plan=plan, **kw)
-    if max_seqlen == 1:
-        return gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens, **kw)
-    return _chunked_torch(q, k, v, g, beta, cu_seqlens, **kw)
+    out, final = gated_delta_rule_op(
+        q, k, v, g, beta, cu_seqlens, scale=None if scale is None else float(scale), initial_state=initial_state,
+        state_index=state_index, output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
+        max_seqlen=None if max_seqlen is None else int(max_seqlen),
+        chunks=plan.chunks if plan is not None else None, chunk=plan.chunk if plan is not None else 0)
+    return out, (final if output_final_state else None)
