@@ -325,7 +325,9 @@ def paged_attention_triton(
         n_slots = min(n_slots, n_seqs * triton.cdiv(max(int(max_seqlen), 1), block_t))
     sched = _SCHEDULES.get((cu, cross_lens if has_cross else None), (block_t, n_slots),
                            lambda: build_schedule(cu, cross_lens if has_cross else None, block_t, n_slots))
-    kc, vc = (k_cache, v_cache) if has_cross else (k.unsqueeze(0), v.unsqueeze(0))  # unused without cross
+    # Without cross keys the cache arguments are never read; a one-row stand-in keeps their strides small
+    # (k.unsqueeze(0) has stride(0) = T x row stride, past 2^31 on long batches: an int64 kernel variant).
+    kc, vc = (k_cache, v_cache) if has_cross else (k[:1].unsqueeze(0), v[:1].unsqueeze(0))
     bt, cl = (block_tables, cross_lens) if has_cross else (cu.unsqueeze(0), cu)
     n_groups = n_heads // pack
     _paged_attention_kernel[(n_slots * n_groups,)](
