@@ -13,7 +13,10 @@ _VALID = ("", "auto", "torch", "triton")
 
 
 def kernel_mode() -> str:
-    mode = os.environ.get("ENGINE_KERNELS", "").strip().lower()
+    mode = os.environ.get("ENGINE_KERNELS")  # read per call (tests switch it); unset is the fast path
+    if not mode:
+        return "auto"
+    mode = mode.strip().lower()
     if mode not in _VALID:
         raise ValueError(f"ENGINE_KERNELS={mode!r}: expected 'triton' or 'torch'")
     return mode or "auto"

@@ -19,23 +19,27 @@ import torch
 from ._dispatch import kernel_mode, use_triton
 
 NAMESPACE = "engine"
+# The low-level registration (define + impl): torch.library.custom_op wraps every call in a
+# dynamo-disabled Python frame, about 70 us per call on a CPU here against about 10 for this.
+_LIB = torch.library.Library(NAMESPACE, "DEF")
 
 
 def engine_op(name: str, ref: Callable, triton: Callable, fake: Callable,
               mutates_args: Sequence[str] = (), schema: Optional[Callable] = None):
     """Register ``engine::name``; its schema is inferred from ``schema``'s annotated
-    signature (``ref``'s by default; torch wants every tensor argument positional).
+    signature (``ref``'s by default; every tensor argument must be positional).
 
     The kernels and the fake are called with keyword arguments of the schema's
     names; ``triton`` may take extra keyword-only tuning arguments (left at their
     defaults). Pass a lambda that looks the kernel up at call time where tests spy
-    on the module's function.
+    on the module's function. Returns the op (``torch.ops.engine.<name>.default``).
     """
-    sig = inspect.signature(schema or ref)
+    proto = schema or ref
+    names = list(inspect.signature(proto).parameters)
 
     def named(fn):
         def call(*args, **kwargs):
-            return fn(**sig.bind(*args, **kwargs).arguments)
+            return fn(**dict(zip(names, args)), **kwargs)
         return call
 
     cpu_ref, cpu_triton, cuda_ref, cuda_triton = named(ref), named(triton), named(ref), named(triton)
@@ -47,13 +51,11 @@ def engine_op(name: str, ref: Callable, triton: Callable, fake: Callable,
     def on_cuda(*args, **kwargs):
         return (cuda_ref if kernel_mode() == "torch" else cuda_triton)(*args, **kwargs)
 
-    on_cpu.__signature__ = sig
-    on_cpu.__name__ = name
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", on_cpu, mutates_args=tuple(mutates_args),
-                                 device_types="cpu")
-    op.register_kernel("cuda")(on_cuda)
-    op.register_fake(named(fake))
-    return op
+    _LIB.define(name + torch.library.infer_schema(proto, mutates_args=tuple(mutates_args)))
+    _LIB.impl(name, on_cpu, "CPU")
+    _LIB.impl(name, on_cuda, "CUDA")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", named(fake), lib=_LIB)
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
 def empty_state(x: torch.Tensor) -> torch.Tensor:
