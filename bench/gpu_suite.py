@@ -513,7 +513,8 @@ def run_aot(s, timeout=150.0):
     served shape shows here before any timing."""
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "aot.json")
-        argv = [sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--arch", "90", "--json", out_json]
+        argv = [sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--arch", "90", "--json", out_json,
+                "--jobs", str(max(2, min(16, os.cpu_count() or 2)))]
         row = _subprocess_row(dict(script="aot_compile.py", cmd="python bench/aot_compile.py --arch 90"),
                               argv, timeout, out_json)
     if row["status"] != "ok":
