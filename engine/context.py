@@ -40,6 +40,8 @@ class BatchContext:
     cache: Optional[object] = None
     # Encoder-decoder (KaLM): the batch's cross K/V, block tables into the paged passage cache.
     cross: Optional[object] = None
+    # Multimodal models (Qwen3-VL): the batch's images and M-RoPE positions, built by the model's plan.
+    multimodal: Optional[object] = None
     _packed: dict = field(default_factory=dict)
 
     @property
