@@ -46,6 +46,23 @@ def make_tiny_qwen3_vl(folder, backend, layers=2, depth=2, deepstack=(0, 1), tie
     return folder
 
 
+_BUILT: dict = {}
+
+TINY_SHAPES = {
+    # Two decoder layers, two ViT blocks, DeepStack after both; tied embeddings.
+    "Qwen3-VL-Reranker-tiny": dict(layers=2, depth=2, deepstack=(0, 1), tie=True, seed=0),
+    # One decoder layer, one ViT block, no DeepStack, an untied LM head.
+    "Qwen3-VL-Embedding-tiny": dict(layers=1, depth=1, deepstack=(), tie=False, seed=1),
+}
+
+
+def tiny_qwen3_vl(tmp_path_factory, backend, name):
+    """A tiny checkpoint of TINY_SHAPES, built once per test session."""
+    if name not in _BUILT:
+        _BUILT[name] = make_tiny_qwen3_vl(tmp_path_factory.mktemp("vl") / name, backend, **TINY_SHAPES[name])
+    return _BUILT[name]
+
+
 # --- images made here ------------------------------------------------------------------------------
 
 def sample_images(seed=0):

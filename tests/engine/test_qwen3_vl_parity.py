@@ -6,7 +6,7 @@ import torch
 from engine import Embedder, Reranker
 from engine.images import ImageOptions, preprocess, smart_resize
 from engine.multimodal import Content, normalize_inputs
-from tiny_qwen3_vl import Qwen3VLReference, image_processor, make_tiny_qwen3_vl, official_fetch, sample_images
+from tiny_qwen3_vl import Qwen3VLReference, image_processor, official_fetch, sample_images, tiny_qwen3_vl
 
 ATOL = 1e-4
 
@@ -18,15 +18,13 @@ def images():
 
 @pytest.fixture(scope="module")
 def vl_reranker(tmp_path_factory, qwen3_backend):
-    folder = make_tiny_qwen3_vl(tmp_path_factory.mktemp("vl") / "Qwen3-VL-Reranker-tiny", qwen3_backend)
+    folder = tiny_qwen3_vl(tmp_path_factory, qwen3_backend, "Qwen3-VL-Reranker-tiny")
     return folder, Reranker(str(folder), device="cpu"), Qwen3VLReference(folder)
 
 
 @pytest.fixture(scope="module")
 def vl_embedder(tmp_path_factory, qwen3_backend):
-    # One decoder layer and no DeepStack: the other checkpoint shape DESIGN.md gives.
-    folder = make_tiny_qwen3_vl(tmp_path_factory.mktemp("vl") / "Qwen3-VL-Embedding-tiny", qwen3_backend,
-                                layers=1, depth=1, deepstack=(), tie=False, seed=1)
+    folder = tiny_qwen3_vl(tmp_path_factory, qwen3_backend, "Qwen3-VL-Embedding-tiny")
     return folder, Embedder(str(folder), device="cpu"), Qwen3VLReference(folder, max_length=8192)
 
 
