@@ -84,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
     s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
+    # Models that take images (Qwen3-VL)
+    s.add_argument("--allow-url-images", action="store_true",
+                   help="fetch http(s) image URLs (off: any client could make the server fetch any URL); "
+                        "with a 32 MiB cap, a 10 s timeout and 3 redirects at most")
+    s.add_argument("--max-images", type=_positive_int, default=32, help="images per request; more get 400")
+    s.add_argument("--image-max-pixels", type=_positive_int, default=None,
+                   help="resize cap of an image (default 1,843,200 as the official Qwen3-VL code; "
+                        "servers reading preprocessor_config.json use 1,310,720)")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r)
@@ -138,7 +146,9 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     # Only the server warms up (its first request should not pay for it); offline commands go straight on.
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
-                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
+                   template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
+                   allow_url_images=getattr(args, "allow_url_images", False),
+                   max_images=getattr(args, "max_images", 32), image_max_pixels=getattr(args, "image_max_pixels", None))
 
 
 def _chunks(n: int, desc: str):
