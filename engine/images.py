@@ -88,8 +88,16 @@ def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int 
 
 # --- loading -------------------------------------------------------------------------------------
 
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RuntimeError("images need Pillow: pip install 'rerank-engine[images]'") from None
+    return Image
+
+
 def _decode(data: bytes, opts: ImageOptions, what: str):
-    from PIL import Image
+    Image = _pil()
 
     if len(data) > opts.max_bytes:
         raise ImageError(f"{what} is {len(data)} bytes, over the cap of {opts.max_bytes}")
@@ -142,7 +150,7 @@ def _fetch(url: str, opts: ImageOptions, what: str) -> bytes:
 
 def load_image(src: Any, opts: ImageOptions, what: str = "image"):
     """A PIL image from any accepted source (not yet converted or resized)."""
-    from PIL import Image
+    Image = _pil()
 
     if isinstance(src, Image.Image):
         _check_declared(src.size, opts, what)

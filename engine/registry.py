@@ -61,7 +61,6 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
         "t5gemma2", "T5Gemma2Model", {"rerank": TaskSpec(head="yes_no", template="KaLMRerankTemplate")}),
     # Qwen3-VL-Reranker / Qwen3-VL-Embedding: images and text (engine/multimodal.py builds the prompts).
     "Qwen3VLForConditionalGeneration": ArchSpec("qwen3_vl", "Qwen3VLModel", _QWEN3_VL_TASKS),
-    "Qwen3VLModel": ArchSpec("qwen3_vl", "Qwen3VLModel", {"embed": _QWEN3_VL_TASKS["embed"]}),
 }
 
 # Prompt templates a user may pick by name (``Reranker(model, template="prism")``) on an
