@@ -55,8 +55,9 @@ def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
         model = Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
     del model
-    PreTrainedTokenizerFast(tokenizer_object=build_qwen3_backend(), eos_token="<|im_end|>",
-                            pad_token="<|endoftext|>", extra_special_tokens=VL_EXTRA_SPECIAL).save_pretrained(str(folder))
+    tok = PreTrainedTokenizerFast(tokenizer_object=build_qwen3_backend(), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", extra_special_tokens=VL_EXTRA_SPECIAL)
+    tok.save_pretrained(str(folder))
     return folder
 
 

@@ -119,8 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def read_jsonl(path: str) -> List[str]:
-    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``."""
+def read_jsonl(path: str) -> list:
+    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``. For models
+    that take images (Qwen3-VL), an object with ``image`` (a path, a data: URI) or vLLM's ``content``
+    stays whole."""
     out = []
     with open(path, encoding="utf-8", errors="strict") as f:
         for n, line in enumerate(f, 1):
@@ -131,6 +133,9 @@ def read_jsonl(path: str) -> List[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected JSONL, one string or "
                                  f"{{\"text\": ...}} object per line") from None
+            if isinstance(v, dict) and ("image" in v or "content" in v):
+                out.append(v)
+                continue
             if isinstance(v, dict):
                 v = v.get("text")
             if not isinstance(v, str):
@@ -161,6 +166,15 @@ def _chunks(n: int, desc: str):
     bar.close()
 
 
+def _text_part(doc) -> str:
+    """A document's text; for an image document (a dict), its text part."""
+    if isinstance(doc, str):
+        return doc
+    content = doc.get("content", doc.get("text", ""))
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p if isinstance(p, str) else p.get("text", "") if isinstance(p, dict) else "" for p in parts)
+
+
 def cmd_rank(args) -> int:
     if args.top_n is not None and args.top_n < 1:
         raise SystemExit("--top-n must be a positive integer")
@@ -174,7 +188,7 @@ def cmd_rank(args) -> int:
                              raw_scores=args.raw_scores)
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": _text_part(docs[i])}} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)

@@ -49,14 +49,22 @@ class ImageOptions:
 
 @dataclass(eq=False)
 class ImageData:
-    """One preprocessed image: ``pixel_values`` [h/16 * w/16, 1536] fp32 and its patch grid."""
+    """One resized image as uint8 patches [h/16 * w/16, 3, 16, 16] in merge-block order, and its grid.
 
-    pixel_values: np.ndarray
+    Kept as bytes until its batch runs (an eighth of the fp32 pixel values, which repeat each
+    frame over the temporal patch); ``pixel_values`` gives the model's input, exactly."""
+
+    patches: np.ndarray
     grid: Tuple[int, int, int]  # (t, h/16, w/16)
 
     @property
     def num_patches(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.patches.shape[0])
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """[P, 1536] fp32: (x - 127.5) / 127.5, each row (C, T = 2, 16, 16)."""
+        return pixel_values(self.patches)
 
     @property
     def num_tokens(self) -> int:
@@ -204,15 +212,24 @@ def to_rgb(img):
 
 
 def patchify(img) -> ImageData:
-    """[gh * gw, 3 * 2 * 16 * 16] rows in (h/32, w/32, 2, 2) order from an RGB image of sides % 32 == 0."""
-    x = np.asarray(img, dtype=np.float32)  # [H, W, 3]
-    x = (x - 127.5) / 127.5
+    """uint8 patches [gh * gw, 3, 16, 16] in (h/32, w/32, 2, 2) order from an RGB image of sides % 32 == 0."""
+    x = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
     H, W, C = x.shape
     gh, gw = H // PATCH, W // PATCH
     x = x.transpose(2, 0, 1).reshape(C, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/2, gw/2, 2, 2, C, 16, 16]
-    x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (TEMPORAL,) + x.shape[5:])
-    return ImageData(np.ascontiguousarray(x.reshape(gh * gw, C * TEMPORAL * PATCH * PATCH)), (1, gh, gw))
+    return ImageData(np.ascontiguousarray(x.reshape(gh * gw, C, PATCH, PATCH)), (1, gh, gw))
+
+
+def pixel_values(patches):
+    """uint8 patches [P, C, 16, 16] (numpy, or a torch tensor on any device) -> fp32 [P, C * 2 * 16 * 16]:
+    (x - 127.5) / 127.5, a still image repeated over the temporal patch."""
+    if isinstance(patches, np.ndarray):
+        x = (patches.astype(np.float32) - 127.5) / 127.5
+        x = np.broadcast_to(x[:, :, None], (x.shape[0], x.shape[1], TEMPORAL) + x.shape[2:])
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1))
+    x = (patches.float() - 127.5) / 127.5
+    return x[:, :, None].expand(-1, -1, TEMPORAL, -1, -1).reshape(x.shape[0], -1)
 
 
 def preprocess(src: Any, opts: ImageOptions, what: str = "image") -> ImageData:

@@ -131,7 +131,8 @@ def normalize_input(x: Any, what: str, opts: ImageOptions, counted: Optional[lis
     return Content(texts, images)
 
 
-def normalize_inputs(items: Sequence[Any], what: str, opts: ImageOptions, counted: Optional[list] = None) -> List[Input]:
+def normalize_inputs(items: Sequence[Any], what: str, opts: ImageOptions,
+                     counted: Optional[list] = None) -> List[Input]:
     """``normalize_input`` of each item, named ``what[i]`` in errors."""
     counted = counted if counted is not None else [0]
     return [normalize_input(x, f"{what}[{i}]", opts, counted) for i, x in enumerate(items)]

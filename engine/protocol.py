@@ -126,6 +126,8 @@ _MM_SCHEMA = {"anyOf": [
 ]}
 # A query or document of a model that takes images (Qwen3-VL); for text models, its text.
 MMInput = Annotated[Any, BeforeValidator(_mm_input), WithJsonSchema(_MM_SCHEMA)]
+# A query: as MMInput; as a string it must hold a non-whitespace character (``pattern`` applies to strings only).
+MMQuery = Annotated[Any, BeforeValidator(_mm_input), WithJsonSchema({**_MM_SCHEMA, "pattern": "\\S"})]
 MMInputs = Annotated[List[MMInput], BeforeValidator(_one_or_many),
                      WithJsonSchema({"anyOf": [_MM_SCHEMA, {"type": "array", "items": _MM_SCHEMA}]})]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -142,7 +144,7 @@ class RerankRequest(_Request):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
     model: Optional[str] = None
-    query: MMInput = Field(description="must hold a non-whitespace character or an image (else 400)")
+    query: MMQuery = Field(description="must hold a non-whitespace character or an image (else 400)")
     documents: Optional[List[MMInput]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
     top_n: Optional[PositiveInt] = None

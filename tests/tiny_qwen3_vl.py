@@ -191,7 +191,8 @@ class Qwen3VLReference:
             instruction = instruction.strip()
             if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
                 instruction += "."
-        messages = [{"role": "system", "content": [{"type": "text", "text": instruction or "Represent the user's input."}]},
+        system = instruction or "Represent the user's input."
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
                     {"role": "user", "content": side(None, *item)}]
         e = self.last_hidden(messages, rerank=False)
         if dimensions is not None:

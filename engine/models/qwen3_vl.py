@@ -26,6 +26,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext, build_context
+from engine.images import pixel_values
 from engine.layers import Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim, rope_parameters, text_config
 from engine.models.base import EngineModel
 from engine.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
@@ -140,7 +141,6 @@ class VisionTower(nn.Module):
     def _pos_embed(self, grids, device) -> torch.Tensor:
         # The learned side x side table resampled bilinearly (align-corners) to each (h, w) grid: [P, hidden].
         n = self.side
-        idx, wts = [], []
         rows, cols = _grid_coords(grids, self.merge)
         sizes_h = np.concatenate([np.full(t * h * w, h) for t, h, w in grids])
         sizes_w = np.concatenate([np.full(t * h * w, w) for t, h, w in grids])
@@ -157,7 +157,7 @@ class VisionTower(nn.Module):
         idx = torch.stack([h0 * n + w0, h0 * n + w1, h1 * n + w0, h1 * n + w1], dim=1).to(device)
         wts = torch.stack([wh0 * ww0, wh0 * ww1, wh1 * ww0, wh1 * ww1], dim=1).to(device)
         table = self.pos_embed.weight
-        return (table[idx] * wts[:, :, None].to(table.dtype)).sum(1)
+        return (table[idx].float() * wts[:, :, None]).sum(1).to(table.dtype)  # fp32 weights, as the reference
 
     def _rotary(self, grids, device):
         # cos/sin [P, head_dim/2] fp32: the row's frequencies, then the column's (rotate-half layout).
@@ -281,11 +281,12 @@ class Qwen3VLModel(EngineModel):
             images = list(s.multimodal or [])
             g = [im.grid for im in images]
             pos.append(mrope_positions(s.token_ids, g, start, self.image_token_id, self.merge))
-            pixels += [im.pixel_values for im in images]
+            pixels += [im.patches for im in images]
             grids += g
             rows.append(np.flatnonzero(np.asarray(s.token_ids) == self.image_token_id) + off)
             off += len(s.token_ids)
-        pv = torch.from_numpy(np.concatenate(pixels)).to(device) if pixels else None
+        # uint8 patches cross to the device; normalized and repeated over the temporal patch there.
+        pv = pixel_values(torch.from_numpy(np.concatenate(pixels)).to(device)) if pixels else None
         ctx.multimodal = VisionBatch(pv, grids, torch.from_numpy(np.concatenate(rows)).to(device),
                                      torch.from_numpy(np.concatenate(pos, axis=1)).to(device))
         return ids, ctx

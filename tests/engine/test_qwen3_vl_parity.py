@@ -1,7 +1,6 @@
 """Qwen3-VL reranker and embedder parity with the official code on transformers' model (fp32, CPU)."""
 import numpy as np
 import pytest
-import torch
 
 from engine import Embedder, Reranker
 from engine.images import ImageOptions, preprocess, smart_resize
@@ -201,4 +200,5 @@ def test_prompt_tokens_count_language_model_tokens_only(vl_reranker, images):
     seq = ours.engine.template.encode(["q"], normalize_inputs([{"image": images["square"]}], "d", ImageOptions()))[0]
     assert stats["prompt_tokens"] == len(seq.token_ids)
     assert seq.cost == len(seq.token_ids) + 16  # the scheduler budgets the 16 patches of the vision tower too
-    assert torch.is_tensor(torch.as_tensor(seq.multimodal[0].pixel_values))
+    # Images wait for their batch as uint8 patches: an eighth of the fp32 pixel values.
+    assert seq.multimodal[0].patches.dtype == np.uint8 and seq.multimodal[0].patches.nbytes == 16 * 768

@@ -165,3 +165,23 @@ def test_url_images_when_allowed(vl_embed, images):
             assert c.post("/v1/embeddings", json={"input": "x", "messages": messages}).status_code == 422
     finally:
         http.shutdown()
+
+
+def test_cli_rank_reads_image_documents(vl_rerank, images, tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    service, _ = vl_rerank
+    path = tmp_path / "page.png"
+    images["100x70"].save(path)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"image": str(path), "text": "a caption"}) + "\n" + json.dumps("plain text") + "\n")
+    assert main(["rank", "--model", str(service.engine.folder), "--device", "cpu", "--query", "what is shown",
+                 "--documents", str(docs)]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    got = {r["index"]: (r["relevance_score"], r["document"]["text"]) for r in results}
+    py_docs = [{"image": images["100x70"], "text": "a caption"}, "plain text"]
+    want = {r["index"]: r["score"] for r in service.reranker.rank("what is shown", py_docs)}
+    assert {i: t for i, (_, t) in got.items()} == {0: "a caption", 1: "plain text"}
+    np.testing.assert_allclose([got[i][0] for i in range(2)], [want[i] for i in range(2)], atol=ATOL)
