@@ -325,7 +325,12 @@ class Embedder:
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
               instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
               cancel=None, stats: Optional[dict] = None) -> np.ndarray:
-        """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``)."""
+        """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``).
+
+        Models that take images (Qwen3-VL): each input is a string, a dict ``{"text", "image"}`` or a
+        list of parts (one input; a single dict gives ``[1, d]``); ``instruction`` is the system
+        prompt (default "Represent the user's input.") for queries and documents alike.
+        """
         if isinstance(texts, str) or (isinstance(texts, dict) and _multimodal(self.engine)):
             texts = [texts]
         texts = _inputs(self.engine, texts, "inputs" if _multimodal(self.engine) else "texts")

@@ -138,14 +138,15 @@ def normalize_inputs(items: Sequence[Any], what: str, opts: ImageOptions,
     return [normalize_input(x, f"{what}[{i}]", opts, counted) for i, x in enumerate(items)]
 
 
-def _content(x: Input) -> Tuple[str, Tuple[ImageData, ...]]:
-    """The prompt text of one side (images, then texts; ``NULL`` when empty) and its images."""
+def _content(x: Input, clip=lambda t: t) -> Tuple[str, Tuple[ImageData, ...]]:
+    """The prompt text of one side (images, then texts; ``NULL`` when empty) and its images.
+    ``clip`` cuts a long text by characters before tokenization (only tokens past max_length go)."""
     if isinstance(x, str):
-        return (x or "NULL"), ()
+        return (clip(x) or "NULL"), ()
     if not x.images and not x.text:
         return "NULL", ()
     pads = "".join(VISION_START + IMAGE_PAD * im.num_tokens + VISION_END for im in x.images)
-    return pads + x.text, tuple(x.images)
+    return pads + clip(x.text), tuple(x.images)
 
 
 def _special_ids(tokenizer) -> frozenset:
@@ -187,6 +188,9 @@ class _VLTemplate(Template):
         self.image_options = ImageOptions()
         self.special = _special_ids(tokenizer)
 
+    def _clip(self, text: str) -> str:
+        return self.clip([text], self.max_length)[0]
+
     def _ids(self, texts: List[str]) -> List[List[int]]:
         if not texts:
             return []
@@ -207,8 +211,8 @@ class Qwen3VLRerankTemplate(_VLTemplate):
 
     def _pair(self, q: Input, d: Input, instruction: Optional[str]):
         instruction = self.default_instruction if instruction is None else instruction
-        qs, qi = _content(q)
-        ds, di = _content(d)
+        qs, qi = _content(q, self._clip)
+        ds, di = _content(d, self._clip)
         return f"{VL_RERANK_PREFIX}<Instruct>: {instruction}<Query>:{qs}\n<Document>:{ds}{VL_SUFFIX}", qi + di
 
     def _truncate(self, ids: List[int]) -> List[int]:
@@ -224,7 +228,7 @@ class Qwen3VLRerankTemplate(_VLTemplate):
         if not isinstance(query, str) and query.images:
             return None
         instruction = self.default_instruction if instruction is None else instruction
-        qs, _ = _content(query)
+        qs, _ = _content(query, self._clip)
         head = self._ids([f"{VL_RERANK_PREFIX}<Instruct>: {instruction}<Query>:{qs}\n<Document"])[0]
         if sum(1 for t in head if t not in self.special) >= self.max_length:
             return None  # truncation would cut into the query: score whole pairs
@@ -232,7 +236,7 @@ class Qwen3VLRerankTemplate(_VLTemplate):
 
     def encode_tails(self, head: List[int], docs: Sequence[Input]) -> Seqs:
         """``>:{document}`` + suffix ids per document, truncated as the whole pair would be."""
-        contents = [_content(d) for d in docs]
+        contents = [_content(d, self._clip) for d in docs]
         ids = self._ids([f">:{s}{VL_SUFFIX}" for s, _ in contents])
         out = Seqs()
         for k, (x, (_, im)) in enumerate(zip(ids, contents)):
@@ -261,7 +265,7 @@ class Qwen3VLEmbedTemplate(_VLTemplate):
 
     def encode(self, texts: Sequence[Input], is_query: bool = False, instruction: Optional[str] = None) -> Seqs:
         system = embed_instruction(instruction)
-        contents = [_content(x) for x in texts]
+        contents = [_content(x, self._clip) for x in texts]
         prompts = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{s}{VL_SUFFIX}" for s, _ in contents]
         out = Seqs()
         pad = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)

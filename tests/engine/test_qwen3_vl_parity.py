@@ -202,3 +202,22 @@ def test_prompt_tokens_count_language_model_tokens_only(vl_reranker, images):
     assert seq.cost == len(seq.token_ids) + 16  # the scheduler budgets the 16 patches of the vision tower too
     # Images wait for their batch as uint8 patches: an eighth of the fp32 pixel values.
     assert seq.multimodal[0].patches.dtype == np.uint8 and seq.multimodal[0].patches.nbytes == 16 * 768
+
+
+def test_huge_text_is_cut_before_tokenizing_and_scores_as_the_whole(vl_reranker, images):
+    _, ours, _ = vl_reranker
+    tpl = ours.engine.template
+    calls = []
+    tokenize = tpl._ids
+    tpl._ids = lambda texts: calls.append(max(len(t) for t in texts)) or tokenize(texts)
+    try:
+        huge = "many words in a row " * 200_000  # 4 MB of text, far past max_length tokens
+        got = ours.predict([("q", {"text": huge, "image": images["square"]})])[0]
+    finally:
+        tpl._ids = tokenize
+    assert max(calls) < 1_000_000  # the tokenizer saw a clipped text
+    whole = tpl.encode(["q"], normalize_inputs([{"text": huge[:200_000], "image": images["square"]}], "d",
+                                               ImageOptions()))[0]
+    cut = tpl.encode(["q"], normalize_inputs([{"text": huge, "image": images["square"]}], "d", ImageOptions()))[0]
+    assert cut.token_ids == whole.token_ids and len(cut.token_ids) == tpl.max_length + 5
+    assert 0 < got < 1
