@@ -15,7 +15,7 @@ from engine.templates import check_texts
 
 
 def _multimodal(engine: Engine) -> bool:
-    return getattr(engine.template, "multimodal", False)
+    return engine.template.multimodal
 
 
 def _inputs(engine: Engine, items, what: str, counted=None) -> list:

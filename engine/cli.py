@@ -152,8 +152,9 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
                    template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
-                   allow_url_images=getattr(args, "allow_url_images", False),
-                   max_images=getattr(args, "max_images", 32), image_max_pixels=getattr(args, "image_max_pixels", None))
+                   # serve's image options; the offline commands fetch no URLs and cap no image count
+                   allow_url_images=getattr(args, "allow_url_images", False), max_images=getattr(args, "max_images", None),
+                   image_max_pixels=getattr(args, "image_max_pixels", None))
 
 
 def _chunks(n: int, desc: str):

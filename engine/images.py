@@ -20,7 +20,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class ImageOptions:
     max_pixels: int = MAX_PIXELS  # the resize target's cap (smart_resize)
     max_source_pixels: int = 64_000_000  # declared width x height of an input, checked before decoding
     max_bytes: int = 32 << 20  # encoded size of a file, data: URI or download
-    max_images: int = 32  # per request (query and documents together)
+    max_images: Optional[int] = None  # per request (query and documents together); the server's default is 32
     allow_urls: bool = False
     url_timeout_s: float = 10.0
     url_max_redirects: int = 3

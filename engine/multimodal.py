@@ -124,7 +124,7 @@ def normalize_input(x: Any, what: str, opts: ImageOptions, counted: Optional[lis
         return "".join(texts)
     counted = counted if counted is not None else [0]
     counted[0] += len(sources)
-    if counted[0] > opts.max_images:
+    if opts.max_images is not None and counted[0] > opts.max_images:
         raise ImageError(f"{what}: the request holds more than {opts.max_images} images (--max-images)")
     images = [s if isinstance(s, ImageData) else preprocess(s, opts, f"{what} image {k}")
               for k, s in enumerate(sources)]

@@ -114,7 +114,8 @@ class Server:
             return
         for i, x in enumerate(items):
             if not isinstance(x, str):
-                raise ApiError(400, f"{param}[{i}] holds an image; this server's model takes text only", f"{param}[{i}]")
+                raise ApiError(400, f"{param}[{i}] holds an image; this server's model takes text only",
+                               f"{param}[{i}]")
 
     def check_count(self, n: int, param: str):
         if n > self.config.max_documents:

@@ -31,7 +31,8 @@ class Service:
     def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: Optional[int] = None,
                  max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
                  template_prefix: str = "", template_suffix: str = "", label_tokens=None,
-                 allow_url_images: bool = False, max_images: int = 32, image_max_pixels: Optional[int] = None):
+                 allow_url_images: bool = False, max_images: Optional[int] = 32,
+                 image_max_pixels: Optional[int] = None):
         self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
                                  max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
                                  template_suffix=template_suffix, label_tokens=label_tokens)
@@ -41,10 +42,10 @@ class Service:
         self.classifier = Classifier(reranker=self.reranker)
         tpl = self.engine.template
         # Models that take images (Qwen3-VL): queries and documents may be lists of parts with images.
-        self.multimodal = bool(getattr(tpl, "multimodal", False))
+        self.multimodal = tpl.multimodal
         if self.multimodal:
             opts = tpl.image_options
-            opts.allow_urls, opts.max_images = bool(allow_url_images), int(max_images)
+            opts.allow_urls, opts.max_images = bool(allow_url_images), max_images  # None: no cap
             if image_max_pixels is not None:
                 opts.max_pixels = int(image_max_pixels)
         self.max_length = int(tpl.max_length)  # encoders cap it at their positions

@@ -81,7 +81,8 @@ def test_bad_images_are_value_errors_naming_the_document(reranker, png, options)
     options.max_images = 2
     with pytest.raises(ValueError, match=r"documents\[1\]: the request holds more than 2 images"):
         reranker.rank({"text": "q", "image": img}, [good, good])
-    options.max_images = 32
+    options.max_images = None  # the Python default: no cap (the server's --max-images is 32)
+    assert len(reranker.rank("q", [good] * 40)) == 40
     options.max_bytes = 1000
     with pytest.raises(ValueError, match=r"documents\[0\].*bytes, over the cap of 1000"):
         reranker.rank("q", [{"image": data_uri(data)}])
