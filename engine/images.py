@@ -134,6 +134,11 @@ class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
         self.max_redirections = limit  # urllib raises HTTPError past this many
         self.max_repeats = limit
 
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):  # never to ftp:, file: and the like
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
 
 def _fetch(url: str, opts: ImageOptions, what: str) -> bytes:
     if not opts.allow_urls:

@@ -123,6 +123,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "/page.png" if n == 0 else f"/hop/{n - 1}")
             self.end_headers()
+        elif self.path == "/ftp.png":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/page.png")
+            self.end_headers()
         elif self.path == "/slow.png":
             time.sleep(1.5)
             self._send(200, self.png)
@@ -161,6 +165,6 @@ def test_url_images_only_when_allowed_with_caps(reranker, png, options, image_se
     assert abs(reranker.predict([("q", {"image": url})])[0] - want) <= 1e-6
     assert abs(reranker.predict([("q", {"image": image_server + "/hop/1"})])[0] - want) <= 1e-6
     for path, message in (("/hop/5", "HTTP 302"), ("/slow.png", "timed out"), ("/big.png", "over the cap"),
-                          ("/nothing.png", "HTTP 404")):
+                          ("/nothing.png", "HTTP 404"), ("/ftp.png", "non-http")):
         with pytest.raises(ValueError, match=rf"pairs\[0\] document image 0: .*{message}"):
             reranker.predict([("q", {"image": image_server + path})])

@@ -108,10 +108,12 @@ def test_image_queries_and_custom_instruction(vl_reranker, images):
     query = {"text": "find this", "image": images["square"]}
     docs = [{"image": images["square"]}, "some text", {"text": "x", "image": [images["gray"], images["rgba"]]}]
     instr = "Retrieve images that match"
-    got = [r["score"] for r in sorted(ours.rank(query, docs, instruction=instr), key=lambda r: r["index"])]
+    stats: dict = {}
+    ranked = ours.rank(query, docs, instruction=instr, stats=stats)
+    got = [r["score"] for r in sorted(ranked, key=lambda r: r["index"])]
     want = [ref.score(as_ref(query), as_ref(d), instruction=instr) for d in docs]
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    assert {"image": images["square"]} != query  # an image query is not shared: scored as whole pairs
+    assert stats["tokens_saved"] == 0  # a query with an image is not a shared prefix: whole pairs
 
 
 def test_prefix_split_tokenizes_exactly(vl_reranker, images):
