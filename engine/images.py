@@ -17,6 +17,7 @@ import binascii
 import io
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -151,7 +152,17 @@ def _fetch(url: str, opts: ImageOptions, what: str) -> bytes:
             declared = resp.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > opts.max_bytes:
                 raise ImageError(f"{what}: {url} is {declared} bytes, over the cap of {opts.max_bytes}")
-            data = resp.read(opts.max_bytes + 1)
+            # The timeout bounds each socket read; the deadline bounds the whole download (a slow drip).
+            deadline, chunks, size = time.monotonic() + opts.url_timeout_s, [], 0
+            while size <= opts.max_bytes:
+                chunk = resp.read(min(1 << 16, opts.max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise ImageError(f"{what}: fetching {url} took more than {opts.url_timeout_s} s")
+            data = b"".join(chunks)
     except ImageError:
         raise
     except urllib.error.HTTPError as e:

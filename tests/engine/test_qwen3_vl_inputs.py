@@ -130,6 +130,17 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow.png":
             time.sleep(1.5)
             self._send(200, self.png)
+        elif self.path == "/drip.png":  # every read is quick, the whole is slow
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            step = len(self.png) // 10 + 1
+            try:
+                for i in range(0, len(self.png), step):
+                    self.wfile.write(self.png[i:i + step])
+                    time.sleep(0.15)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif self.path == "/big.png":
             self._send(200, self.png + b"\0" * 5000)
         else:
@@ -165,6 +176,6 @@ def test_url_images_only_when_allowed_with_caps(reranker, png, options, image_se
     assert abs(reranker.predict([("q", {"image": url})])[0] - want) <= 1e-6
     assert abs(reranker.predict([("q", {"image": image_server + "/hop/1"})])[0] - want) <= 1e-6
     for path, message in (("/hop/5", "HTTP 302"), ("/slow.png", "timed out"), ("/big.png", "over the cap"),
-                          ("/nothing.png", "HTTP 404"), ("/ftp.png", "non-http")):
+                          ("/nothing.png", "HTTP 404"), ("/ftp.png", "non-http"), ("/drip.png", "took more than")):
         with pytest.raises(ValueError, match=rf"pairs\[0\] document image 0: .*{message}"):
             reranker.predict([("q", {"image": image_server + path})])
