@@ -185,3 +185,15 @@ def test_cli_rank_reads_image_documents(vl_rerank, images, tmp_path, capsys):
     want = {r["index"]: r["score"] for r in service.reranker.rank("what is shown", py_docs)}
     assert {i: t for i, (_, t) in got.items()} == {0: "a caption", 1: "plain text"}
     np.testing.assert_allclose([got[i][0] for i in range(2)], [want[i] for i in range(2)], atol=ATOL)
+
+
+def test_bad_images_fail_alone_among_concurrent_requests(vl_rerank, images):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server = vl_rerank
+    good = {"content": [image_part(images["square"]), {"type": "text", "text": "ok"}]}
+    bad = {"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    bodies = [{"query": f"q{i}", "documents": [good, "text"] + ([bad] if i % 3 == 0 else [])} for i in range(9)]
+    with server.client() as c, ThreadPoolExecutor(9) as pool:
+        codes = list(pool.map(lambda b: c.post("/v1/rerank", json=b).status_code, bodies))
+    assert codes == [400 if i % 3 == 0 else 200 for i in range(9)]
