@@ -13,7 +13,7 @@ the input, before any model work.
 
 Prompts (the official code's, exactly): each side's content is its images, each
 ``<|vision_start|><|image_pad|>…<|vision_end|>`` with one pad per merged token, then its
-texts concatenated; an empty side is ``NULL``.
+texts concatenated; a side with no image and no (or only empty) text is ``NULL``.
 """
 import unicodedata
 from dataclasses import dataclass, field
@@ -39,11 +39,6 @@ class Content:
 
 
 Input = Union[str, Content]
-
-
-def input_text(x: Input) -> str:
-    """The text part of an input (what responses echo)."""
-    return x if isinstance(x, str) else x.text
 
 
 def _is_image(x) -> bool:

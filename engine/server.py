@@ -198,7 +198,7 @@ class Server:
         for r in ranked:
             item = {"index": r["index"], "relevance_score": r["score"]}
             if body.return_documents:
-                item["document"] = {"text": input_text(docs[r["index"]])}  # the text part of an image document
+                item["document"] = {"text": input_text(docs[r["index"]])}  # an image document: its text part
             if body.return_evidence:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
