@@ -225,7 +225,7 @@ class Qwen3VLRerankTemplate(_VLTemplate):
         instruction = self.default_instruction if instruction is None else instruction
         qs, _ = _content(query, self._clip)
         head = self._ids([f"{VL_RERANK_PREFIX}<Instruct>: {instruction}<Query>:{qs}\n<Document"])[0]
-        if sum(1 for t in head if t not in self.special) >= self.max_length:
+        if len(head) >= self.max_length:
             return None  # truncation would cut into the query: score whole pairs
         return head
 
@@ -234,10 +234,12 @@ class Qwen3VLRerankTemplate(_VLTemplate):
         contents = [_content(d, self._clip) for d in docs]
         ids = self._ids([f">:{s}{VL_SUFFIX}" for s, _ in contents])
         out = Seqs()
-        for k, (x, (_, im)) in enumerate(zip(ids, contents)):
+        for x, (_, im) in zip(ids, contents):
             whole = self._truncate(list(head) + x)
-            if whole[:len(head)] != list(head):
-                raise ValueError(f"document {k}: its images take more than max_length={self.max_length} tokens")
+            if whole[:len(head)] != list(head):  # the special tokens alone leave no room for the query's text
+                n = sum(i.num_tokens for i in im)
+                raise ValueError(f"a document's images take {n} tokens, more than max_length={self.max_length} "
+                                 f"leaves beside the query")
             out.append(Seq(whole[len(head):], prefix=tuple(head), multimodal=im or None))
         return out
 
@@ -264,10 +266,12 @@ class Qwen3VLEmbedTemplate(_VLTemplate):
         prompts = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{s}{VL_SUFFIX}" for s, _ in contents]
         out = Seqs()
         pad = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        for k, (x, (_, im)) in enumerate(zip(self._ids(prompts), contents)):
+        for x, (_, im) in zip(self._ids(prompts), contents):
             if len(x) > self.max_length:
                 if im and pad in x[self.max_length:]:
-                    raise ValueError(f"input {k}: max_length={self.max_length} would cut into an image")
+                    n = sum(i.num_tokens for i in im)
+                    raise ValueError(f"an input's images take {n} tokens, more than fit in max_length="
+                                     f"{self.max_length} with its prompt: truncation would cut into an image")
                 x = x[:self.max_length]
             out.append(Seq(x, multimodal=im or None))
         return out

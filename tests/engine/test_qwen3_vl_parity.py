@@ -223,3 +223,30 @@ def test_huge_text_is_cut_before_tokenizing_and_scores_as_the_whole(vl_reranker,
     cut = tpl.encode(["q"], normalize_inputs([{"text": huge, "image": images["square"]}], "d", ImageOptions()))[0]
     assert cut.token_ids == whole.token_ids and len(cut.token_ids) == tpl.max_length + 5
     assert 0 < got < 1
+
+
+def test_embedder_right_truncation_matches_and_never_cuts_an_image(vl_embedder, images):
+    folder, _, _ = vl_embedder
+    ours, ref = Embedder(str(folder), device="cpu", max_length=40), Qwen3VLReference(folder, max_length=40)
+    long = " ".join(["word"] * 100)
+    np.testing.assert_allclose(ours.embed([long])[0], ref.embed((long, [])), atol=ATOL)
+    with pytest.raises(ValueError, match="images take 31 tokens.*would cut into an image"):
+        ours.embed([{"text": long, "image": images["100x70"]}, {"image": images["33x1000"]}])
+
+
+def test_reranker_refuses_documents_whose_images_leave_no_room(vl_reranker, images):
+    folder, _, _ = vl_reranker
+    ours = Reranker(str(folder), device="cpu", max_length=90)
+    head = ours.engine.template.encode_head("a query")
+    assert head is not None and len(head) < 90  # the query is shared
+    # Truncation keeps every special token: 31 image pads (+ 2) and the template's leave too little of
+    # max_length for the system prompt and query, which the official code would then cut.
+    with pytest.raises(ValueError, match="images take 31 tokens, more than max_length=90 leaves beside the query"):
+        ours.rank("a query", ["text", {"image": images["33x1000"]}])
+    assert len(ours.rank("a query", ["short text " * 50])) == 1  # long text is cut, never refused
+    # A query too long to share is scored in whole pairs, truncated as the official code does.
+    ref = Qwen3VLReference(folder, max_length=90)
+    long_query = "query words " * 40
+    assert ours.engine.template.encode_head(long_query) is None
+    got = ours.predict([(long_query, {"image": images["33x1000"]})])[0]
+    assert abs(got - ref.score((long_query, []), (None, [images["33x1000"]]))) <= ATOL
