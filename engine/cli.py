@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
     s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
+    # Models that take images (Qwen3-VL)
+    s.add_argument("--allow-url-images", action="store_true",
+                   help="fetch http(s) image URLs (off: any client could make the server fetch any URL); "
+                        "with a 32 MiB cap, a 10 s timeout and 3 redirects at most")
+    s.add_argument("--max-images", type=_positive_int, default=32, help="images per request; more get 400")
+    s.add_argument("--image-max-pixels", type=_positive_int, default=None,
+                   help="resize cap of an image (default 1,843,200 as the official Qwen3-VL code; "
+                        "servers reading preprocessor_config.json use 1,310,720)")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r)
@@ -113,8 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def read_jsonl(path: str) -> List[str]:
-    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``."""
+def read_jsonl(path: str) -> list:
+    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``. For models
+    that take images (Qwen3-VL), an object with ``image`` (a path, a data: URI) or vLLM's ``content``
+    stays whole."""
     out = []
     with open(path, encoding="utf-8", errors="strict") as f:
         for n, line in enumerate(f, 1):
@@ -125,6 +135,9 @@ def read_jsonl(path: str) -> List[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected JSONL, one string or "
                                  f"{{\"text\": ...}} object per line") from None
+            if isinstance(v, dict) and ("image" in v or "content" in v):
+                out.append(v)
+                continue
             if isinstance(v, dict):
                 v = v.get("text")
             if not isinstance(v, str):
@@ -141,7 +154,11 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
                    template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
-                   compile=args.compile)
+                   compile=args.compile,
+                   # serve's image options; the offline commands fetch no URLs and cap no image count
+                   allow_url_images=getattr(args, "allow_url_images", False),
+                   max_images=getattr(args, "max_images", None),
+                   image_max_pixels=getattr(args, "image_max_pixels", None))
 
 
 def _chunks(n: int, desc: str):
@@ -152,6 +169,15 @@ def _chunks(n: int, desc: str):
         yield start, min(start + CHUNK, n)
         bar.update(min(CHUNK, n - start))
     bar.close()
+
+
+def _text_part(doc) -> str:
+    """A document's text; for an image document (a dict), its text part."""
+    if isinstance(doc, str):
+        return doc
+    content = doc.get("content", doc.get("text", ""))
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p if isinstance(p, str) else p.get("text", "") if isinstance(p, dict) else "" for p in parts)
 
 
 def cmd_rank(args) -> int:
@@ -167,7 +193,7 @@ def cmd_rank(args) -> int:
                              raw_scores=args.raw_scores)
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": _text_part(docs[i])}} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)

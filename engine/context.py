@@ -43,6 +43,8 @@ class BatchContext:
     # Linear-attention models (Qwen3.5): the Triton DeltaNet kernels' chunk plan, built by the
     # model's plan() before the forward ({} for the torch references; None: built in the forward).
     linear_plan: Optional[dict] = None
+    # Multimodal models (Qwen3-VL): the batch's images and M-RoPE positions, built by the model's plan.
+    multimodal: Optional[object] = None
     _packed: dict = field(default_factory=dict)
 
     @property
