@@ -112,6 +112,18 @@ QWEN3_5 = {
 }
 LINEAR = dict(k_heads=16, k_dim=128, v_dim=128, conv=4)
 
+# Qwen3-VL: the text model is Qwen3's layers (M-RoPE is a per-token cos/sin table: the same kernels);
+# the vision tower runs q/k RoPE without norms and bidirectional attention per image (head_dim 64; 72
+# on 8B, not a power of two), with "sequence lengths" of patches per image.
+QWEN3_VL = {
+    "Qwen3-VL-2B-text": dict(hidden=2048, heads=16, kv_heads=8, head_dim=128, inter=6144),
+    "Qwen3-VL-8B-text": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=12288),
+}
+QWEN3_VL_VISION = {
+    "Qwen3-VL-2B-vision": dict(hidden=1024, heads=16),
+    "Qwen3-VL-8B-vision": dict(hidden=1152, heads=16),
+}
+
 # Batches (sequence lengths). prefill: ragged, T = 3673 (no multiple of 16); short: every
 # sequence <= 32 tokens (delta-rule chunk 32); decode: one token each (chunk 16); stress:
 # the grid / int32 check, 1,024 x 8,192 tokens (T = 2^23).
@@ -296,7 +308,25 @@ def qwen3_5_ops(c, lens, dt):
                                                     residual=_meta(t, h, dtype=dt), offset=1.0)
 
 
-FAMILIES = [(QWEN3, qwen3_ops), (BERT, bert_ops), (T5GEMMA2, t5gemma2_ops), (QWEN3_5, qwen3_5_ops)]
+def qwen3_vl_vision_ops(c, lens, dt):
+    """Qwen3-VL vision blocks (engine/models/qwen3_vl.py): 2D RoPE on q/k, no norms; attention per image."""
+    import torch
+    from kernels.attention import varlen_attention_triton
+    from kernels.qk_norm_rope import qk_norm_rope_triton
+
+    t, n, h, nh = sum(lens), len(lens), c["hidden"], c["heads"]
+    d = h // nh
+    qkv = _meta(t, 3 * h, dtype=dt)
+    view = qkv.view(t, 3 * nh, d)
+    q, k, v = view[:, :nh], view[:, nh : 2 * nh], view[:, 2 * nh :]
+    cu = _meta(n + 1, dtype=torch.int32)
+    yield "vision q/k rope", lambda: qk_norm_rope_triton(qkv, None, None, _meta(t, d // 2, dtype=torch.float32),
+                                                         _meta(t, d // 2, dtype=torch.float32), nh, nh, d, 0.0)
+    yield "vision attention", lambda: varlen_attention_triton(q, k, v, cu, cu, causal=False, scale=d ** -0.5)
+
+
+FAMILIES = [(QWEN3, qwen3_ops), (BERT, bert_ops), (T5GEMMA2, t5gemma2_ops), (QWEN3_5, qwen3_5_ops),
+            (QWEN3_VL, qwen3_ops), (QWEN3_VL_VISION, qwen3_vl_vision_ops)]
 
 
 @contextlib.contextmanager
