@@ -54,6 +54,17 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
+def latency_ms(fn, device: str, reps: int) -> dict:
+    """p50 / p99 / mean milliseconds of ``fn(rep)`` over ``reps`` calls (after one warm-up call)."""
+    fn(-1)
+    times = []
+    for rep in range(reps):
+        times.append(timed(lambda: fn(rep), device)[1] * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "mean_ms": sum(times) / len(times), "reps": reps}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

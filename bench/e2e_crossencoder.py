@@ -13,6 +13,7 @@ shrink the run (64 documents; xlmr with 2 layers) so it ends in under 2 minutes.
     python bench/e2e_crossencoder.py --family bert-minilm
     python bench/e2e_crossencoder.py --family xlmr --layers 2 --docs 64
     python bench/e2e_crossencoder.py --family xlmr --docs 1024        # GPU, full shape
+    python bench/e2e_crossencoder.py --family xlmr --compile both --latency-docs 100
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import WORDS, machine, timed, words
+from common import WORDS, latency_ms, machine, timed, words
 
 SHAPES = {
     "xlmr": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -92,6 +93,10 @@ def main():
     ap.add_argument("--ref-batch", type=int, default=32)
     ap.add_argument("--ref-unsorted", action="store_true", help="reference batches in input order")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                    help="run our engine eager (off), through torch.compile (on), or both")
+    ap.add_argument("--latency-docs", type=int, default=0, help="also time one request of N documents (p50/p99)")
+    ap.add_argument("--latency-reps", type=int, default=None, help="requests timed (default 20 GPU, 5 CPU)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
@@ -110,20 +115,37 @@ def main():
     pairs = [(query, d) for d in docs]
     folder = build_folder(args.family, layers, device, dtype)
 
-    rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=args.max_batch_tokens)
-    max_length = rr.engine.template.max_length
-    enc = rr.engine.template.encode([query] * len(docs), docs)
-    tokens = sum(len(s) for s in enc.ids)
-    print(f"machine: {machine()}  family: {args.family}  layers: {layers}  pairs: {len(pairs)}  "
-          f"tokens/pair: {tokens / len(pairs):.0f}  dtype: {dtype}")
-    rr.predict(pairs[:8])  # warm-up
-    rr.stats.clear()
-    ours, t = timed(lambda: rr.predict(pairs, raw_scores=True), device)
-    ours_rate = len(pairs) / t
-    results = {"machine": machine(), "family": args.family, "layers": layers, "pairs": len(pairs),
-               "tokens": tokens, "ours": {"pairs_per_s": ours_rate, "seconds": t, "stats": dict(rr.stats)}}
-    print(f"ours (max_batch_tokens={rr.engine.max_batch_tokens}): {ours_rate:9.1f} pairs/s  ({t:.2f} s)")
-    del rr
+    results = {"machine": machine(), "family": args.family, "layers": layers, "pairs": len(pairs), "ours": {}}
+    reps = args.latency_reps or (20 if device == "cuda" else 5)
+    lat_docs = docs[: args.latency_docs]
+    ours, ours_rate = None, 0.0
+    for compile_ in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+        rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=args.max_batch_tokens,
+                      compile=compile_)
+        max_length = rr.engine.template.max_length
+        enc = rr.engine.template.encode([query] * len(docs), docs)
+        tokens = results["tokens"] = sum(len(s) for s in enc.ids)
+        if not results["ours"]:
+            print(f"machine: {machine()}  family: {args.family}  layers: {layers}  pairs: {len(pairs)}  "
+                  f"tokens/pair: {tokens / len(pairs):.0f}  dtype: {dtype}")
+        for n in (8, 64):  # warm-up (a compiled forward compiles here, for dynamic shapes)
+            rr.predict(pairs[:n])
+        rr.stats.clear()
+        prev = ours
+        ours, t = timed(lambda: rr.predict(pairs, raw_scores=True), device)
+        if compile_ and prev is not None:  # compile=True must score as eager
+            results["compile_max_abs_diff_vs_eager"] = max(abs(a - b) for a, b in zip(ours, prev))
+            print(f"compile vs eager: max |logit diff| = {results['compile_max_abs_diff_vs_eager']:.2e}")
+        ours_rate = max(ours_rate, len(pairs) / t)
+        key = f"max_batch_tokens={rr.engine.max_batch_tokens}" + (" compile" if compile_ else "")
+        row = results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "stats": dict(rr.stats)}
+        print(f"ours ({key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s)")
+        if lat_docs:
+            row["latency"] = latency_ms(lambda rep: rr.predict([(f"{rep} {query}", d) for d in lat_docs]),
+                                        device, reps)
+            print(f"  one request of {len(lat_docs)} documents: p50 {row['latency']['p50_ms']:.1f} ms, "
+                  f"p99 {row['latency']['p99_ms']:.1f} ms")
+        del rr
 
     if not args.skip_reference:
         tok = AutoTokenizer.from_pretrained(str(folder))
@@ -137,6 +159,11 @@ def main():
         results["reference"] = {"name": name, "pairs_per_s": rate, "seconds": t, "max_abs_diff_vs_ours": diff}
         print(f"{name}: {rate:9.1f} pairs/s  ({t:.2f} s)  ratio ours/ref = {ours_rate / rate:.2f}x  "
               f"max |logit diff| = {diff:.2e}")
+        if lat_docs:  # one padded batch of all the documents
+            lat = latency_ms(lambda rep: reference_scores(model, tok, [(f"{rep} {query}", d) for d in lat_docs],
+                                                          len(lat_docs), max_length, sort), device, reps)
+            results["reference"]["latency"] = lat
+            print(f"  one request of {len(lat_docs)} documents: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

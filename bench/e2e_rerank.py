@@ -6,14 +6,20 @@ Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
 
     python bench/e2e_rerank.py                 # CPU config
     python bench/e2e_rerank.py --shape 0.6B    # GPU, random weights at the real shape
+    python bench/e2e_rerank.py --compile both --latency-docs 100   # eager vs torch.compile, p50 latency
+
+``--latency-docs N``: the p50/p99 of one request of N documents (a new query each
+time, so the prefix cache does not help), ours and the model card's one padded
+batch, as DESIGN.md 4's latency anchors.
 """
 import argparse
 import json
 import random
+import time
 
 import torch
 
-from common import build_qwen3_folder, machine, timed, words
+from common import build_qwen3_folder, latency_ms, machine, timed, words
 
 
 def make_workload(args, rng):
@@ -51,6 +57,10 @@ def main():
     ap.add_argument("--max-batch-tokens", type=int, nargs="*", default=[None], help="token budgets to sweep")
     ap.add_argument("--share-prefix", choices=["on", "off", "both"], default="on",
                     help="compute the shared query prefix once per request (on), per pair (off), or both")
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                    help="run our engine eager (off), through torch.compile (on), or both")
+    ap.add_argument("--latency-docs", type=int, default=0, help="also time one request of N documents (p50/p99)")
+    ap.add_argument("--latency-reps", type=int, default=None, help="requests timed (default 20 GPU, 5 CPU)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
@@ -69,19 +79,41 @@ def main():
     results = {"machine": machine(), "shape": args.shape, "pairs": len(pairs), "ours": {}}
     ours_scores = None
     shares = {"on": [True], "off": [False], "both": [True, False]}[args.share_prefix]
-    for share in shares:
-        for budget in args.max_batch_tokens:
-            rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=budget, share_prefix=share)
-            rr.predict(pairs[:8])  # warm-up
-            rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)  # cold: the query is new
-            rr.stats.clear()
-            ours_scores, t = timed(lambda: rr.predict(pairs), device)
-            key = f"share_prefix={'on' if share else 'off'} max_batch_tokens={rr.engine.max_batch_tokens}"
-            s = rr.stats
-            results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "stats": dict(s)}
-            print(f"ours ({key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s; tokens computed {s['tokens_computed']}, "
-                  f"saved {s['tokens_saved']}, batches {s['batches']}, forward {s['forward_s']:.2f} s, "
-                  f"tokenize {s['tokenize_s']:.2f} s)")
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    reps = args.latency_reps or (20 if device == "cuda" else 5)
+    lat_docs = docs[: args.latency_docs]
+    eager_scores = None
+    for compile_ in compiles:
+        for share in shares:
+            for budget in args.max_batch_tokens:
+                t0 = time.perf_counter()
+                rr = Reranker(str(folder), device=device, dtype=dtype, max_batch_tokens=budget, share_prefix=share,
+                              compile=compile_)
+                for n in (8, 64):  # warm-up (a compiled forward compiles here, for dynamic shapes)
+                    rr.predict(pairs[:n])
+                warm = time.perf_counter() - t0
+                rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)  # cold: the query is new
+                rr.stats.clear()
+                ours_scores, t = timed(lambda: rr.predict(pairs), device)
+                if compile_ and eager_scores is not None:  # compile=True must score as eager
+                    results["compile_max_abs_diff_vs_eager"] = max(abs(a - b) for a, b in zip(ours_scores, eager_scores))
+                    print(f"compile vs eager: max |score diff| = {results['compile_max_abs_diff_vs_eager']:.2e}")
+                elif not compile_:
+                    eager_scores = ours_scores
+                key = (f"share_prefix={'on' if share else 'off'} max_batch_tokens={rr.engine.max_batch_tokens}"
+                       + (" compile" if compile_ else ""))
+                s = rr.stats
+                row = results["ours"][key] = {"pairs_per_s": len(pairs) / t, "seconds": t, "load_warmup_s": warm,
+                                              "stats": dict(s)}
+                print(f"ours ({key}): {len(pairs) / t:9.1f} pairs/s  ({t:.2f} s; tokens computed "
+                      f"{s['tokens_computed']}, saved {s['tokens_saved']}, batches {s['batches']}, forward "
+                      f"{s['forward_s']:.2f} s, tokenize {s['tokenize_s']:.2f} s; load + warm-up {warm:.1f} s)")
+                if lat_docs:
+                    row["latency"] = latency_ms(
+                        lambda rep: rr.predict([(f"{rep} {query}", d) for d in lat_docs]), device, reps)
+                    print(f"  one request of {len(lat_docs)} documents: p50 {row['latency']['p50_ms']:.1f} ms, "
+                          f"p99 {row['latency']['p99_ms']:.1f} ms")
+                del rr
 
     if not args.skip_reference:
         ref = Qwen3RerankerReference(folder)
@@ -96,6 +128,12 @@ def main():
             results[name] = {"pairs_per_s": rate, "seconds": t, "max_abs_diff_vs_ours": diff}
             print(f"{name}: {rate:9.1f} pairs/s  ({t:.2f} s)  ratio ours/ref = {best / rate:.1f}x  "
                   f"max |score diff| = {diff:.2e}")
+            if lat_docs:  # the model card's one padded batch of all the documents
+                lat = latency_ms(lambda rep: reference_scores(ref, [(f"{rep} {query}", d) for d in lat_docs],
+                                                              len(lat_docs), last_only), device, reps)
+                results[name]["latency"] = lat
+                print(f"  one request of {len(lat_docs)} documents: p50 {lat['p50_ms']:.1f} ms, "
+                      f"p99 {lat['p99_ms']:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

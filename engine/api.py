@@ -14,6 +14,22 @@ from engine.sequence import Seq, Seqs
 from engine.templates import check_texts
 
 
+def _multimodal(engine: Engine) -> bool:
+    return engine.template.multimodal
+
+
+def _inputs(engine: Engine, items, what: str, counted=None) -> list:
+    """Text inputs checked as strings; for models that take images (Qwen3-VL), any input shape of
+    engine.multimodal (dicts, lists of parts, vLLM content) with its images loaded."""
+    if not _multimodal(engine):
+        return check_texts(items, what)
+    from engine.multimodal import normalize_inputs
+
+    if isinstance(items, (str, dict)):
+        raise TypeError(f"{what} must be a list of inputs, not a single {type(items).__name__}")
+    return normalize_inputs(list(items), what, engine.template.image_options, counted)
+
+
 
 def _check_top_n(top_n):
     if top_n is None:
@@ -35,20 +51,21 @@ class Reranker:
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None, share_prefix: bool = True,
                  template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
-                 cache_cross_kv: bool = False):
+                 cache_cross_kv: bool = False, compile: bool = False):
         # template: a built-in prompt ("qwen3", "prism", "querit"; a model named *prism* gets Prism's), a
         # Jinja template file, or a format string with {query}, {document} and {instruction} (between
         # template_prefix and template_suffix). label_tokens: the yes/no answers, e.g. ("true", "false").
         # max_length: tokens per sequence (default: the template's, 8192; Querit 4096).
         # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: its budget in
         # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's cross
-        # K/V instead of the pooled encoder states.
+        # K/V instead of the pooled encoder states. compile: run the scoring forward through
+        # torch.compile (off by default: see bench/RESULTS.md for what it gives).
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
         self.engine = Engine(model, task=task, task_default="rerank", device=device, dtype=dtype,
                              max_length=max_length, max_batch_tokens=max_batch_tokens, template=template,
                              template_prefix=template_prefix, template_suffix=template_suffix,
                              label_tokens=label_tokens, passage_cache_bytes=passage_cache_bytes,
-                             cache_cross_kv=cache_cross_kv)
+                             cache_cross_kv=cache_cross_kv, compile=compile)
         self.share_prefix = share_prefix
         self._generator = None  # engine.generate.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
@@ -170,9 +187,17 @@ class Reranker:
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
             pairs = [pairs]
         queries, docs = [], []
+        mm, counted = _multimodal(self.engine), [0]
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair")
+            if mm:
+                from engine.multimodal import normalize_input
+
+                opts = self.engine.template.image_options
+                queries.append(normalize_input(p[0], f"pairs[{i}] query", opts, counted))
+                docs.append(normalize_input(p[1], f"pairs[{i}] document", opts, counted))
+                continue
             if not isinstance(p[0], str) or not isinstance(p[1], str):
                 raise TypeError(f"pairs[{i}] must hold two strings, got ({type(p[0]).__name__}, {type(p[1]).__name__})")
             queries.append(p[0])
@@ -200,11 +225,23 @@ class Reranker:
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
         skipped and ``engine.request.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
         as in ``predict``. ``priority``: requests waiting for the engine run higher first
-        (default 0; ties in arrival order).
+        (default 0; ties in arrival order). Models that take images (Qwen3-VL) take, for the
+        query and each document, a string, a dict ``{"text", "image"}`` or a list of parts
+        (``{"type": "text", "text"}``, ``{"type": "image_url", "image_url": {"url"}}``); results
+        carry the documents as given.
         """
-        if not isinstance(query, str):
+        given = documents
+        if _multimodal(self.engine):  # query and documents: strings, {text, image} dicts or lists of parts
+            from engine.multimodal import normalize_input
+
+            counted = [0]
+            query = normalize_input(query, "query", self.engine.template.image_options, counted)
+            docs = _inputs(self.engine, documents, "documents", counted)
+            given = list(documents)
+        elif not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
-        docs = check_texts(documents, "documents")
+        else:
+            docs = given = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)
         if min_score is not None and (not isinstance(min_score, (int, float)) or isinstance(min_score, bool)):
             raise TypeError(f"min_score must be a number, got {type(min_score).__name__}")
@@ -221,7 +258,7 @@ class Reranker:
         for i in order:
             r = {"index": i, "score": float(scores[i])}
             if return_documents:
-                r["document"] = docs[i]
+                r["document"] = given[i]
             out.append(r)
         if return_evidence:
             self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
@@ -263,10 +300,11 @@ class Embedder:
     """Embed texts: last-token pooling (Qwen3-Embedding), L2-normalised, Matryoshka ``dimensions``."""
 
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
-                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None):
+                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+                 compile: bool = False):
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
         self.engine = Engine(model, task=task or None, task_default="embed", device=device, dtype=dtype,
-                             max_length=max_length, max_batch_tokens=max_batch_tokens)
+                             max_length=max_length, max_batch_tokens=max_batch_tokens, compile=compile)
         if self.engine.task != "embed":
             raise ValueError(f"{model} was loaded as a {self.engine.task} model; Embedder needs task='embed'")
         self.stats: Dict[str, float] = {}
@@ -283,15 +321,21 @@ class Embedder:
 
     @property
     def dimension(self) -> int:
-        return int(self.engine.config_dict["hidden_size"])
+        config = self.engine.config_dict
+        return int((config.get("text_config") or config)["hidden_size"])  # multimodal: the text decoder's
 
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
               instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
               cancel=None, stats: Optional[dict] = None) -> np.ndarray:
-        """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``)."""
-        if isinstance(texts, str):
+        """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``).
+
+        Models that take images (Qwen3-VL): each input is a string, a dict ``{"text", "image"}`` or a
+        list of parts (one input; a single dict gives ``[1, d]``); ``instruction`` is the system
+        prompt (default "Represent the user's input.") for queries and documents alike.
+        """
+        if isinstance(texts, str) or (isinstance(texts, dict) and _multimodal(self.engine)):
             texts = [texts]
-        texts = check_texts(texts, "texts")
+        texts = _inputs(self.engine, texts, "inputs" if _multimodal(self.engine) else "texts")
         if dimensions is not None:
             matryoshka(torch.zeros(1, self.dimension), dimensions)  # validates before any work
         if not texts:

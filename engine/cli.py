@@ -48,6 +48,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+    p.add_argument("--compile", action="store_true",
+                   help="run the scoring forward through torch.compile (slower start; see bench/RESULTS.md)")
     p.add_argument("--template", default=None,
                    help="prompt of a yes/no or 2-way reranker: qwen3, prism, querit, a Jinja template file "
                         "(rendered with query, document, instruction) or a format string with {query}, {document} "
@@ -97,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--replica-cpus", type=float, default=1.0, help="CPU cores per replica on CPU nodes (default 1)")
     s.add_argument("--ray-address", default=None,
                    help="with --replicas: the Ray cluster to join (default: start a local one on 127.0.0.1)")
+    # Models that take images (Qwen3-VL)
+    s.add_argument("--allow-url-images", action="store_true",
+                   help="fetch http(s) image URLs (off: any client could make the server fetch any URL); "
+                        "with a 32 MiB cap, a 10 s timeout and 3 redirects at most")
+    s.add_argument("--max-images", type=_positive_int, default=32, help="images per request; more get 400")
+    s.add_argument("--image-max-pixels", type=_positive_int, default=None,
+                   help="resize cap of an image (default 1,843,200 as the official Qwen3-VL code; "
+                        "servers reading preprocessor_config.json use 1,310,720)")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r)
@@ -144,8 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def read_jsonl(path: str) -> List[str]:
-    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``."""
+def read_jsonl(path: str) -> list:
+    """Texts of a JSONL file: each line a JSON string or an object with a string ``text``. For models
+    that take images (Qwen3-VL), an object with ``image`` (a path, a data: URI) or vLLM's ``content``
+    stays whole."""
     out = []
     with open(path, encoding="utf-8", errors="strict") as f:
         for n, line in enumerate(f, 1):
@@ -156,6 +168,9 @@ def read_jsonl(path: str) -> List[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected JSONL, one string or "
                                  f"{{\"text\": ...}} object per line") from None
+            if isinstance(v, dict) and ("image" in v or "content" in v):
+                out.append(v)
+                continue
             if isinstance(v, dict):
                 v = v.get("text")
             if not isinstance(v, str):
@@ -168,7 +183,12 @@ def _service_kwargs(args, task: Optional[str] = None) -> dict:
     labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
     return dict(task=args.task or task, device=args.device, dtype=args.dtype, max_length=args.max_length,
                 max_batch_tokens=args.max_batch_tokens, template=args.template,
-                template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels)
+                template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
+                compile=getattr(args, "compile", False),
+                # serve's image options; the offline commands fetch no URLs and cap no image count
+                allow_url_images=getattr(args, "allow_url_images", False),
+                max_images=getattr(args, "max_images", None),
+                image_max_pixels=getattr(args, "image_max_pixels", None))
 
 
 def _service(args, task: Optional[str] = None, warmup: bool = False):
@@ -188,6 +208,15 @@ def _chunks(n: int, desc: str):
     bar.close()
 
 
+def _text_part(doc) -> str:
+    """A document's text; for an image document (a dict), its text part."""
+    if isinstance(doc, str):
+        return doc
+    content = doc.get("content", doc.get("text", ""))
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p if isinstance(p, str) else p.get("text", "") if isinstance(p, dict) else "" for p in parts)
+
+
 def cmd_rank(args) -> int:
     if args.top_n is not None and args.top_n < 1:
         raise SystemExit("--top-n must be a positive integer")
@@ -201,7 +230,7 @@ def cmd_rank(args) -> int:
                              raw_scores=args.raw_scores)
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": _text_part(docs[i])}} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)
@@ -319,6 +348,10 @@ def cmd_batch(args) -> int:
 
     check_ray()
     engine = {k: v for k, v in _service_kwargs(args).items() if v not in (None, "")}
+    for k in ("allow_url_images", "max_images", "image_max_pixels"):  # the server's image options
+        engine.pop(k, None)
+    if not engine.get("compile"):
+        engine.pop("compile", None)
     if args.batch_task == "embed":
         for k in ("template", "template_prefix", "template_suffix", "label_tokens"):
             if engine.pop(k, None) is not None:

@@ -40,6 +40,11 @@ class BatchContext:
     cache: Optional[object] = None
     # Encoder-decoder (KaLM): the batch's cross K/V, block tables into the paged passage cache.
     cross: Optional[object] = None
+    # Linear-attention models (Qwen3.5): the Triton DeltaNet kernels' chunk plan, built by the
+    # model's plan() before the forward ({} for the torch references; None: built in the forward).
+    linear_plan: Optional[dict] = None
+    # Multimodal models (Qwen3-VL): the batch's images and M-RoPE positions, built by the model's plan.
+    multimodal: Optional[object] = None
     _packed: dict = field(default_factory=dict)
 
     @property

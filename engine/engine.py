@@ -32,7 +32,7 @@ class Engine:
                  template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
                  label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
                  passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
-                 decode_cache_bytes: int = 2 << 30):
+                 decode_cache_bytes: int = 2 << 30, compile: bool = False):
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
@@ -58,7 +58,7 @@ class Engine:
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                  self.tokenizer, label_tokens=label_tokens)
+                                  self.tokenizer, label_tokens=label_tokens, compile=compile)
         model_ = self.runner.model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.passage_cache = None

@@ -47,7 +47,56 @@ def _labels(v: Any) -> Any:
 
 
 def _one_or_many(v: Any) -> Any:
-    return [v] if isinstance(v, str) else v
+    return [v] if isinstance(v, (str, dict)) else v
+
+
+_PART_TYPES = ("text", "image_url")
+
+
+def _parts(parts: list) -> Any:
+    """vLLM/SGLang/OpenAI content parts, checked; text-only parts become their joined text."""
+    texts, has_image = [], False
+    for k, p in enumerate(parts):
+        if isinstance(p, str):
+            texts.append(_unicode(p))
+            continue
+        if not isinstance(p, dict) or p.get("type") not in _PART_TYPES:
+            raise ValueError(f"part {k} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}")
+        if p["type"] == "text":
+            if not isinstance(p.get("text"), str):
+                raise ValueError(f"part {k}: a text part needs a string 'text'")
+            texts.append(_unicode(p["text"]))
+        else:
+            url = p.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ValueError(f"part {k}: an image_url part needs image_url.url (a string)")
+            has_image = True
+    return parts if has_image else "".join(texts)
+
+
+def input_text(v: Any) -> str:
+    """The text part of a validated input (what responses echo)."""
+    if isinstance(v, str):
+        return v
+    return "".join(p if isinstance(p, str) else p.get("text", "") for p in v if isinstance(p, str) or p["type"] == "text")
+
+
+def _mm_input(v: Any) -> Any:
+    """A query or document: a string, ``{"text"}``, vLLM's ``{"content": str | [parts]}`` or a list of
+    parts (SGLang). Text-only inputs reach the handler as their string; inputs with images as a list
+    of parts."""
+    if isinstance(v, dict) and "content" in v:
+        v = v["content"]
+    elif isinstance(v, dict):
+        v = _doc_text(v)
+        if not isinstance(v, str):
+            raise ValueError("'text' must be a string")
+    if isinstance(v, str):
+        return _unicode(v)
+    if isinstance(v, list):
+        return _parts(v)
+    raise ValueError("must be a string, {text}, {content: [parts]} or a list of parts")
 
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -63,6 +112,24 @@ Document = Annotated[str, BeforeValidator(_doc_text), AfterValidator(_unicode), 
 # A string or a list of strings; it reaches the handler as a list.
 Texts = Annotated[List[Text], BeforeValidator(_one_or_many),
                   WithJsonSchema({"anyOf": [{"type": "string"}, _STRINGS]})]
+_PART_SCHEMA = {"type": "object", "properties": {"type": {"enum": list(_PART_TYPES)}, "text": {"type": "string"},
+                                                 "image_url": {"type": "object",
+                                                               "properties": {"url": {"type": "string"}}}},
+                "required": ["type"]}
+_MM_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    {"type": "object", "properties": {"content": {"anyOf": [{"type": "string"},
+                                                            {"type": "array", "items": _PART_SCHEMA}]}},
+     "required": ["content"]},
+    {"type": "array", "items": _PART_SCHEMA},
+]}
+# A query or document of a model that takes images (Qwen3-VL); for text models, its text.
+MMInput = Annotated[Any, BeforeValidator(_mm_input), WithJsonSchema(_MM_SCHEMA)]
+# A query: as MMInput; as a string it must hold a non-whitespace character (``pattern`` applies to strings only).
+MMQuery = Annotated[Any, BeforeValidator(_mm_input), WithJsonSchema({**_MM_SCHEMA, "pattern": "\\S"})]
+MMInputs = Annotated[List[MMInput], BeforeValidator(_one_or_many),
+                     WithJsonSchema({"anyOf": [_MM_SCHEMA, {"type": "array", "items": _MM_SCHEMA}]})]
 PositiveInt = Annotated[int, Field(ge=1)]
 Direction = Literal["right", "left", "Right", "Left"]
 
@@ -77,15 +144,15 @@ class RerankRequest(_Request):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
     model: Optional[str] = None
-    query: Text = Field(description="must hold a non-whitespace character (else 400)",
-                        json_schema_extra={"pattern": "\\S"})
-    documents: Optional[List[Document]] = None
+    query: MMQuery = Field(description="must hold a non-whitespace character or an image (else 400)")
+    documents: Optional[List[MMInput]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
     top_n: Optional[PositiveInt] = None
     top_k: Optional[PositiveInt] = Field(None, description="alias of top_n")
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None
+    instruct: Optional[Text] = Field(None, description="SGLang's name for instruction")
     min_score: Optional[float] = Field(None, description="drop results scoring below this (after top_n)")
     # Encoder-decoder rerankers (KaLM-Reranker): Matryoshka pooling ratio r of the passage encodings
     compression_ratio: Optional[Literal[1, 2, 4, 8, 16, 32]] = None
@@ -104,8 +171,8 @@ class ScoreRequest(_Request):
     """vLLM ``/v1/score``: one ``text_1`` against many ``text_2``, or two lists of equal length (else 400)."""
 
     model: Optional[str] = None
-    text_1: Texts
-    text_2: Texts
+    text_1: MMInputs
+    text_2: MMInputs
     instruction: Optional[Text] = None
 
 
@@ -124,10 +191,20 @@ class EmbeddingsRequest(_Request):
     """OpenAI ``/v1/embeddings``."""
 
     model: Optional[str] = None
-    input: Texts
+    input: Optional[Texts] = None
+    messages: Optional[List["ChatMessage"]] = Field(
+        None, description="vLLM chat embeddings: system text is the instruction, user content the one input")
     dimensions: Optional[PositiveInt] = None
     encoding_format: Literal["float", "base64"] = "float"
     instruction: Optional[Text] = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: MMInput
+
+
+EmbeddingsRequest.model_rebuild()
 
 
 class IndexRequest(_Request):

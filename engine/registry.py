@@ -36,6 +36,11 @@ _ST_EMBED = {"embed": TaskSpec(head="pooling", template="SentenceTransformerEmbe
 
 _PRISM_TASKS = {"rerank": TaskSpec(head="yes_no", template="PrismRerankTemplate")}
 
+_QWEN3_VL_TASKS = {
+    "rerank": TaskSpec(head="yes_no", template="Qwen3VLRerankTemplate"),
+    "embed": TaskSpec(head="last_token", template="Qwen3VLEmbedTemplate"),
+}
+
 ARCHITECTURES: Dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": ArchSpec("qwen3", "Qwen3Model", _QWEN3_TASKS),
     "Qwen3Model": ArchSpec("qwen3", "Qwen3Model", {"embed": _QWEN3_TASKS["embed"]}),
@@ -54,6 +59,8 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
     # KaLM-Reranker-V1: T5Gemma2 encoder-decoder with cached passage encodings (engine/kalm.py).
     "T5Gemma2ForConditionalGeneration": ArchSpec(
         "t5gemma2", "T5Gemma2Model", {"rerank": TaskSpec(head="yes_no", template="KaLMRerankTemplate")}),
+    # Qwen3-VL-Reranker / Qwen3-VL-Embedding: images and text (engine/multimodal.py builds the prompts).
+    "Qwen3VLForConditionalGeneration": ArchSpec("qwen3_vl", "Qwen3VLModel", _QWEN3_VL_TASKS),
 }
 
 # Prompt templates a user may pick by name (``Reranker(model, template="prism")``) on an
@@ -61,7 +68,8 @@ ARCHITECTURES: Dict[str, ArchSpec] = {
 TEMPLATE_ALIASES = {"prism": "PrismRerankTemplate", "qwen3": "Qwen3RerankTemplate", "querit": "QueritTemplate"}
 _ALIAS_HEADS = {"prism": "yes_no", "qwen3": "yes_no", "querit": "two_way"}
 _TEMPLATE_MODULES = {"QueritTemplate": "engine.prompt_template",  # every other class: engine.templates
-                     "PromptTemplate": "engine.prompt_template"}
+                     "PromptTemplate": "engine.prompt_template",
+                     "Qwen3VLRerankTemplate": "engine.multimodal", "Qwen3VLEmbedTemplate": "engine.multimodal"}
 # Heads whose models read a prompt a user may write (a Jinja file or a format string).
 _PROMPT_HEADS = ("yes_no", "two_way")
 

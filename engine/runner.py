@@ -55,9 +55,14 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
+def compile_model(model: torch.nn.Module):
+    """``torch.compile`` of a family's forward as one graph (fullgraph: a graph break is an error)."""
+    return torch.compile(model, fullgraph=True, dynamic=True)
+
+
 class ModelRunner:
     def __init__(self, folder, config_dict: dict, spec: registry.ArchSpec, task: str, device: torch.device,
-                 dtype: torch.dtype, tokenizer, label_tokens=None):
+                 dtype: torch.dtype, tokenizer, label_tokens=None, compile: bool = False):
         self.folder, self.device, self.dtype = folder, device, dtype
         config = SimpleNamespace(**config_dict)
         index = checkpoint_index(folder)
@@ -66,6 +71,9 @@ class ModelRunner:
         with self.device, _default_dtype(self.dtype):
             self.model = model_cls(config)
         self.model.eval()
+        # compile: scoring forwards run through torch.compile (one graph: the kernels are torch ops;
+        # dynamic shapes, so new batch shapes reuse it). Prefix capture and decode stay eager.
+        self.forward = compile_model(self.model) if compile else self.model
         head = spec.tasks[task].head
         if label_tokens is not None and head != "yes_no":
             raise ValueError(f"label_tokens applies to yes/no rerankers; {spec.cls} ({task}) has a {head} head")
@@ -106,7 +114,7 @@ class ModelRunner:
         if self.last_only:
             ctx.last_only = True
             ctx.cu_last = torch.arange(ctx.num_seqs + 1, dtype=torch.int32, device=self.device)
-        hidden, residual = self.model(ids, ctx)
+        hidden, residual = self.forward(ids, ctx)
         if ctx.last_only:  # the model returned the last rows only
             ctx.last_index = torch.arange(ctx.num_seqs, device=self.device)
         t1 = time.perf_counter()
@@ -147,7 +155,7 @@ class ModelRunner:
         seqs = [s for _, s in step.items]
         ids, ctx = self.model.plan(seqs, self.device, passages=[step.entries[k] for k in step.keys],
                                    passage_cache=self.passage_cache, cache_kv=self.cache_kv)
-        hidden, residual = self.model(ids, ctx)
+        hidden, residual = self.forward(ids, ctx)
         logit, score = self.head(hidden, residual, ctx, self.model)
         return logit.float().cpu().numpy(), score.float().cpu().numpy(), t1 - t0, time.perf_counter() - t1
 

@@ -257,7 +257,7 @@ class Scheduler:
             share = n_tok / tokens
             r.stats["tokens_computed"] += n_tok
             r.stats["tokens_saved"] += saved
-            r.stats["prompt_tokens"] += n_tok + saved
+            r.stats["prompt_tokens"] += sum(len(s.token_ids) for s in seqs) + saved  # image patches are not tokens
             r.stats["batches"] += 1
             r.stats["schedule_s"] += step.schedule_s * share
             r.stats["forward_s"] += forward_s * share

@@ -17,13 +17,16 @@ class Seq:
     prefix: Optional[Tuple[int, ...]] = None
     # KaLM-Reranker: the encoder token ids of the passage whose cached encoding it reads.
     passage: Optional[List[int]] = None
-    # Multimodal payload (image patches and grid) for the families that take images.
-    multimodal: Optional[Any] = None
+    # Images (engine.images.ImageData, in token order) for the families that take them.
+    multimodal: Optional[Tuple[Any, ...]] = None
     index: int = 0  # position within its request
 
     @property
     def cost(self) -> int:
-        """Tokens this sequence adds to a packed batch (the prefix and the passage are cached)."""
+        """Tokens this sequence adds to a packed batch (the prefix and the passage are cached); an
+        image adds its patches, which the vision tower runs before the language model."""
+        if self.multimodal:
+            return len(self.token_ids) + sum(im.num_patches for im in self.multimodal)
         return len(self.token_ids)
 
     @property

@@ -40,7 +40,7 @@ from engine.metrics import Metrics, MetricsMiddleware
 from engine.classifier import normalize_labels
 from engine.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
                              EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
-                             TEIRank, error_param, error_response)
+                             TEIRank, error_param, error_response, input_text)
 from engine.request import Cancelled
 from engine.service import Service, WrongTask
 
@@ -108,6 +108,15 @@ class Server:
         if self.config.strict_names and model is not None and model not in self.config.served_names:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}", "model")
 
+    def check_text_only(self, items, param: str):
+        """Inputs with images (lists of parts) need a model that takes them."""
+        if self.service.multimodal:
+            return
+        for i, x in enumerate(items):
+            if not isinstance(x, str):
+                raise ApiError(400, f"{param}[{i}] holds an image; this server's model takes text only",
+                               f"{param}[{i}]")
+
     def check_count(self, n: int, param: str):
         if n > self.config.max_documents:
             raise ApiError(413, f"{n} {param} is more than this server's limit of {self.config.max_documents} "
@@ -157,7 +166,7 @@ class Server:
 
     async def rerank(self, body: RerankRequest, request: Request):
         self.check_model(body.model)
-        if not body.query.strip():
+        if isinstance(body.query, str) and not body.query.strip():
             raise ApiError(400, "query must not be empty", "query")
         if body.texts is not None and body.documents is not None:
             raise ApiError(422, "give either documents (Cohere/Jina) or texts (TEI), not both", "texts")
@@ -166,9 +175,12 @@ class Server:
         if docs is None:
             raise ApiError(422, "documents is required", "documents")
         self.check_count(len(docs), "texts" if tei else "documents")
+        self.check_text_only([body.query], "query")
+        self.check_text_only(docs, "documents")
         top_n = body.top_n if body.top_n is not None else body.top_k
         ranked, tokens = await self.call(
-            request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=body.instruction,
+            request, "rerank", self.service.rank, body.query, docs, top_n=top_n,
+            instruction=body.instruction if body.instruction is not None else body.instruct,
             max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
             raw_scores=tei and body.raw_scores, min_score=body.min_score,
             **({"compression_ratio": body.compression_ratio} if body.compression_ratio is not None else {}),
@@ -179,14 +191,14 @@ class Server:
             for r in ranked:
                 item = {"index": r["index"], "score": r["score"]}
                 if body.return_text:
-                    item["text"] = docs[r["index"]]
+                    item["text"] = input_text(docs[r["index"]])
                 out.append(item)
             return JSONResponse(out)
         results = []
         for r in ranked:
             item = {"index": r["index"], "relevance_score": r["score"]}
             if body.return_documents:
-                item["document"] = {"text": docs[r["index"]]}
+                item["document"] = {"text": input_text(docs[r["index"]])}  # an image document: its text part
             if body.return_evidence:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
@@ -203,6 +215,8 @@ class Server:
             raise ApiError(400, f"text_1 has {len(q)} texts and text_2 {len(d)}: give one text_1, "
                                 f"or lists of equal length", "text_2")
         self.check_count(len(d), "text_2")
+        self.check_text_only(body.text_1, "text_1")
+        self.check_text_only(d, "text_2")
         scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
         return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                              "model": self.name,
@@ -226,7 +240,19 @@ class Server:
 
     async def embeddings(self, body: EmbeddingsRequest, request: Request):
         self.check_model(body.model)
-        emb, tokens = await self._embed(request, body.input, body.dimensions, instruction=body.instruction)
+        inputs, instruction = body.input, body.instruction
+        if (inputs is None) == (body.messages is None):
+            raise ApiError(422, "give either input or messages", "input")
+        if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
+            system = [input_text(m.content) for m in body.messages if m.role == "system"]
+            parts = []
+            for m in body.messages:
+                if m.role != "system":
+                    parts += [m.content] if isinstance(m.content, str) else list(m.content)
+            instruction = "\n".join(system) if system else instruction
+            inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
+            self.check_text_only(inputs, "messages")
+        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction)
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
         else:

@@ -30,15 +30,24 @@ class WrongTask(ValueError):
 class Service:
     def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: Optional[int] = None,
                  max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
-                 template_prefix: str = "", template_suffix: str = "", label_tokens=None):
+                 template_prefix: str = "", template_suffix: str = "", label_tokens=None, compile: bool = False,
+                 allow_url_images: bool = False, max_images: Optional[int] = 32,
+                 image_max_pixels: Optional[int] = None):
         self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
                                  max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
-                                 template_suffix=template_suffix, label_tokens=label_tokens)
+                                 template_suffix=template_suffix, label_tokens=label_tokens, compile=compile)
         self.engine = self.reranker.engine
         self.task = self.engine.task
         self.embedder = Embedder.from_engine(self.engine) if self.task == "embed" else None
         self.classifier = Classifier(reranker=self.reranker)
         tpl = self.engine.template
+        # Models that take images (Qwen3-VL): queries and documents may be lists of parts with images.
+        self.multimodal = tpl.multimodal
+        if self.multimodal:
+            opts = tpl.image_options
+            opts.allow_urls, opts.max_images = bool(allow_url_images), max_images  # None: no cap
+            if image_max_pixels is not None:
+                opts.max_pixels = int(image_max_pixels)
         self.max_length = int(tpl.max_length)  # encoders cap it at their positions
         # Cutting at token boundaries uses a private copy of the Rust tokenizer that is never
         # reconfigured (the engine's is reconfigured per call, under its lock, on the tokenizer thread).
@@ -77,7 +86,9 @@ class Service:
         out["active_requests"] = sched.queue_depth()
         return out
 
-    def _count(self, text: str) -> int:
+    def _count(self, text) -> int:
+        if not isinstance(text, str):  # an input with images: its text part
+            text = "".join(p.get("text", "") if isinstance(p, dict) else p for p in text)
         return len(self.cutter.encode(clip_text(self.engine.tokenizer, text, self.max_length),
                                       add_special_tokens=False).ids)
 
@@ -87,6 +98,9 @@ class Service:
             return list(texts)
         out = []
         for t in texts:
+            if not isinstance(t, str):  # an input with images is truncated by the template
+                out.append(t)
+                continue
             t = clip_text(self.engine.tokenizer, t, limit, from_end=left)
             e = self.cutter.encode(t, add_special_tokens=False)
             n = len(e.ids)

@@ -29,11 +29,13 @@ class Template:
     ``supports_prefix``: ``encode_head``/``encode_tails`` split a pair exactly into a shared
     prefix and a per-document tail (causal LLM rerankers).
     ``needs_model_files``: the constructor takes the model ``folder`` and ``config``.
+    ``multimodal``: inputs may hold images (engine.multimodal); the template has ``image_options``.
     ``default_instruction``: the instruction slot's default, None without a slot.
     """
 
     supports_prefix = False
     needs_model_files = False
+    multimodal = False
     default_instruction: Optional[str] = None
     default_max_length = 8192  # when the caller gives none
     max_length: int = 8192

@@ -13,21 +13,26 @@ _VALID = ("", "auto", "torch", "triton")
 
 
 def kernel_mode() -> str:
-    mode = os.environ.get("ENGINE_KERNELS", "").strip().lower()
+    mode = os.environ.get("ENGINE_KERNELS")  # read per call (tests switch it); unset is the fast path
+    if not mode:
+        return "auto"
+    mode = mode.strip().lower()
     if mode not in _VALID:
         raise ValueError(f"ENGINE_KERNELS={mode!r}: expected 'triton' or 'torch'")
     return mode or "auto"
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t) -> bool:
+    """Whether a tensor (or a device) goes to the Triton kernels."""
+    is_cuda = t.is_cuda if isinstance(t, torch.Tensor) else torch.device(t).type == "cuda"
     mode = kernel_mode()
     if mode == "torch":
         return False
     if mode == "triton":
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("ENGINE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
-    return t.is_cuda
+    return is_cuda
 
 
 def interpreted() -> bool:

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_pow2, require_triton
 
 try:
@@ -203,7 +203,8 @@ def causal_conv1d_triton(x, weight, cu_seqlens, bias=None, initial_state=None, s
             x, weight, bias if bias is not None else weight, out, cu, seq_of, state, sidx,
             n_tok, chans, x.stride(0), weight.stride(0), out.stride(0), *s_strides,
             K=k, HAS_BIAS=bias is not None, HAS_STATE=has_state, SILU=activation == "silu",
-            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+            # 8 warps with an initial state: 4 spill 40 B on sm_90 (bench/aot_compile.py); 8 spill none.
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8 if has_state else 4,
         )
     if output_final_state:
         _conv_final_state_kernel[(n, triton.cdiv(chans, block_c))](
@@ -213,11 +214,36 @@ def causal_conv1d_triton(x, weight, cu_seqlens, bias=None, initial_state=None, s
     return out, final
 
 
+def _conv_op_ref(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
+                 state_index: Optional[torch.Tensor] = None, activation: Optional[str] = "silu",
+                 output_final_state: bool = False, seq_of: Optional[torch.Tensor] = None,
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, final = causal_conv1d_ref(x, weight, cu_seqlens, bias, initial_state, state_index, activation,
+                                   output_final_state)
+    return out, (final if final is not None else x.new_empty((0,)))
+
+
+def _conv_op_triton(x, weight, cu_seqlens, bias=None, initial_state=None, state_index=None,
+                    activation="silu", output_final_state=False, seq_of=None):
+    out, final = causal_conv1d_triton(x, weight, cu_seqlens, bias, initial_state, state_index, activation,
+                                      output_final_state, seq_of)
+    return out, (final if final is not None else x.new_empty((0,)))
+
+
+def _conv_op_fake(x, weight, cu_seqlens, bias=None, initial_state=None, state_index=None,
+                  activation="silu", output_final_state=False, seq_of=None):
+    shape = (cu_seqlens.shape[0] - 1, x.shape[1], weight.shape[1] - 1) if output_final_state else (0,)
+    return torch.empty_like(x), x.new_empty(shape)
+
+
+causal_conv1d_op = engine_op("causal_conv1d", _conv_op_ref, _conv_op_triton, _conv_op_fake)
+
+
 def causal_conv1d(x, weight, cu_seqlens, bias=None, initial_state=None, state_index=None,
                   activation: Optional[str] = "silu", output_final_state: bool = False, seq_of=None):
-    """Causal depthwise conv1d (+ SiLU) over packed sequences; returns ``(out [T, C], final state [n, C, K-1] or None)``."""
-    if use_triton(x):
-        return causal_conv1d_triton(x, weight, cu_seqlens, bias, initial_state, state_index, activation,
-                                    output_final_state, seq_of)
-    return causal_conv1d_ref(x, weight, cu_seqlens, bias, initial_state, state_index, activation,
-                             output_final_state)
+    """Causal depthwise conv1d (+ SiLU) over packed sequences (``torch.ops.engine.causal_conv1d``);
+    returns ``(out [T, C], final state [n, C, K-1] or None)``."""
+    out, final = causal_conv1d_op(x, weight, cu_seqlens, bias, initial_state, state_index, activation,
+                                  bool(output_final_state), seq_of)
+    return out, (final if output_final_state else None)

@@ -24,7 +24,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_pow2, require_triton
 
 try:
@@ -195,7 +195,8 @@ def _gdr_chunk_prepare_kernel(
     stride_wt, stride_wh, stride_ut, stride_uh, stride_at, stride_ah, stride_gct,
     scale,
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L2NORM: tl.constexpr,
-    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC_OUT: tl.constexpr,
 ):
     # One chunk of one value head: T = (I + L)^-1, then w, u, A (token-aligned rows) and G.
     pid, h = tl.program_id(0), tl.program_id(1)
@@ -216,7 +217,7 @@ def _gdr_chunk_prepare_kernel(
 
     causal = rows[:, None] >= rows[None, :]
     decay = tl.where(causal, tl.exp(tl.where(causal, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
-    kk = tl.dot(k, tl.trans(k), input_precision=INPUT_PRECISION)
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC_STATE)
     lower = tl.where(rows[:, None] > rows[None, :], kk * decay * b[:, None], 0.0)
     # Forward substitution, row by row: T_i = e_i - sum_{j<i} L_ij T_j.
     tinv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
@@ -224,9 +225,9 @@ def _gdr_chunk_prepare_kernel(
         l_i = tl.sum(tl.where(rows[:, None] == i, lower, 0.0), axis=0)  # row i of L, indexed by j
         new = tl.sum(l_i[:, None] * tinv, axis=0)  # sum_j L_ij T_j
         tinv = tl.where(rows[:, None] == i, tinv - new[None, :], tinv)
-    w = tl.dot(tinv, k * (b * tl.exp(gcum))[:, None], input_precision=INPUT_PRECISION)
-    u = tl.dot(tinv, v * b[:, None], input_precision=INPUT_PRECISION)
-    attn = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * decay
+    w = tl.dot(tinv, k * (b * tl.exp(gcum))[:, None], input_precision=PREC_STATE)
+    u = tl.dot(tinv, v * b[:, None], input_precision=PREC_STATE)
+    attn = tl.dot(q, tl.trans(k), input_precision=PREC_OUT) * decay
 
     trow = (start + rows.to(tl.int64))[:, None]
     tl.store(W + trow * stride_wt + h * stride_wh + offs_dk[None, :], w,
@@ -246,7 +247,8 @@ def _gdr_chunk_scan_kernel(
     scale,
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L2NORM: tl.constexpr,
     HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr,
-    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BT: tl.constexpr, BLOCK_DK: tl.constexpr, BV: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC_OUT: tl.constexpr,
 ):
     # One sequence x value head x BV value columns; S [Dk, BV] lives in registers
     # (the columns of S evolve independently, so value blocks split the work).
@@ -277,24 +279,44 @@ def _gdr_chunk_scan_kernel(
         u = tl.load(U + trow * stride_ut + h * stride_uh + offs_v[None, :],
                     mask=r_mask[:, None] & v_mask[None, :], other=0.0)
         attn = tl.load(A + trow * stride_at + h * stride_ah + rows[None, :], mask=r_mask[:, None], other=0.0)
-        v_new = u - tl.dot(w, s, input_precision=INPUT_PRECISION)  # [BT, BV]
-        o = tl.dot(q * tl.exp(gcum)[:, None], s, input_precision=INPUT_PRECISION)
-        o = tl.dot(attn, v_new, o, input_precision=INPUT_PRECISION)
+        v_new = u - tl.dot(w, s, input_precision=PREC_STATE)  # [BT, BV]
+        o = tl.dot(q * tl.exp(gcum)[:, None], s, input_precision=PREC_OUT)
+        o = tl.dot(attn, v_new, o, input_precision=PREC_OUT)
         tl.store(O + trow * stride_ot + h * stride_oh + offs_v[None, :], o.to(O.dtype.element_ty),
                  mask=r_mask[:, None] & v_mask[None, :])
         k_dec = k * tl.exp(g_last - gcum)[:, None]  # rows past the end have k = 0
-        s = s * tl.exp(g_last) + tl.dot(tl.trans(k_dec), v_new, input_precision=INPUT_PRECISION)
+        s = s * tl.exp(g_last) + tl.dot(tl.trans(k_dec), v_new, input_precision=PREC_STATE)
     if STORE_FINAL:  # n * stride_f0 passes 2^31 at 8,192 sequences of [16, 128, 128]: index in int64
         fin = FINAL + n.to(tl.int64) * stride_f0 + h * stride_f1
         tl.store(fin + offs_dk[:, None] * stride_f2 + offs_v[None, :], s,
                  mask=dk_mask[:, None] & v_mask[None, :])
 
 
-# Software-pipelining depth of the scan's chunk loop. Triton's default (3) keeps three chunks' q, k,
-# w, u and attention tiles in shared memory: at chunk 64 that is 287,744 B on sm_90 and 238,592 B on
-# sm_80, over both limits. Two stages need 197,120 B (sm_90) and 147,968 B (sm_80), and spill less
-# than one stage on sm_90 (bench/aot_compile.py; compile-time figures, not timed on a GPU yet).
-_SCAN_STAGES = {16: 3, 32: 3, 64: 2}
+def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Warps, stages and dot precisions of the two kernels (by compile-time resources; not yet timed).
+
+    Stages: Triton's default (3) keeps three chunks' q, k, w, u and attention tiles of the scan in
+    shared memory: at chunk 64 that is 287,744 B on sm_90 and 238,592 B on sm_80, over both limits.
+    Warps and stages are the spill-free configs of bench/aot_compile.py where one exists (chunk 64
+    scan: sm_90 4 warps x 2 stages, spill-free when scoring; sm_80 8 warps x 1 stage).
+
+    Precision (fp32 operands; bf16/fp16 inputs): every product runs "tf32". bench/deltanet_precision.py
+    emulates the GPU's rounding on a CPU (Qwen3.5 head dims, chunk 64): relative to fp64, TF32 gives
+    5-7e-4 in the output and about 6e-4 in the final state, flat from 512 to 4,096 tokens (the decay
+    contracts the error), against bf16's own 2e-3 rounding of the output. "tf32x3" on the products that
+    carry the state (k k^T, w, u, w S, k^T v') brings the state to 3e-7, but it does not fit: the
+    prepare kernel then needs 196,608 B of shared memory on sm_80 (limit 166,912) and the scan spills
+    up to 1.9 KB (bench/aot_compile.py). The two precisions stay separate constexprs so a GPU session
+    can time the alternative. fp32 inputs run "ieee" throughout.
+    """
+    if dtype == torch.float32:
+        prec_state = prec_out = "ieee"
+    else:
+        prec_state = prec_out = "tf32"
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
+    scan = {16: (8, 3), 32: (8, 3), 64: (4, 2) if major >= 9 else (8, 1)}[chunk]
+    return dict(prepare_warps=8, scan_warps=scan[0], scan_stages=scan[1], prec_state=prec_state,
+                prec_out=prec_out)
 
 
 def gated_delta_rule_triton(
@@ -347,8 +369,9 @@ def gated_delta_rule_triton(
         raise ValueError(f"the plan's chunk must be 16, 32 or 64, got {chunk}")
     scale = dk ** -0.5 if scale is None else float(scale)
     block_dk, block_dv = max(16, next_pow2(dk)), max(16, next_pow2(dv))
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    warps = 8 if max(block_dk, block_dv) >= 128 else 4  # several [C, D] fp32 tiles live at once
+    cfg = deltanet_config(chunk, q.dtype, q.device)
+    prec = dict(PREC_STATE=cfg["prec_state"], PREC_OUT=cfg["prec_out"])
+    small = max(block_dk, block_dv) < 128  # several [C, D] fp32 tiles live at once: 8 warps at D 128
     f32 = dict(dtype=torch.float32, device=q.device)
     # Chunk-local products, token-aligned (row t holds token t's row of its chunk).
     w = torch.empty((n_tok, hv, dk), **f32)
@@ -362,7 +385,7 @@ def gated_delta_rule_triton(
             beta.stride(0), w.stride(0), w.stride(1), u.stride(0), u.stride(1), attn.stride(0), attn.stride(1),
             gc.stride(0), scale,
             GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), BT=chunk, BLOCK_DK=block_dk,
-            BLOCK_DV=block_dv, INPUT_PRECISION=prec, num_warps=warps,
+            BLOCK_DV=block_dv, num_warps=4 if small else cfg["prepare_warps"], **prec,
         )
     bv = min(block_dv, 32)
     state = initial_state if has_state else w
@@ -375,10 +398,45 @@ def gated_delta_rule_triton(
         attn.stride(0), attn.stride(1), gc.stride(0), out.stride(0), out.stride(1), *s_strides, *f_strides,
         scale,
         GROUP=hv // hk, DK=dk, DV=dv, L2NORM=bool(use_qk_l2norm), HAS_STATE=has_state,
-        STORE_FINAL=bool(output_final_state), BT=chunk, BLOCK_DK=block_dk, BV=bv, INPUT_PRECISION=prec,
-        num_warps=warps, num_stages=_SCAN_STAGES[chunk],
+        STORE_FINAL=bool(output_final_state), BT=chunk, BLOCK_DK=block_dk, BV=bv, **prec,
+        num_warps=4 if small else cfg["scan_warps"], num_stages=cfg["scan_stages"],
     )
     return out, final
+
+
+def _no_state(out: torch.Tensor, final: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return out, (final if final is not None else out.new_empty((0,), dtype=torch.float32))
+
+
+def _gdr_op_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    cu_seqlens: torch.Tensor, scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+    state_index: Optional[torch.Tensor] = None, output_final_state: bool = False, use_qk_l2norm: bool = True,
+    max_seqlen: Optional[int] = None, chunks: Optional[torch.Tensor] = None, chunk: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    # The recurrence for one-token steps (decoding), the chunked algorithm otherwise.
+    kw = dict(scale=scale, initial_state=initial_state, state_index=state_index,
+              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    if max_seqlen == 1:
+        return _no_state(*gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens, **kw))
+    return _no_state(*_chunked_torch(q, k, v, g, beta, cu_seqlens, **kw))
+
+
+def _gdr_op_triton(q, k, v, g, beta, cu_seqlens, scale=None, initial_state=None, state_index=None,
+                   output_final_state=False, use_qk_l2norm=True, max_seqlen=None, chunks=None, chunk=0):
+    plan = ChunkPlan(chunks, chunk) if chunks is not None else None
+    return _no_state(*gated_delta_rule_triton(
+        q, k, v, g, beta, cu_seqlens, scale=scale, initial_state=initial_state, state_index=state_index,
+        output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, plan=plan))
+
+
+def _gdr_op_fake(q, k, v, g, beta, cu_seqlens, output_final_state=False, **kw):
+    n, hv, dk, dv = cu_seqlens.shape[0] - 1, v.shape[1], q.shape[2], v.shape[2]
+    final = q.new_empty((n, hv, dk, dv) if output_final_state else (0,), dtype=torch.float32)
+    return torch.empty_like(v), final
+
+
+gated_delta_rule_op = engine_op("gated_delta_rule", _gdr_op_ref, _gdr_op_triton, _gdr_op_fake)
 
 
 def gated_delta_rule(
@@ -386,15 +444,15 @@ def gated_delta_rule(
     output_final_state: bool = False, use_qk_l2norm: bool = True, max_seqlen: Optional[int] = None,
     plan: Optional[ChunkPlan] = None,
 ):
-    """Gated delta rule over packed sequences; returns ``(o [T, Hv, Dv], final state [n, Hv, Dk, Dv] fp32 or None)``.
+    """Gated delta rule over packed sequences (``torch.ops.engine.gated_delta_rule``); returns
+    ``(o [T, Hv, Dv], final state [n, Hv, Dk, Dv] fp32 or None)``.
 
     CUDA: the Triton chunked kernels. CPU: the recurrence for one-token steps
     (decoding), the chunked algorithm in torch otherwise.
     """
-    kw = dict(scale=scale, initial_state=initial_state, state_index=state_index,
-              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
-    if use_triton(q):
-        return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens, plan=plan, **kw)
-    if max_seqlen == 1:
-        return gated_delta_rule_ref(q, k, v, g, beta, cu_seqlens, **kw)
-    return _chunked_torch(q, k, v, g, beta, cu_seqlens, **kw)
+    out, final = gated_delta_rule_op(
+        q, k, v, g, beta, cu_seqlens, scale=None if scale is None else float(scale), initial_state=initial_state,
+        state_index=state_index, output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
+        max_seqlen=None if max_seqlen is None else int(max_seqlen),
+        chunks=plan.chunks if plan is not None else None, chunk=plan.chunk if plan is not None else 0)
+    return out, (final if output_final_state else None)

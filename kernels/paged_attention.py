@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
                      unit_stride_last, ScheduleCache)
 
@@ -47,9 +47,12 @@ def _bounds(window_left, window_right):
 # ----------------------------------------------------------------------------
 
 def paged_attention_ref(
-    q, k, v, cu_seqlens, *, scale: float, window_left: Optional[int] = None, window_right: Optional[int] = None,
-    k_cache=None, v_cache=None, block_tables=None, cross_lens=None, max_seqlen: Optional[int] = None,
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *, scale: float,
+    window_left: Optional[int] = None, window_right: Optional[int] = None,
+    k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
+    block_tables: Optional[torch.Tensor] = None, cross_lens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
     # Sequences of equal length run as one padded SDPA call (cross keys padded to the
     # group's longest and masked), so a rerank batch of identical decoder prompts is a
     # handful of calls rather than one per sequence. Windows wider than the sequence need
@@ -322,7 +325,9 @@ def paged_attention_triton(
         n_slots = min(n_slots, n_seqs * triton.cdiv(max(int(max_seqlen), 1), block_t))
     sched = _SCHEDULES.get((cu, cross_lens if has_cross else None), (block_t, n_slots),
                            lambda: build_schedule(cu, cross_lens if has_cross else None, block_t, n_slots))
-    kc, vc = (k_cache, v_cache) if has_cross else (k.unsqueeze(0), v.unsqueeze(0))  # unused without cross
+    # Without cross keys the cache arguments are never read; a one-row stand-in keeps their strides small
+    # (k.unsqueeze(0) has stride(0) = T x row stride, past 2^31 on long batches: an int64 kernel variant).
+    kc, vc = (k_cache, v_cache) if has_cross else (k[:1].unsqueeze(0), v[:1].unsqueeze(0))
     bt, cl = (block_tables, cross_lens) if has_cross else (cu.unsqueeze(0), cu)
     n_groups = n_heads // pack
     _paged_attention_kernel[(n_slots * n_groups,)](
@@ -338,18 +343,29 @@ def paged_attention_triton(
     return out
 
 
+def _paged_attention_schema(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    window_left: Optional[int] = None, window_right: Optional[int] = None,
+    k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
+    block_tables: Optional[torch.Tensor] = None, cross_lens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+paged_attention_op = engine_op(
+    "paged_attention", paged_attention_ref, lambda **kw: paged_attention_triton(**kw),
+    lambda q, **kw: torch.empty_like(q), schema=_paged_attention_schema)
+
+
 def paged_attention(
     q, k, v, cu_seqlens, *, scale, window_left=None, window_right=None,
     k_cache=None, v_cache=None, block_tables=None, cross_lens=None, max_seqlen=None,
 ):
-    """Packed attention over own (windowed) keys and paged cross keys; see the module docstring."""
-    if use_triton(q):
-        return paged_attention_triton(
-            q, k, v, cu_seqlens, scale=scale, window_left=window_left, window_right=window_right,
-            k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, cross_lens=cross_lens,
-            max_seqlen=max_seqlen,
-        )
-    return paged_attention_ref(
-        q, k, v, cu_seqlens, scale=scale, window_left=window_left, window_right=window_right,
+    """Packed attention over own (windowed) keys and paged cross keys (``torch.ops.engine.paged_attention``)."""
+    return paged_attention_op(
+        q, k, v, cu_seqlens, scale=float(scale),
+        window_left=None if window_left is None else int(window_left),
+        window_right=None if window_right is None else int(window_right),
         k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, cross_lens=cross_lens,
+        max_seqlen=max_seqlen,
     )

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, check_tensor, next_pow2, require_triton, warps_for
 
 try:
@@ -162,8 +162,22 @@ def qk_norm_rope_triton(
     return view[:, :num_heads], view[:, num_heads : num_heads + num_kv_heads], view[:, num_heads + num_kv_heads :]
 
 
+def _qk_norm_rope_ref(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                      eps: float) -> None:
+    qk_norm_rope_ref(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps)
+
+
+def _qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps) -> None:
+    qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps)
+
+
+qk_norm_rope_op = engine_op("qk_norm_rope_", _qk_norm_rope_ref, _qk_norm_rope_triton,
+                            lambda **kw: None, mutates_args=("qkv",))
+
+
 def qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps):
-    """In-place q/k RMSNorm + RoPE on packed qkv; returns (q, k, v) views."""
-    if use_triton(qkv):
-        return qk_norm_rope_triton(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps)
-    return qk_norm_rope_ref(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps)
+    """In-place q/k RMSNorm + RoPE on packed qkv (``torch.ops.engine.qk_norm_rope_``); returns (q, k, v) views."""
+    qk_norm_rope_op(qkv, q_weight, k_weight, cos, sin, int(num_heads), int(num_kv_heads), int(head_dim), float(eps))
+    view = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
+    return view[:, :num_heads], view[:, num_heads : num_heads + num_kv_heads], view[:, num_heads + num_kv_heads :]

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, check_tensor, require_triton, row_block, rows_per_program, unit_stride_last, warps_for
 
 try:
@@ -106,8 +106,35 @@ def rms_norm_triton(
     return out, (res_out.view(x.shape) if res_out is not None else None)
 
 
-def rms_norm(x, weight, eps, residual=None, offset=0.0):
-    """Fused (residual add +) RMSNorm; returns ``(out, x + residual or None)``."""
-    if use_triton(x):
-        return rms_norm_triton(x, weight, eps, residual=residual, offset=offset)
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    return rms_norm_ref(x, weight, eps, offset=offset)[0]
+
+
+def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    return rms_norm_triton(x, weight, eps, offset=offset)[0]
+
+
+def _add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_ref(x, weight, eps, residual=residual, offset=offset)
+
+
+def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                         offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_triton(x, weight, eps, residual=residual, offset=offset)
+
+
+rms_norm_op = engine_op("rms_norm", _rms_norm_ref, _rms_norm_triton,
+                        lambda x, weight, eps, offset=0.0: torch.empty_like(x))
+add_rms_norm_op = engine_op("add_rms_norm", _add_rms_norm_ref, _add_rms_norm_triton,
+                            lambda x, residual, weight, eps, offset=0.0: (torch.empty_like(x), torch.empty_like(x)))
+
+
+def rms_norm(x, weight, eps, residual=None, offset=0.0):
+    """Fused (residual add +) RMSNorm; returns ``(out, x + residual or None)``.
+
+    ``torch.ops.engine.rms_norm`` without a residual, ``torch.ops.engine.add_rms_norm`` with one.
+    """
+    if residual is None:
+        return rms_norm_op(x, weight, float(eps), float(offset)), None
+    return add_rms_norm_op(x, residual, weight, float(eps), float(offset))

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, check_tensor, next_pow2, require_triton, unit_stride_last, warps_for
 
 try:
@@ -59,8 +59,15 @@ def swiglu_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], inter)
 
 
+def _swiglu_fake(gate_up: torch.Tensor) -> torch.Tensor:
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+swiglu_op = engine_op(
+    "swiglu", swiglu_ref, lambda **kw: swiglu_triton(**kw),
+    _swiglu_fake)
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` from one ``[T, 2I]`` tensor, fp32 math."""
-    if use_triton(gate_up):
-        return swiglu_triton(gate_up)
-    return swiglu_ref(gate_up)
+    """``silu(gate) * up`` from one ``[T, 2I]`` tensor, fp32 math (``torch.ops.engine.swiglu``)."""
+    return swiglu_op(gate_up)

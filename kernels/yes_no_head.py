@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import use_triton
+from ._library import engine_op
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, require_triton, row_block, warps_for
 
 try:
@@ -111,8 +111,16 @@ def yes_no_head_triton(
     return logit, score
 
 
+def _yes_no_head_fake(hidden, last_index, norm_weight, w, eps, residual=None, offset=0.0):
+    n = last_index.shape[0]
+    return hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.float32)
+
+
+yes_no_head_op = engine_op(
+    "yes_no_head", yes_no_head_ref, lambda **kw: yes_no_head_triton(**kw),
+    _yes_no_head_fake)
+
+
 def yes_no_head(hidden, last_index, norm_weight, w, eps, residual=None, offset=0.0):
-    """Returns fp32 ``(logit [n], score [n])`` for the rows ``last_index``."""
-    if use_triton(hidden):
-        return yes_no_head_triton(hidden, last_index, norm_weight, w, eps, residual=residual, offset=offset)
-    return yes_no_head_ref(hidden, last_index, norm_weight, w, eps, residual=residual, offset=offset)
+    """Returns fp32 ``(logit [n], score [n])`` for the rows ``last_index`` (``torch.ops.engine.yes_no_head``)."""
+    return yes_no_head_op(hidden, last_index, norm_weight, w, float(eps), residual, float(offset))

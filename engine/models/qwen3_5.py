@@ -240,18 +240,25 @@ class Qwen3_5Model(EngineModel):
         # input_ids: [T]; returns (last layer output [T, H], residual [T, H]); final norm(x + residual).
         cos, sin = self.rotary(ctx.positions)
         x = self.embed_tokens(input_ids)
-        plan = self._plan(ctx, x)
+        plan = ctx.linear_plan if ctx.linear_plan is not None else self.linear_plan(ctx, x.device)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, cos, sin, plan)
         return x, residual
 
+    def plan(self, seqs, device, prefixes=None, prefix_index=None, **extra):
+        # Host work before the forward, so a compiled forward sees tensors, not Python lists.
+        ids, ctx = super().plan(seqs, device, prefixes, prefix_index, **extra)
+        ctx.linear_plan = self.linear_plan(ctx, device)
+        return ids, ctx
+
     @staticmethod
-    def _plan(ctx: BatchContext, x: torch.Tensor) -> dict:
-        """Per-batch metadata of the Triton DeltaNet kernels, built once for all layers."""
-        if not kernels.use_triton(x):
+    def linear_plan(ctx: BatchContext, device) -> dict:
+        """Per-batch metadata of the Triton DeltaNet kernels, built once for all layers (none for
+        the torch references)."""
+        if not kernels.use_triton(device):
             return {}
-        lens = torch.tensor(ctx.seq_lens, dtype=torch.int64).to(x.device)
-        seq_of = torch.repeat_interleave(torch.arange(len(ctx.seq_lens), dtype=torch.int32, device=x.device), lens,
-                                         output_size=x.shape[0])
-        return {"chunks": kernels.chunk_plan(ctx.seq_lens, x.device), "seq_of": seq_of}
+        lens = torch.tensor(ctx.seq_lens, dtype=torch.int64).to(device)
+        seq_of = torch.repeat_interleave(torch.arange(len(ctx.seq_lens), dtype=torch.int32, device=device), lens,
+                                         output_size=ctx.num_tokens)
+        return {"chunks": kernels.chunk_plan(ctx.seq_lens, device), "seq_of": seq_of}

@@ -42,6 +42,7 @@ PARITY_TESTS = {
     "Qwen3_5ForConditionalGeneration": "tests/engine/test_qwen3_5_parity.py",
     "T5Gemma2ForConditionalGeneration": "tests/engine/test_t5gemma2_parity.py",
     "MLQwen3Model": "tests/engine/test_querit_parity.py",
+    "Qwen3VLForConditionalGeneration": "tests/engine/test_qwen3_vl_parity.py",
 }
 
 
