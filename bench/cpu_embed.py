@@ -1,0 +1,170 @@
+"""CPU embedding: the bundled all-MiniLM-L6-v2, ours vs sentence-transformers vs ONNX Runtime, same run.
+
+All three embed the same 1,000 texts of 20-80 words with the same tokenizer
+(the folder's tokenizer.json, truncated at the model's max_seq_length), mean
+pooling and L2 normalisation. ONNX Runtime runs the same folder exported here
+with ``torch.onnx.export`` (transformers' BertModel, dynamic batch and length),
+with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
+batches. Prints throughput over the 1,000 texts and p50/p99 of one call with 1
+and 10 texts, each with its ratio to ours, and the min cosine to ours.
+
+    pip install -e ".[bench]"
+    python bench/cpu_embed.py                       # fp32
+    python bench/cpu_embed.py --dtype bfloat16      # our bf16 (the peers stay fp32)
+    python bench/cpu_embed.py --quantize int8       # our dynamic int8 linears
+"""
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common import words
+
+BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
+
+
+def latency(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
+def throughput(fn, texts):
+    fn(texts[:BATCH])  # warm-up
+    t0 = time.perf_counter()
+    out = fn(texts)
+    return np.asarray(out, dtype=np.float32), len(texts) / (time.perf_counter() - t0)
+
+
+class OnnxEmbedder:
+    """ONNX Runtime on the exported BertModel, with the folder's tokenizer, mean pooling and L2 norm."""
+
+    def __init__(self, folder, max_length, threads):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        self.tok.enable_truncation(max_length)
+        self.tok.no_padding()
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+        path = os.path.join(tempfile.mkdtemp(prefix="onnx-"), "model.onnx")
+
+        class Wrapped(torch.nn.Module):  # positional inputs for the exporter
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+        ids = torch.ones(2, 16, dtype=torch.long)
+        with torch.inference_mode():
+            torch.onnx.export(
+                Wrapped(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)), path, dynamo=False,
+                input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
+                dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids",
+                                                                   "last_hidden_state")},
+                opset_version=17)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def _batch(self, encs):
+        n, L = len(encs), max(len(e.ids) for e in encs)
+        ids = np.zeros((n, L), np.int64)
+        mask = np.zeros((n, L), np.int64)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        h = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+    def embed(self, texts):
+        encs = self.tok.encode_batch(list(texts), add_special_tokens=True)
+        order = sorted(range(len(texts)), key=lambda i: -len(encs[i].ids))
+        out = np.empty((len(texts), self.sess.get_outputs()[0].shape[-1] or 384), np.float32)
+        for s in range(0, len(order), BATCH):
+            idx = order[s : s + BATCH]
+            out[idx] = self._batch([encs[i] for i in idx])
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--texts", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=100, help="latency calls per config")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantize", default=None, choices=[None, "int8"])
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--only", default="ours,st,ort", help="comma list of ours,st,ort")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+
+    from engine import Embedder
+    from engine.default_model import default_model_path
+
+    folder = str(default_model_path())
+    rng = random.Random(0)
+    texts = [words(rng, rng.randint(20, 80)) for _ in range(args.texts)]
+    one, ten = texts[:1], texts[1:11]
+    print(f"machine: CPU ({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"{len(texts)} texts of 20-80 words; ours: dtype {args.dtype}, quantize {args.quantize}")
+
+    rows, embs = {}, {}
+
+    def run(name, fn):
+        embs[name], tps = throughput(fn, texts)
+        p1 = latency(lambda: fn(one), args.reps)
+        p10 = latency(lambda: fn(ten), max(10, args.reps // 4))
+        rows[name] = dict(texts_per_s=tps, p50_1=p1[0], p99_1=p1[1], p50_10=p10[0], p99_10=p10[1])
+        print(f"  {name}: {tps:.1f} texts/s, one text p50 {p1[0]:.2f} ms", flush=True)
+
+    if "ours" in only:
+        kw = dict(dtype=args.dtype)
+        if args.quantize:
+            kw["quantize"] = args.quantize
+        emb = Embedder(**kw)
+        run("ours", emb.embed)
+    if "st" in only:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(folder, device="cpu")
+        run("sentence-transformers", lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True))
+    if "ort" in only:
+        ort_emb = OnnxEmbedder(folder, 256, args.threads)
+        run(f"onnxruntime ({args.threads} threads)", ort_emb.embed)
+
+    ref = embs.get("ours")
+    print(f"{'path':28s} {'texts/s':>9s} {'ours/x':>7s} {'p50 1':>8s} {'p99 1':>8s} {'x/ours':>7s} "
+          f"{'p50 10':>8s} {'p99 10':>8s} {'x/ours':>7s} {'min cos to ours':>16s}")
+    for name, r in rows.items():
+        o = rows.get("ours", r)
+        cos = float((embs[name] * ref).sum(1).min()) if ref is not None else float("nan")
+        r["min_cos_to_ours"] = cos
+        print(f"{name:28s} {r['texts_per_s']:9.1f} {o['texts_per_s'] / r['texts_per_s']:7.2f} "
+              f"{r['p50_1']:7.2f}ms {r['p99_1']:7.2f}ms {r['p50_1'] / o['p50_1']:7.2f} "
+              f"{r['p50_10']:7.2f}ms {r['p99_10']:7.2f}ms {r['p50_10'] / o['p50_10']:7.2f} {cos:16.6f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
