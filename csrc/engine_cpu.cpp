@@ -64,8 +64,11 @@ std::vector<int64_t> host_ints(const torch::Tensor& t) {
 // [D, keys] and V [keys, D] fp32 (once for all query heads of the group: GQA without repeating
 // K/V), then runs an online softmax (fp32, blocks of kKeyBlock keys) per query row and head.
 // Scores are 16 keys per vector (K^T rows), so no horizontal sums are needed.
-constexpr int64_t kRowBlock = 32;
+constexpr int64_t kRowBlock = 64;
 constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kTile = 4;  // query rows per micro-kernel tile
+constexpr int64_t kPanel = 2 * kV;  // keys per K^T panel
+static_assert(kKeyBlock % kPanel == 0, "key blocks are whole panels");
 
 struct AttnTask {
   int64_t seq, head, r0, r1;
@@ -101,7 +104,7 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
   });
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kt, vf, qf(D), o(D), s(kKeyBlock);
+    std::vector<float> kt, vf, qf(kTile * D), o(kTile * D), s(kTile * kKeyBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const AttnTask& task = tasks[t];
       const int64_t i = task.seq, g = task.head;
@@ -112,92 +115,113 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
       // Keys the block's last row can see.
       const int64_t own = causal ? std::max<int64_t>(0, std::min(lk, task.r1 - 1 + shift + 1)) : lk;
       const int64_t nk = lp + own;
-      const int64_t ld = (nk + kV - 1) / kV * kV;  // padded K^T row length
-      kt.assign(D * ld, 0.f);
+      // K^T in panels of kPanel keys: panel p holds [D, kPanel] contiguous, so the score loop
+      // streams it (a plain [D, keys] layout has a row stride that aliases in L1).
+      kt.assign((nk + kPanel - 1) / kPanel * kPanel * D, 0.f);
       vf.resize(std::max<int64_t>(nk, 1) * D);
       for (int64_t c = 0; c < nk; ++c) {
         const T* kr = c < lp ? PK + (cp[j] + c) * spk0 + g * spk1 : K + (ck[i] + c - lp) * sk0 + g * sk1;
         const T* vr = c < lp ? PV + (cp[j] + c) * spv0 + g * spv1 : V + (ck[i] + c - lp) * sv0 + g * sv1;
-        for (int64_t d = 0; d < D; ++d) kt[d * ld + c] = static_cast<float>(kr[d]);
+        float* panel = kt.data() + (c / kPanel) * kPanel * D + c % kPanel;
+        for (int64_t d = 0; d < D; ++d) panel[d * kPanel] = static_cast<float>(kr[d]);
         to_float(vr, vf.data() + c * D, D);
       }
-      for (int64_t r = task.r0; r < task.r1; ++r) {
-        const int64_t end = causal ? lp + std::max<int64_t>(0, std::min(lk, r + shift + 1)) : nk;
-        for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
-          T* orow = O + (cq[i] + r) * so0 + h * so1;
-          if (end <= 0) {  // a query with no visible key (causal, Lq > Lk): zeros
-            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(0.f);
-            continue;
+      // Query rows in tiles of kTile (one head at a time): the K^T and V loads are shared by
+      // the rows of a tile and the FMAs run kTile x 2 independent chains.
+      for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        for (int64_t r = task.r0; r < task.r1; r += kTile) {
+          const int64_t nr = std::min(kTile, task.r1 - r);
+          int64_t end[kTile], end_max = 0;
+          float m[kTile], l[kTile];
+          for (int64_t i = 0; i < kTile; ++i) {
+            const int64_t row = r + std::min(i, nr - 1);  // padding rows repeat the last one
+            end[i] = causal ? lp + std::max<int64_t>(0, std::min(lk, row + shift + 1)) : nk;
+            end_max = std::max(end_max, end[i]);
+            const T* qrow = Q + (cq[task.seq] + row) * sq0 + h * sq1;
+            for (int64_t d = 0; d < D; ++d) qf[i * D + d] = static_cast<float>(qrow[d]) * scale;
+            m[i] = -std::numeric_limits<float>::infinity();
+            l[i] = 0.f;
           }
-          const T* qrow = Q + (cq[i] + r) * sq0 + h * sq1;
-          for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qrow[d]) * scale;
           std::fill(o.begin(), o.end(), 0.f);
-          float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-          for (int64_t b0 = 0; b0 < end; b0 += kKeyBlock) {
-            const int64_t nb = std::min(kKeyBlock, end - b0);
-            const int64_t nbv = (nb + kV - 1) / kV * kV;
-            // s[c] = q . k[b0 + c], kV keys per vector, 4 vectors per pass over D
-            int64_t c = 0;
-            for (; c + 4 * kV <= nbv; c += 4 * kV) {
-              Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-              const float* base = kt.data() + b0 + c;
+          for (int64_t b0 = 0; b0 < end_max; b0 += kKeyBlock) {
+            const int64_t nb = std::min(kKeyBlock, end_max - b0);
+            // s[i][c] = q_i . k[b0 + c]: kTile rows x one panel (2 vectors of keys) per pass over D
+            const int64_t nbv = (nb + kPanel - 1) / kPanel * kPanel;
+            for (int64_t c = 0; c < nbv; c += kPanel) {
+              Vec a[kTile][2];
+              for (int64_t i = 0; i < kTile; ++i) a[i][0] = a[i][1] = Vec(0.f);
+              const float* panel = kt.data() + (b0 + c) * D;  // b0 + c is a multiple of kPanel
               for (int64_t d = 0; d < D; ++d) {
-                const Vec qd(qf[d]);
-                const float* row = base + d * ld;
-                a0 = at::vec::fmadd(qd, Vec::loadu(row), a0);
-                a1 = at::vec::fmadd(qd, Vec::loadu(row + kV), a1);
-                a2 = at::vec::fmadd(qd, Vec::loadu(row + 2 * kV), a2);
-                a3 = at::vec::fmadd(qd, Vec::loadu(row + 3 * kV), a3);
+                const Vec k0 = Vec::loadu(panel + d * kPanel), k1 = Vec::loadu(panel + d * kPanel + kV);
+                for (int64_t i = 0; i < kTile; ++i) {
+                  const Vec qd(qf[i * D + d]);
+                  a[i][0] = at::vec::fmadd(qd, k0, a[i][0]);
+                  a[i][1] = at::vec::fmadd(qd, k1, a[i][1]);
+                }
               }
-              a0.store(s.data() + c);
-              a1.store(s.data() + c + kV);
-              a2.store(s.data() + c + 2 * kV);
-              a3.store(s.data() + c + 3 * kV);
-            }
-            for (; c < nbv; c += kV) {
-              Vec a0(0.f);
-              const float* base = kt.data() + b0 + c;
-              for (int64_t d = 0; d < D; ++d) a0 = at::vec::fmadd(Vec(qf[d]), Vec::loadu(base + d * ld), a0);
-              a0.store(s.data() + c);
-            }
-            float bm = -std::numeric_limits<float>::infinity();
-            for (int64_t x = 0; x < nb; ++x) bm = std::max(bm, s[x]);
-            const float m_new = std::max(m, bm);
-            const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
-            if (alpha != 1.f) {
-              for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
-            }
-            l *= alpha;
-            m = m_new;
-            int64_t x = 0;
-            const Vec mv(m);
-            for (; x + kV <= nb; x += kV) (Vec::loadu(s.data() + x) - mv).exp_u20().store(s.data() + x);
-            for (; x < nb; ++x) s[x] = std::exp(s[x] - m);
-            l += hsum(s.data(), nb);
-            // o += sum_x p[x] v[b0 + x], four keys per pass over D
-            x = 0;
-            for (; x + 4 <= nb; x += 4) {
-              const float* v0 = vf.data() + (b0 + x) * D;
-              const Vec p0(s[x]), p1(s[x + 1]), p2(s[x + 2]), p3(s[x + 3]);
-              int64_t d = 0;
-              for (; d + kV <= D; d += kV) {
-                Vec acc = Vec::loadu(o.data() + d);
-                acc = at::vec::fmadd(p0, Vec::loadu(v0 + d), acc);
-                acc = at::vec::fmadd(p1, Vec::loadu(v0 + D + d), acc);
-                acc = at::vec::fmadd(p2, Vec::loadu(v0 + 2 * D + d), acc);
-                acc = at::vec::fmadd(p3, Vec::loadu(v0 + 3 * D + d), acc);
-                acc.store(o.data() + d);
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0].store(s.data() + i * kKeyBlock + c);
+                a[i][1].store(s.data() + i * kKeyBlock + c + kV);
               }
-              for (; d < D; ++d) o[d] += s[x] * v0[d] + s[x + 1] * v0[D + d] + s[x + 2] * v0[2 * D + d] +
-                                          s[x + 3] * v0[3 * D + d];
             }
-            for (; x < nb; ++x) {
-              const float* v0 = vf.data() + (b0 + x) * D;
-              for (int64_t d = 0; d < D; ++d) o[d] += s[x] * v0[d];
+            // online softmax per row; keys at or past a row's end get p = 0
+            for (int64_t i = 0; i < kTile; ++i) {
+              float* si = s.data() + i * kKeyBlock;
+              const int64_t vis = std::max<int64_t>(0, std::min(nb, end[i] - b0));
+              float bm = -std::numeric_limits<float>::infinity();
+              for (int64_t x = 0; x < vis; ++x) bm = std::max(bm, si[x]);
+              const float m_new = std::max(m[i], bm);
+              if (vis == 0 || m_new == -std::numeric_limits<float>::infinity()) {
+                std::fill(si, si + nbv, 0.f);
+                continue;
+              }
+              const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+              if (alpha != 1.f) {
+                for (int64_t d = 0; d < D; ++d) o[i * D + d] *= alpha;
+              }
+              l[i] *= alpha;
+              m[i] = m_new;
+              const Vec mv(m_new);
+              int64_t x = 0;
+              for (; x + kV <= vis; x += kV) (Vec::loadu(si + x) - mv).exp_u20().store(si + x);
+              for (; x < vis; ++x) si[x] = std::exp(si[x] - m_new);
+              std::fill(si + vis, si + nbv, 0.f);
+              l[i] += hsum(si, vis);
+            }
+            // o[i] += sum_x p[i][x] v[b0 + x]: kTile rows x 2 vectors of D per pass over the keys
+            int64_t d = 0;
+            for (; d + 2 * kV <= D; d += 2 * kV) {
+              Vec a[kTile][2];
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0] = Vec::loadu(o.data() + i * D + d);
+                a[i][1] = Vec::loadu(o.data() + i * D + d + kV);
+              }
+              for (int64_t x = 0; x < nb; ++x) {
+                const float* vr = vf.data() + (b0 + x) * D + d;
+                const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kV);
+                for (int64_t i = 0; i < kTile; ++i) {
+                  const Vec p(s[i * kKeyBlock + x]);
+                  a[i][0] = at::vec::fmadd(p, v0, a[i][0]);
+                  a[i][1] = at::vec::fmadd(p, v1, a[i][1]);
+                }
+              }
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0].store(o.data() + i * D + d);
+                a[i][1].store(o.data() + i * D + d + kV);
+              }
+            }
+            for (; d < D; ++d) {
+              for (int64_t x = 0; x < nb; ++x) {
+                const float vx = vf[(b0 + x) * D + d];
+                for (int64_t i = 0; i < kTile; ++i) o[i * D + d] += s[i * kKeyBlock + x] * vx;
+              }
             }
           }
-          const float inv = 1.f / l;
-          for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(o[d] * inv);
+          for (int64_t i = 0; i < nr; ++i) {
+            T* orow = O + (cq[task.seq] + r + i) * so0 + h * so1;
+            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // no visible key: zeros
+            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(o[i * D + d] * inv);
+          }
         }
       }
     }
@@ -440,4 +464,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("mean_pool", &mean_pool, "mean pooling over packed sequences, optionally L2-normalised");
   m.def("num_threads", []() { return at::get_num_threads(); });
+  m.def("vec_size", []() { return kV; });
 }

@@ -77,6 +77,11 @@ def module() -> Optional[object]:
         return _state["module"]
 
 
+def available() -> bool:
+    """Whether CPU ops run the C++ kernels (built or loaded now if need be)."""
+    return module() is not None
+
+
 def reset() -> None:
     """Forget the load attempt (tests switch ENGINE_CSRC)."""
     with _lock:
