@@ -11,6 +11,10 @@ from engine.heads import YesNoHead, matryoshka
 from engine.kalm import check_ratio
 from engine.request import PassageRequest, ScoreRequest, merge_stats
 from engine.sequence import Seq, Seqs
+
+# Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
+# through the tokenizer thread; bench/cpu_embed.py's one-text latency).
+EAGER_TEXTS = 16
 from engine.templates import check_texts
 
 
@@ -299,9 +303,10 @@ class Embedder:
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         tpl = self.engine.template
-        # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread.
+        # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread; a few texts are
+        # tokenized here instead (one fixed truncation setting, so calls from any thread agree).
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
-                           cancel=cancel)
+                           cancel=cancel, eager=len(texts) <= EAGER_TEXTS)
         try:
             emb = torch.from_numpy(self.engine.submit(req).wait())
         finally:
