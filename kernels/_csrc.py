@@ -16,6 +16,7 @@ engine logs one line and runs the torch references.
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,10 @@ import torch
 
 log = logging.getLogger("engine")
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "engine_cpu.cpp"
+# The checkout's csrc/ (editable installs), else the copy a wheel install puts under share/.
+SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "csrc" / "engine_cpu.cpp",
+                           Path(sys.prefix) / "share" / "rerank-engine" / "csrc" / "engine_cpu.cpp") if p.is_file()),
+              Path(__file__).resolve().parents[1] / "csrc" / "engine_cpu.cpp")
 _lock = threading.Lock()
 _state = {"tried": False, "module": None, "error": None}
 
