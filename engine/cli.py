@@ -43,6 +43,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
                    help="default: what the model's name says (Reranker / Embedding)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU only: dynamic int8 linear layers (opt-in; see bench/RESULTS.md for speed and drift)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
@@ -141,7 +143,7 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     return Service(args.model, task=args.task or task, device=args.device, dtype=args.dtype, warmup=warmup,
                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, template=args.template,
                    template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
-                   compile=args.compile)
+                   compile=args.compile, quantize=args.quantize)
 
 
 def _chunks(n: int, desc: str):

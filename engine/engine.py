@@ -32,7 +32,7 @@ class Engine:
                  template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
                  label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
                  passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
-                 decode_cache_bytes: int = 2 << 30, compile: bool = False):
+                 decode_cache_bytes: int = 2 << 30, compile: bool = False, quantize: Optional[str] = None):
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
@@ -58,11 +58,11 @@ class Engine:
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                  self.tokenizer, label_tokens=label_tokens, compile=compile)
+                                  self.tokenizer, label_tokens=label_tokens, compile=compile, quantize=quantize)
         model_ = self.runner.model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.passage_cache = None
-        self.model_id = f"{self.folder.resolve()}|{self.dtype}"
+        self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
         if model_.is_encoder_decoder:
             # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
             if passage_cache_bytes is None:
