@@ -5,8 +5,10 @@ All three embed the same 1,000 texts of 20-80 words with the same tokenizer
 pooling and L2 normalisation. ONNX Runtime runs the same folder exported here
 with ``torch.onnx.export`` (transformers' BertModel, dynamic batch and length),
 with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
-batches. Prints throughput over the 1,000 texts and p50/p99 of one call with 1
-and 10 texts, each with its ratio to ours, and the min cosine to ours.
+batches. Prints throughput over the 1,000 texts (best of --rounds) and p50/p99
+of one call with 1 and 10 texts, each with its ratio to ours, and the min cosine
+to ours. The paths take turns (round by round, call by call), so on a shared,
+noisy machine they see the same load and their ratios stay meaningful.
 
     pip install -e ".[bench]"
     python bench/cpu_embed.py                       # fp32
@@ -28,22 +30,34 @@ from common import words
 BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
 
 
-def latency(fn, reps):
-    fn()
-    times = []
+def interleaved_latency(fns, texts, reps):
+    """p50/p99 ms of ``fn(texts)`` per path, the paths taking turns call by call (same load)."""
+    for fn in fns.values():
+        fn(texts)
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(texts)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = (ts[len(ts) // 2], ts[min(len(ts) - 1, int(0.99 * len(ts)))])
+    return out
 
 
-def throughput(fn, texts):
-    fn(texts[:BATCH])  # warm-up
-    t0 = time.perf_counter()
-    out = fn(texts)
-    return np.asarray(out, dtype=np.float32), len(texts) / (time.perf_counter() - t0)
+def interleaved_throughput(fns, texts, rounds):
+    """Texts/s per path over all ``texts``: the best of ``rounds`` rounds, the paths taking turns."""
+    best, embs = {name: 0.0 for name in fns}, {}
+    for fn in fns.values():
+        fn(texts[:BATCH])  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            embs[name] = np.asarray(fn(texts), dtype=np.float32)
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
+    return best, embs
 
 
 class OnnxEmbedder:
@@ -112,7 +126,9 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=[None, "int8"])
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--only", default="ours,st,ort", help="comma list of ours,st,ort")
+    ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (best kept)")
+    ap.add_argument("--only", default="ours,fp32,st,ort",
+                    help="comma list of ours, fp32 (our fp32 beside a bf16/int8 run), st, ort")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -127,29 +143,29 @@ def main():
     print(f"machine: CPU ({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"{len(texts)} texts of 20-80 words; ours: dtype {args.dtype}, quantize {args.quantize}")
 
-    rows, embs = {}, {}
-
-    def run(name, fn):
-        embs[name], tps = throughput(fn, texts)
-        p1 = latency(lambda: fn(one), args.reps)
-        p10 = latency(lambda: fn(ten), max(10, args.reps // 4))
-        rows[name] = dict(texts_per_s=tps, p50_1=p1[0], p99_1=p1[1], p50_10=p10[0], p99_10=p10[1])
-        print(f"  {name}: {tps:.1f} texts/s, one text p50 {p1[0]:.2f} ms", flush=True)
-
+    fns = {}
     if "ours" in only:
         kw = dict(dtype=args.dtype)
         if args.quantize:
             kw["quantize"] = args.quantize
-        emb = Embedder(**kw)
-        run("ours", emb.embed)
+        fns["ours"] = Embedder(**kw).embed
+    if "fp32" in only and (args.dtype != "float32" or args.quantize):  # our fp32 beside the mode, for drift
+        fns["ours fp32"] = Embedder().embed
     if "st" in only:
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(folder, device="cpu")
-        run("sentence-transformers", lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True))
+        fns["sentence-transformers"] = lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True)
     if "ort" in only:
         ort_emb = OnnxEmbedder(folder, 256, args.threads)
-        run(f"onnxruntime ({args.threads} threads)", ort_emb.embed)
+        fns[f"onnxruntime ({args.threads} threads)"] = ort_emb.embed
+
+    tps, embs = interleaved_throughput(fns, texts, args.rounds)
+    print("  throughput done:", {k: round(v, 1) for k, v in tps.items()}, flush=True)
+    lat1 = interleaved_latency(fns, one, args.reps)
+    lat10 = interleaved_latency(fns, ten, max(10, args.reps // 4))
+    rows = {name: dict(texts_per_s=tps[name], p50_1=lat1[name][0], p99_1=lat1[name][1], p50_10=lat10[name][0],
+                       p99_10=lat10[name][1]) for name in fns}
 
     ref = embs.get("ours")
     print(f"{'path':28s} {'texts/s':>9s} {'ours/x':>7s} {'p50 1':>8s} {'p99 1':>8s} {'x/ours':>7s} "

@@ -103,7 +103,11 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
     return (ck[a.seq + 1] - ck[a.seq]) > (ck[b.seq + 1] - ck[b.seq]);
   });
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  // A small batch (one short text) runs on the calling thread: waking the pool costs more.
+  int64_t work = 0;
+  for (const AttnTask& t : tasks) work += (t.r1 - t.r0) * (ck[t.seq + 1] - ck[t.seq]) * D * rep;
+  const int64_t grain = work < (int64_t{1} << 20) ? std::max<int64_t>(1, tasks.size()) : 1;
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> kt, vf, qf(kTile * D), o(kTile * D), s(kTile * kKeyBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const AttnTask& task = tasks[t];
