@@ -7,7 +7,7 @@ with ``torch.onnx.export`` (transformers' BertModel, dynamic batch and length),
 with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
 batches. Prints throughput over the 1,000 texts (best of --rounds) and p50/p99
 of one call with 1 and 10 texts, each with its ratio to ours, and the min cosine
-to ours. The paths take turns (round by round, call by call), so on a shared,
+to ours. The paths take turns (round by round, in blocks of calls), so on a shared,
 noisy machine they see the same load and their ratios stay meaningful.
 
     pip install -e ".[bench]"
@@ -30,16 +30,22 @@ from common import words
 BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
 
 
-def interleaved_latency(fns, texts, reps):
-    """p50/p99 ms of ``fn(texts)`` per path, the paths taking turns call by call (same load)."""
-    for fn in fns.values():
-        fn(texts)
+def interleaved_latency(fns, texts, reps, block=10):
+    """p50/p99 ms of ``fn(texts)`` per path, the paths taking turns in blocks of ``block`` calls.
+
+    Blocks, with a pause between them, rather than single calls: each path's thread pool
+    (OpenMP teams, ONNX Runtime's pool) spins for a while after its work, and would take
+    the cores from the next path's call.
+    """
     times = {name: [] for name in fns}
-    for _ in range(reps):
+    for start in range(0, reps, block):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(texts)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.2)
+            fn(texts)  # warm this path's pool again
+            for _ in range(min(block, reps - start)):
+                t0 = time.perf_counter()
+                fn(texts)
+                times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
         ts.sort()
@@ -54,6 +60,7 @@ def interleaved_throughput(fns, texts, rounds):
         fn(texts[:BATCH])  # warm-up
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(0.2)  # let the previous path's pool stop spinning
             t0 = time.perf_counter()
             embs[name] = np.asarray(fn(texts), dtype=np.float32)
             best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
