@@ -14,6 +14,7 @@ import os
 import threading
 from typing import Optional, Sequence
 
+import kernels
 from engine import generate, kalm, registry
 from engine.cache import PrefixCache
 from engine.prompt_template import PromptTemplate, user_template
@@ -43,6 +44,10 @@ class Engine:
             # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dtype = pick_dtype(dtype, self.device)
+        # CPU ops run the C++ kernels (csrc/): build or load them now, not in the first request.
+        self.cpu_kernels = "none"
+        if self.device.type == "cpu":
+            self.cpu_kernels = "csrc" if kernels.csrc_available() and kernels.kernel_mode() == "auto" else "torch"
         self.tokenizer = load_tokenizer(self.folder)
         template_cls = registry.template_class(spec, self.task, template, name)
         extra: dict = {}

@@ -47,6 +47,11 @@ def test_int8_reranker_ranks():
     assert res[0]["index"] == 1
 
 
+def test_cpu_engine_runs_the_cpp_kernels_by_default(monkeypatch):
+    monkeypatch.delenv("ENGINE_KERNELS", raising=False)
+    assert Embedder().engine.cpu_kernels == "csrc"
+
+
 def test_int8_refuses_other_dtypes():
     with pytest.raises(ValueError, match="CPU mode"):
         Embedder(quantize="int8", dtype="bfloat16")
