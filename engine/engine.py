@@ -47,7 +47,8 @@ class Engine:
         # CPU ops run the C++ kernels (csrc/): build or load them now, not in the first request.
         self.cpu_kernels = "none"
         if self.device.type == "cpu":
-            self.cpu_kernels = "csrc" if kernels.csrc_available() and kernels.kernel_mode() == "auto" else "torch"
+            mode = kernels.kernel_mode()  # "torch" or "triton" force a path; "auto" prefers the C++ kernels
+            self.cpu_kernels = mode if mode != "auto" else ("csrc" if kernels.csrc_available() else "torch")
         self.tokenizer = load_tokenizer(self.folder)
         template_cls = registry.template_class(spec, self.task, template, name)
         extra: dict = {}
