@@ -6,7 +6,7 @@ second, full torch into its isolated build environment or need ``--no-build-isol
 setuptools and wheel in the venv) in every command. The JIT build compiles against the torch
 already installed, for the CPU it runs on (``-march=native``, AVX-512 or AVX2 vectors), once:
 the module is cached under ``$ENGINE_CSRC_CACHE`` (default ``~/.cache/rerank-engine/csrc``),
-keyed by the source, the torch version and the CPU capability, and later imports load it in
+keyed by the source, the torch version and the CPU's instruction set, and later imports load it in
 well under a second.
 
 ``ENGINE_CSRC=0`` never builds or loads it; ``ENGINE_KERNELS=torch`` keeps it loaded but makes
@@ -41,11 +41,22 @@ def _flags():
     return cap, flags
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     cap, flags = _flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + cap.encode()).hexdigest()[:12]
+    # -march=native: the binary is for this CPU's instruction set, so its flags are part of the key
+    # (a home directory shared between machines must not load another CPU's build).
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + cap.encode()
+                         + _cpu_flags().encode()).hexdigest()[:12]
     cache = Path(os.environ.get("ENGINE_CSRC_CACHE", Path.home() / ".cache" / "rerank-engine" / "csrc")) / key
     cache.mkdir(parents=True, exist_ok=True)
     built = any(cache.glob("*.so"))
