@@ -50,7 +50,14 @@ def _cpu_flags() -> str:
 
 
 def _build():
+    import shutil
+
     from torch.utils.cpp_extension import load
+
+    # pip's ninja lives beside this interpreter; a venv used without activation lacks it on PATH
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     cap, flags = _flags()
     # -march=native: the binary is for this CPU's instruction set, so its flags are part of the key
