@@ -11,6 +11,10 @@ from engine.heads import YesNoHead, matryoshka
 from engine.kalm import check_ratio
 from engine.request import PassageRequest, ScoreRequest, merge_stats
 from engine.sequence import Seq, Seqs
+
+# Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
+# through the tokenizer thread; bench/cpu_embed.py's one-text latency).
+EAGER_TEXTS = 16
 from engine.templates import check_texts
 
 
@@ -51,7 +55,7 @@ class Reranker:
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None, share_prefix: bool = True,
                  template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
-                 cache_cross_kv: bool = False, compile: bool = False):
+                 cache_cross_kv: bool = False, compile: bool = False, quantize: Optional[str] = None):
         # template: a built-in prompt ("qwen3", "prism", "querit"; a model named *prism* gets Prism's), a
         # Jinja template file, or a format string with {query}, {document} and {instruction} (between
         # template_prefix and template_suffix). label_tokens: the yes/no answers, e.g. ("true", "false").
@@ -59,13 +63,14 @@ class Reranker:
         # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: its budget in
         # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's cross
         # K/V instead of the pooled encoder states. compile: run the scoring forward through
-        # torch.compile (off by default: see bench/RESULTS.md for what it gives).
+        # torch.compile (off by default: see bench/RESULTS.md for what it gives). quantize="int8": dynamic
+        # int8 linear layers on CPU (opt-in; drift and speed in bench/RESULTS.md).
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
         self.engine = Engine(model, task=task, task_default="rerank", device=device, dtype=dtype,
                              max_length=max_length, max_batch_tokens=max_batch_tokens, template=template,
                              template_prefix=template_prefix, template_suffix=template_suffix,
                              label_tokens=label_tokens, passage_cache_bytes=passage_cache_bytes,
-                             cache_cross_kv=cache_cross_kv, compile=compile)
+                             cache_cross_kv=cache_cross_kv, compile=compile, quantize=quantize)
         self.share_prefix = share_prefix
         self._generator = None  # engine.generate.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
@@ -301,10 +306,11 @@ class Embedder:
 
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 compile: bool = False):
+                 compile: bool = False, quantize: Optional[str] = None):
         model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
         self.engine = Engine(model, task=task or None, task_default="embed", device=device, dtype=dtype,
-                             max_length=max_length, max_batch_tokens=max_batch_tokens, compile=compile)
+                             max_length=max_length, max_batch_tokens=max_batch_tokens, compile=compile,
+                             quantize=quantize)
         if self.engine.task != "embed":
             raise ValueError(f"{model} was loaded as a {self.engine.task} model; Embedder needs task='embed'")
         self.stats: Dict[str, float] = {}
@@ -341,9 +347,10 @@ class Embedder:
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         tpl = self.engine.template
-        # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread.
+        # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread; a few texts are
+        # tokenized here instead (one fixed truncation setting, so calls from any thread agree).
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
-                           cancel=cancel)
+                           cancel=cancel, eager=len(texts) <= EAGER_TEXTS)
         try:
             emb = torch.from_numpy(self.engine.submit(req).wait())
         finally:

@@ -45,6 +45,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False):
                    help="default: what the model's name says (Reranker / Embedding)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU only: dynamic int8 linear layers (opt-in; see bench/RESULTS.md for speed and drift)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
@@ -184,7 +186,7 @@ def _service_kwargs(args, task: Optional[str] = None) -> dict:
     return dict(task=args.task or task, device=args.device, dtype=args.dtype, max_length=args.max_length,
                 max_batch_tokens=args.max_batch_tokens, template=args.template,
                 template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
-                compile=getattr(args, "compile", False),
+                compile=getattr(args, "compile", False), quantize=getattr(args, "quantize", None),
                 # serve's image options; the offline commands fetch no URLs and cap no image count
                 allow_url_images=getattr(args, "allow_url_images", False),
                 max_images=getattr(args, "max_images", None),

@@ -14,6 +14,7 @@ import os
 import threading
 from typing import Optional, Sequence
 
+import kernels
 from engine import generate, kalm, registry
 from engine.cache import PrefixCache
 from engine.prompt_template import PromptTemplate, user_template
@@ -32,7 +33,7 @@ class Engine:
                  template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
                  label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
                  passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
-                 decode_cache_bytes: int = 2 << 30, compile: bool = False):
+                 decode_cache_bytes: int = 2 << 30, compile: bool = False, quantize: Optional[str] = None):
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
@@ -43,6 +44,11 @@ class Engine:
             # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dtype = pick_dtype(dtype, self.device)
+        # CPU ops run the C++ kernels (csrc/): build or load them now, not in the first request.
+        self.cpu_kernels = "none"
+        if self.device.type == "cpu":
+            mode = kernels.kernel_mode()  # "torch" or "triton" force a path; "auto" prefers the C++ kernels
+            self.cpu_kernels = mode if mode != "auto" else ("csrc" if kernels.csrc_available() else "torch")
         self.tokenizer = load_tokenizer(self.folder)
         template_cls = registry.template_class(spec, self.task, template, name)
         extra: dict = {}
@@ -58,11 +64,11 @@ class Engine:
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                  self.tokenizer, label_tokens=label_tokens, compile=compile)
+                                  self.tokenizer, label_tokens=label_tokens, compile=compile, quantize=quantize)
         model_ = self.runner.model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.passage_cache = None
-        self.model_id = f"{self.folder.resolve()}|{self.dtype}"
+        self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
         if model_.is_encoder_decoder:
             # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
             if passage_cache_bytes is None:

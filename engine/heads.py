@@ -222,6 +222,8 @@ class PoolingHead(Head):
         self.modes, self.normalize = tuple(modes), normalize
 
     def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
+        if self.modes == ("mean",):  # the common case (all-MiniLM and most BERT embedders): one fused op
+            return None, kernels.mean_pool(hidden, ctx.cu_seqlens, self.normalize)
         h = hidden.float()  # [T, H]
         t, n = h.shape[0], ctx.num_seqs
         cu = ctx.cu_seqlens.long()

@@ -84,7 +84,8 @@ class ScoreRequest(Request):
     """
 
     def __init__(self, n: int, encode: Callable[[int, int], Seqs], prefix: Optional[Sequence[int]] = None,
-                 priority: int = 0, cancel: Optional[threading.Event] = None, chunk_size: int = 1024):
+                 priority: int = 0, cancel: Optional[threading.Event] = None, chunk_size: int = 1024,
+                 eager: bool = False):
         super().__init__(priority, cancel)
         self.n = n
         self.encode = encode
@@ -100,6 +101,11 @@ class ScoreRequest(Request):
         self.stats["sequences"] = n
         if n == 0:
             self.done.set()
+        elif eager:
+            # A small request tokenizes here, on the caller's thread: the engine loop then runs it
+            # without a round trip through the tokenizer thread (one hand-off each way in all).
+            self.pending.extend(self._encode_chunk(0, n))
+            self.next_start = n
 
     def _encode_chunk(self, start: int, end: int) -> List[Seq]:
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from engine import generate, kalm, registry
 from engine.cache import PassageCache, PrefixKV
 from engine.context import build_context
 from engine.heads import HEAD_BUILDERS
+from engine.quantize import quantize_linears
 from engine.request import Cancelled  # noqa: F401 (re-exported for callers)
 from engine.scheduler import DecodeStep, PassageStep, PrefillStep, PrefixStep, ScoreStep
 from engine.weights import checkpoint_index, load_weights
@@ -62,7 +63,8 @@ def compile_model(model: torch.nn.Module):
 
 class ModelRunner:
     def __init__(self, folder, config_dict: dict, spec: registry.ArchSpec, task: str, device: torch.device,
-                 dtype: torch.dtype, tokenizer, label_tokens=None, compile: bool = False):
+                 dtype: torch.dtype, tokenizer, label_tokens=None, compile: bool = False,
+                 quantize: Optional[str] = None):
         self.folder, self.device, self.dtype = folder, device, dtype
         config = SimpleNamespace(**config_dict)
         index = checkpoint_index(folder)
@@ -85,6 +87,10 @@ class ModelRunner:
         self.loaded = load_weights(self.model, index, reserved=reserved, strip_prefixes=model_cls.checkpoint_prefixes,
                                    ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip
                                    or (bool(skip_prefixes) and n.startswith(skip_prefixes)))
+        if quantize is not None:  # after loading: the int8 weights are made from the loaded fp32 ones
+            if device.type != "cpu" or dtype != torch.float32 or compile:
+                raise ValueError("quantize='int8' is a CPU mode: device cpu, dtype float32, compile off")
+            quantize_linears(self.model, quantize)
         # The last layer may run for the last rows alone when the head reads nothing else.
         self.last_only = self.head.reads_last_token and self.model.supports_last_only
         self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders

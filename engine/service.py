@@ -32,10 +32,11 @@ class Service:
                  max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
                  template_prefix: str = "", template_suffix: str = "", label_tokens=None, compile: bool = False,
                  allow_url_images: bool = False, max_images: Optional[int] = 32,
-                 image_max_pixels: Optional[int] = None):
+                 image_max_pixels: Optional[int] = None, quantize: Optional[str] = None):
         self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
                                  max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
-                                 template_suffix=template_suffix, label_tokens=label_tokens, compile=compile)
+                                 template_suffix=template_suffix, label_tokens=label_tokens, compile=compile,
+                                 quantize=quantize)
         self.engine = self.reranker.engine
         self.task = self.engine.task
         self.embedder = Embedder.from_engine(self.engine) if self.task == "embed" else None

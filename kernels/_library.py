@@ -6,6 +6,10 @@ kernel (the Triton kernel), so dispatch follows the device, and a fake
 it without running it. ``ENGINE_KERNELS=triton|torch`` swaps the kernel
 behind either device key (A/B checks on a GPU, Triton's interpreter on CPU).
 
+On CPU an op with a C++ kernel (csrc/, loaded by kernels/_csrc.py) runs it when
+the extension is available; otherwise, and always under ``ENGINE_KERNELS=torch``,
+it runs the torch reference.
+
 Ops may not return an input or a view of one, so in-place kernels are
 declared as mutating ops that return nothing, and an output that is absent
 (no final state requested) is an empty tensor; the public functions beside
@@ -16,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import _csrc
 from ._dispatch import kernel_mode, use_triton
 
 NAMESPACE = "engine"
@@ -25,14 +30,17 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 
 
 def engine_op(name: str, ref: Callable, triton: Callable, fake: Callable,
-              mutates_args: Sequence[str] = (), schema: Optional[Callable] = None):
+              mutates_args: Sequence[str] = (), schema: Optional[Callable] = None,
+              cpu: Optional[Callable] = None):
     """Register ``engine::name``; its schema is inferred from ``schema``'s annotated
     signature (``ref``'s by default; every tensor argument must be positional).
 
     The kernels and the fake are called with keyword arguments of the schema's
     names; ``triton`` may take extra keyword-only tuning arguments (left at their
     defaults). Pass a lambda that looks the kernel up at call time where tests spy
-    on the module's function. Returns the op (``torch.ops.engine.<name>.default``).
+    on the module's function. ``cpu(ext, **args)`` runs the C++ kernel of the loaded
+    extension ``ext`` (kernels/_csrc.py) with the schema's arguments. Returns the op
+    (``torch.ops.engine.<name>.default``).
     """
     proto = schema or ref
     names = list(inspect.signature(proto).parameters)
@@ -46,7 +54,13 @@ def engine_op(name: str, ref: Callable, triton: Callable, fake: Callable,
 
     def on_cpu(*args, **kwargs):
         # use_triton raises for ENGINE_KERNELS=triton without the interpreter.
-        return (cpu_triton if use_triton(args[0]) else cpu_ref)(*args, **kwargs)
+        if use_triton(args[0]):
+            return cpu_triton(*args, **kwargs)
+        if cpu is not None and kernel_mode() != "torch":
+            ext = _csrc.module()
+            if ext is not None:
+                return cpu(ext, **dict(zip(names, args)), **kwargs)
+        return cpu_ref(*args, **kwargs)
 
     def on_cuda(*args, **kwargs):
         return (cuda_ref if kernel_mode() == "torch" else cuda_triton)(*args, **kwargs)

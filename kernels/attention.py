@@ -529,9 +529,19 @@ def _varlen_attention_schema(
 ) -> torch.Tensor: ...
 
 
+def varlen_attention_cpu(ext, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, prefix_k=None, prefix_v=None,
+                         cu_seqlens_p=None, prefix_index=None, max_seqlen_q=None, max_seqlen_k=None):
+    """The C++ kernel (csrc/engine_cpu.cpp): all sequences in one call, parallel over (sequence, KV head,
+    query block), online softmax in fp32; the prefix is read in place."""
+    if prefix_index is None:
+        prefix_k = prefix_v = cu_seqlens_p = None
+    return ext.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                                prefix_k, prefix_v, cu_seqlens_p, prefix_index)
+
+
 varlen_attention_op = engine_op(
     "varlen_attention", varlen_attention_ref, lambda **kw: varlen_attention_triton(**kw),
-    lambda q, **kw: torch.empty_like(q), schema=_varlen_attention_schema)
+    lambda q, **kw: torch.empty_like(q), schema=_varlen_attention_schema, cpu=varlen_attention_cpu)
 
 
 def varlen_attention(

@@ -124,10 +124,20 @@ def _add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     return rms_norm_triton(x, weight, eps, residual=residual, offset=offset)
 
 
+def _rms_norm_cpu(ext, x, weight, eps, offset=0.0):
+    return ext.rms_norm(x, None, weight, eps, offset)[0]
+
+
+def _add_rms_norm_cpu(ext, x, residual, weight, eps, offset=0.0):
+    out, res = ext.rms_norm(x, residual, weight, eps, offset)
+    return out, res
+
+
 rms_norm_op = engine_op("rms_norm", _rms_norm_ref, _rms_norm_triton,
-                        lambda x, weight, eps, offset=0.0: torch.empty_like(x))
+                        lambda x, weight, eps, offset=0.0: torch.empty_like(x), cpu=_rms_norm_cpu)
 add_rms_norm_op = engine_op("add_rms_norm", _add_rms_norm_ref, _add_rms_norm_triton,
-                            lambda x, residual, weight, eps, offset=0.0: (torch.empty_like(x), torch.empty_like(x)))
+                            lambda x, residual, weight, eps, offset=0.0: (torch.empty_like(x), torch.empty_like(x)),
+                            cpu=_add_rms_norm_cpu)
 
 
 def rms_norm(x, weight, eps, residual=None, offset=0.0):

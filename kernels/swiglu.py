@@ -65,7 +65,7 @@ def _swiglu_fake(gate_up: torch.Tensor) -> torch.Tensor:
 
 swiglu_op = engine_op(
     "swiglu", swiglu_ref, lambda **kw: swiglu_triton(**kw),
-    _swiglu_fake)
+    _swiglu_fake, cpu=lambda ext, gate_up: ext.swiglu(gate_up))
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.context import BatchContext
 from engine.layers import Attention, Linear, MergedLinear, VocabEmbedding, default_weight_loader
 from engine.models.base import EngineModel
@@ -40,8 +41,9 @@ class LayerNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
         self.bias.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # LayerNorm(x + residual), one fused kernel on CPU (csrc/)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
 class BertEmbeddings(nn.Module):
@@ -91,7 +93,7 @@ class BertAddNorm(nn.Module):
         self.LayerNorm = LayerNorm(hidden_size, eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dense(x), residual)
 
 
 class BertAttention(nn.Module):

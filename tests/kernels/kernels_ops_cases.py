@@ -18,6 +18,9 @@ def cases(seed: int = 0):
     out.append(("swiglu", (rand(T, 16),), {}))
     out.append(("rms_norm", (rand(T, 32), rand(32), 1e-6), {"offset": 1.0}))
     out.append(("add_rms_norm", (rand(T, 32), rand(T, 32), rand(32), 1e-6), {}))
+    out.append(("layer_norm", (rand(T, 24), None, rand(24), rand(24), 1e-12), {}))
+    out.append(("layer_norm", (rand(T, 24), rand(T, 24), rand(24), rand(24), 1e-12), {}))
+    out.append(("mean_pool", (rand(T, 24), cu, True), {}))
     last = torch.tensor([2, 3, 9])
     out.append(("yes_no_head", (rand(T, 32), last, rand(32), rand(32), 1e-6), {}))
     out.append(("yes_no_head", (rand(T, 32), last, rand(32), rand(32), 1e-6), {"residual": rand(T, 32),

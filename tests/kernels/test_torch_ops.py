@@ -4,8 +4,9 @@
 declared schema matches what the kernel mutates and aliases, that the fake
 kernel gives the real outputs' shapes, dtypes and strides, and that the op
 traces under AOT dispatch with dynamic shapes (what ``torch.compile`` does).
-On CPU the kernel behind the op is the torch reference; with
-``ENGINE_KERNELS=triton`` it is the Triton kernel in the interpreter.
+On CPU the kernel behind the op is the C++ kernel (csrc/) under the default
+mode, the torch reference under ``ENGINE_KERNELS=torch``, and the Triton
+kernel in the interpreter under ``ENGINE_KERNELS=triton``.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ import kernels
 from kernels_ops_cases import cases
 
 OPS = {"swiglu", "rms_norm", "add_rms_norm", "yes_no_head", "qk_norm_rope_", "varlen_attention",
-       "paged_attention", "causal_conv1d", "gated_delta_rule"}
+       "paged_attention", "causal_conv1d", "gated_delta_rule", "layer_norm", "mean_pool"}
 
 CASES = cases()
 
@@ -29,7 +30,7 @@ def test_every_kernel_is_an_op_with_a_case():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
 
 
-@pytest.mark.parametrize("mode", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("name,args,kwargs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_opcheck(name, args, kwargs, mode, monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", mode)

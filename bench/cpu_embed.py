@@ -1,0 +1,193 @@
+"""CPU embedding: the bundled all-MiniLM-L6-v2, ours vs sentence-transformers vs ONNX Runtime, same run.
+
+All three embed the same 1,000 texts of 20-80 words with the same tokenizer
+(the folder's tokenizer.json, truncated at the model's max_seq_length), mean
+pooling and L2 normalisation. ONNX Runtime runs the same folder exported here
+with ``torch.onnx.export`` (transformers' BertModel, dynamic batch and length),
+with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
+batches. Prints throughput over the 1,000 texts (best of --rounds) and p50/p99
+of one call with 1 and 10 texts, each with its ratio to ours, and the min cosine
+to ours. The paths take turns (round by round, in blocks of calls), so on a shared,
+noisy machine they see the same load and their ratios stay meaningful.
+
+    pip install -e ".[bench]"
+    python bench/cpu_embed.py                       # fp32
+    python bench/cpu_embed.py --dtype bfloat16      # our bf16 (the peers stay fp32)
+    python bench/cpu_embed.py --quantize int8       # our dynamic int8 linears
+"""
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common import words
+
+BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
+
+
+def interleaved_latency(fns, texts, reps, block=10):
+    """p50/p99 ms of ``fn(texts)`` per path, the paths taking turns in blocks of ``block`` calls.
+
+    Blocks, with a pause between them, rather than single calls: each path's thread pool
+    (OpenMP teams, ONNX Runtime's pool) spins for a while after its work, and would take
+    the cores from the next path's call.
+    """
+    times = {name: [] for name in fns}
+    for start in range(0, reps, block):
+        for name, fn in fns.items():
+            time.sleep(0.2)
+            fn(texts)  # warm this path's pool again
+            for _ in range(min(block, reps - start)):
+                t0 = time.perf_counter()
+                fn(texts)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = (ts[len(ts) // 2], ts[min(len(ts) - 1, int(0.99 * len(ts)))])
+    return out
+
+
+def interleaved_throughput(fns, texts, rounds):
+    """Texts/s per path over all ``texts``: the best of ``rounds`` rounds, the paths taking turns."""
+    best, embs = {name: 0.0 for name in fns}, {}
+    for fn in fns.values():
+        fn(texts[:BATCH])  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(0.2)  # let the previous path's pool stop spinning
+            t0 = time.perf_counter()
+            embs[name] = np.asarray(fn(texts), dtype=np.float32)
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
+    return best, embs
+
+
+class OnnxEmbedder:
+    """ONNX Runtime on the exported BertModel, with the folder's tokenizer, mean pooling and L2 norm."""
+
+    def __init__(self, folder, max_length, threads):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        self.tok.enable_truncation(max_length)
+        self.tok.no_padding()
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+        path = os.path.join(tempfile.mkdtemp(prefix="onnx-"), "model.onnx")
+
+        class Wrapped(torch.nn.Module):  # positional inputs for the exporter
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+        ids = torch.ones(2, 16, dtype=torch.long)
+        with torch.inference_mode():
+            torch.onnx.export(
+                Wrapped(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)), path, dynamo=False,
+                input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
+                dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids",
+                                                                   "last_hidden_state")},
+                opset_version=17)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def _batch(self, encs):
+        n, L = len(encs), max(len(e.ids) for e in encs)
+        ids = np.zeros((n, L), np.int64)
+        mask = np.zeros((n, L), np.int64)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        h = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+    def embed(self, texts):
+        encs = self.tok.encode_batch(list(texts), add_special_tokens=True)
+        order = sorted(range(len(texts)), key=lambda i: -len(encs[i].ids))
+        out = np.empty((len(texts), self.sess.get_outputs()[0].shape[-1] or 384), np.float32)
+        for s in range(0, len(order), BATCH):
+            idx = order[s : s + BATCH]
+            out[idx] = self._batch([encs[i] for i in idx])
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--texts", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=100, help="latency calls per config")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantize", default=None, choices=[None, "int8"])
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (best kept)")
+    ap.add_argument("--only", default="ours,fp32,st,ort",
+                    help="comma list of ours, fp32 (our fp32 beside a bf16/int8 run), st, ort")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+
+    from engine import Embedder
+    from engine.default_model import default_model_path
+
+    folder = str(default_model_path())
+    rng = random.Random(0)
+    texts = [words(rng, rng.randint(20, 80)) for _ in range(args.texts)]
+    one, ten = texts[:1], texts[1:11]
+    print(f"machine: CPU ({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"{len(texts)} texts of 20-80 words; ours: dtype {args.dtype}, quantize {args.quantize}")
+
+    fns = {}
+    if "ours" in only:
+        kw = dict(dtype=args.dtype)
+        if args.quantize:
+            kw["quantize"] = args.quantize
+        fns["ours"] = Embedder(**kw).embed
+    if "fp32" in only and (args.dtype != "float32" or args.quantize):  # our fp32 beside the mode, for drift
+        fns["ours fp32"] = Embedder().embed
+    if "st" in only:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(folder, device="cpu")
+        fns["sentence-transformers"] = lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True)
+    if "ort" in only:
+        ort_emb = OnnxEmbedder(folder, 256, args.threads)
+        fns[f"onnxruntime ({args.threads} threads)"] = ort_emb.embed
+
+    tps, embs = interleaved_throughput(fns, texts, args.rounds)
+    print("  throughput done:", {k: round(v, 1) for k, v in tps.items()}, flush=True)
+    lat1 = interleaved_latency(fns, one, args.reps)
+    lat10 = interleaved_latency(fns, ten, max(10, args.reps // 4))
+    rows = {name: dict(texts_per_s=tps[name], p50_1=lat1[name][0], p99_1=lat1[name][1], p50_10=lat10[name][0],
+                       p99_10=lat10[name][1]) for name in fns}
+
+    ref = embs.get("ours")
+    print(f"{'path':28s} {'texts/s':>9s} {'ours/x':>7s} {'p50 1':>8s} {'p99 1':>8s} {'x/ours':>7s} "
+          f"{'p50 10':>8s} {'p99 10':>8s} {'x/ours':>7s} {'min cos to ours':>16s}")
+    for name, r in rows.items():
+        o = rows.get("ours", r)
+        cos = float((embs[name] * ref).sum(1).min()) if ref is not None else float("nan")
+        r["min_cos_to_ours"] = cos
+        print(f"{name:28s} {r['texts_per_s']:9.1f} {o['texts_per_s'] / r['texts_per_s']:7.2f} "
+              f"{r['p50_1']:7.2f}ms {r['p99_1']:7.2f}ms {r['p50_1'] / o['p50_1']:7.2f} "
+              f"{r['p50_10']:7.2f}ms {r['p99_10']:7.2f}ms {r['p50_10'] / o['p50_10']:7.2f} {cos:16.6f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+// C++ CPU kernels of the engine's torch ops (kernels/_csrc.py builds and loads this file).
+//
+// Each function is the CPU implementation of one engine::* op and matches its torch
+// reference in kernels/*.py. Inputs are fp32 or bf16 (fp16 too); all math is fp32 and
+// the result is cast back to the input dtype. Work is split with at::parallel_for and
+// vectorized with at::vec::Vectorized<float> (AVX-512 or AVX2 as the build detected).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+inline float vsum(const Vec& v) {
+  alignas(64) float lanes[kV];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t i = 0; i < kV; ++i) s += lanes[i];
+  return s;
+}
+
+inline float hsum(const float* x, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) acc = acc + Vec::loadu(x + i);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+std::vector<int64_t> host_ints(const torch::Tensor& t) {
+  auto c = t.to(torch::kCPU, torch::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Varlen attention.
+//
+// q [Tq, Hq, D], k/v [Tk, Hkv, D] (any row/head strides, unit stride along D); sequence i owns
+// q rows cu_q[i]:cu_q[i+1] and k/v rows cu_k[i]:cu_k[i+1]. Causal masking is bottom-right
+// aligned (query r of Lq sees own keys j <= r + Lk - Lq), so last-token-only batches are plain
+// calls with one query per sequence. With a prefix, sequence i first sees every row of its
+// prefix segment prefix_index[i] (read in place from prefix_k/prefix_v) and then its own keys.
+//
+// One task = (sequence, KV head, block of query rows): it packs the keys it can see into K^T
+// [D, keys] and V [keys, D] fp32 (once for all query heads of the group: GQA without repeating
+// K/V), then runs an online softmax (fp32, blocks of kKeyBlock keys) per query row and head.
+// Scores are 16 keys per vector (K^T rows), so no horizontal sums are needed.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kTile = 4;  // query rows per micro-kernel tile
+constexpr int64_t kPanel = 2 * kV;  // keys per K^T panel
+static_assert(kKeyBlock % kPanel == 0, "key blocks are whole panels");
+
+struct AttnTask {
+  int64_t seq, head, r0, r1;
+};
+
+template <typename T>
+void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                    const std::vector<int64_t>& cq, const std::vector<int64_t>& ck, bool causal, float scale,
+                    const torch::Tensor* pk, const torch::Tensor* pv, const std::vector<int64_t>& cp,
+                    const std::vector<int64_t>& pidx) {
+  const int64_t hq = q.size(1), hkv = k.size(1), D = q.size(2), rep = hq / hkv;
+  const int64_t n = static_cast<int64_t>(cq.size()) - 1;
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), sk0 = k.stride(0), sk1 = k.stride(1);
+  const int64_t sv0 = v.stride(0), sv1 = v.stride(1), so0 = out.stride(0), so1 = out.stride(1);
+  const T* PK = pk ? pk->data_ptr<T>() : nullptr;
+  const T* PV = pv ? pv->data_ptr<T>() : nullptr;
+  const int64_t spk0 = pk ? pk->stride(0) : 0, spk1 = pk ? pk->stride(1) : 0;
+  const int64_t spv0 = pv ? pv->stride(0) : 0, spv1 = pv ? pv->stride(1) : 0;
+
+  // Long sequences first, so the last tasks to finish are short ones.
+  std::vector<AttnTask> tasks;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t lq = cq[i + 1] - cq[i];
+    for (int64_t r0 = 0; r0 < lq; r0 += kRowBlock)
+      for (int64_t g = 0; g < hkv; ++g) tasks.push_back({i, g, r0, std::min(lq, r0 + kRowBlock)});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const AttnTask& a, const AttnTask& b) {
+    return (ck[a.seq + 1] - ck[a.seq]) > (ck[b.seq + 1] - ck[b.seq]);
+  });
+
+  // A small batch (one short text) runs on the calling thread: waking the pool costs more.
+  int64_t work = 0;
+  for (const AttnTask& t : tasks) work += (t.r1 - t.r0) * (ck[t.seq + 1] - ck[t.seq]) * D * rep;
+  const int64_t grain = work < (int64_t{1} << 20) ? std::max<int64_t>(1, tasks.size()) : 1;
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kt, vf, qf(kTile * D), o(kTile * D), s(kTile * kKeyBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const AttnTask& task = tasks[t];
+      const int64_t i = task.seq, g = task.head;
+      const int64_t lq = cq[i + 1] - cq[i], lk = ck[i + 1] - ck[i];
+      const int64_t j = pidx.empty() ? -1 : pidx[i];
+      const int64_t lp = j >= 0 ? cp[j + 1] - cp[j] : 0;
+      const int64_t shift = lk - lq;  // bottom-right causal alignment
+      // Keys the block's last row can see.
+      const int64_t own = causal ? std::max<int64_t>(0, std::min(lk, task.r1 - 1 + shift + 1)) : lk;
+      const int64_t nk = lp + own;
+      // K^T in panels of kPanel keys: panel p holds [D, kPanel] contiguous, so the score loop
+      // streams it (a plain [D, keys] layout has a row stride that aliases in L1).
+      kt.assign((nk + kPanel - 1) / kPanel * kPanel * D, 0.f);
+      vf.resize(std::max<int64_t>(nk, 1) * D);
+      for (int64_t c = 0; c < nk; ++c) {
+        const T* kr = c < lp ? PK + (cp[j] + c) * spk0 + g * spk1 : K + (ck[i] + c - lp) * sk0 + g * sk1;
+        const T* vr = c < lp ? PV + (cp[j] + c) * spv0 + g * spv1 : V + (ck[i] + c - lp) * sv0 + g * sv1;
+        float* panel = kt.data() + (c / kPanel) * kPanel * D + c % kPanel;
+        for (int64_t d = 0; d < D; ++d) panel[d * kPanel] = static_cast<float>(kr[d]);
+        to_float(vr, vf.data() + c * D, D);
+      }
+      // Query rows in tiles of kTile (one head at a time): the K^T and V loads are shared by
+      // the rows of a tile and the FMAs run kTile x 2 independent chains.
+      for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        for (int64_t r = task.r0; r < task.r1; r += kTile) {
+          const int64_t nr = std::min(kTile, task.r1 - r);
+          int64_t end[kTile], end_max = 0;
+          float m[kTile], l[kTile];
+          for (int64_t i = 0; i < kTile; ++i) {
+            const int64_t row = r + std::min(i, nr - 1);  // padding rows repeat the last one
+            end[i] = causal ? lp + std::max<int64_t>(0, std::min(lk, row + shift + 1)) : nk;
+            end_max = std::max(end_max, end[i]);
+            const T* qrow = Q + (cq[task.seq] + row) * sq0 + h * sq1;
+            for (int64_t d = 0; d < D; ++d) qf[i * D + d] = static_cast<float>(qrow[d]) * scale;
+            m[i] = -std::numeric_limits<float>::infinity();
+            l[i] = 0.f;
+          }
+          std::fill(o.begin(), o.end(), 0.f);
+          for (int64_t b0 = 0; b0 < end_max; b0 += kKeyBlock) {
+            const int64_t nb = std::min(kKeyBlock, end_max - b0);
+            // s[i][c] = q_i . k[b0 + c]: kTile rows x one panel (2 vectors of keys) per pass over D
+            const int64_t nbv = (nb + kPanel - 1) / kPanel * kPanel;
+            for (int64_t c = 0; c < nbv; c += kPanel) {
+              Vec a[kTile][2];
+              for (int64_t i = 0; i < kTile; ++i) a[i][0] = a[i][1] = Vec(0.f);
+              const float* panel = kt.data() + (b0 + c) * D;  // b0 + c is a multiple of kPanel
+              for (int64_t d = 0; d < D; ++d) {
+                const Vec k0 = Vec::loadu(panel + d * kPanel), k1 = Vec::loadu(panel + d * kPanel + kV);
+                for (int64_t i = 0; i < kTile; ++i) {
+                  const Vec qd(qf[i * D + d]);
+                  a[i][0] = at::vec::fmadd(qd, k0, a[i][0]);
+                  a[i][1] = at::vec::fmadd(qd, k1, a[i][1]);
+                }
+              }
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0].store(s.data() + i * kKeyBlock + c);
+                a[i][1].store(s.data() + i * kKeyBlock + c + kV);
+              }
+            }
+            // online softmax per row; keys at or past a row's end get p = 0
+            for (int64_t i = 0; i < kTile; ++i) {
+              float* si = s.data() + i * kKeyBlock;
+              const int64_t vis = std::max<int64_t>(0, std::min(nb, end[i] - b0));
+              float bm = -std::numeric_limits<float>::infinity();
+              for (int64_t x = 0; x < vis; ++x) bm = std::max(bm, si[x]);
+              const float m_new = std::max(m[i], bm);
+              if (vis == 0 || m_new == -std::numeric_limits<float>::infinity()) {
+                std::fill(si, si + nbv, 0.f);
+                continue;
+              }
+              const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+              if (alpha != 1.f) {
+                for (int64_t d = 0; d < D; ++d) o[i * D + d] *= alpha;
+              }
+              l[i] *= alpha;
+              m[i] = m_new;
+              const Vec mv(m_new);
+              int64_t x = 0;
+              for (; x + kV <= vis; x += kV) (Vec::loadu(si + x) - mv).exp_u20().store(si + x);
+              for (; x < vis; ++x) si[x] = std::exp(si[x] - m_new);
+              std::fill(si + vis, si + nbv, 0.f);
+              l[i] += hsum(si, vis);
+            }
+            // o[i] += sum_x p[i][x] v[b0 + x]: kTile rows x 2 vectors of D per pass over the keys
+            int64_t d = 0;
+            for (; d + 2 * kV <= D; d += 2 * kV) {
+              Vec a[kTile][2];
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0] = Vec::loadu(o.data() + i * D + d);
+                a[i][1] = Vec::loadu(o.data() + i * D + d + kV);
+              }
+              for (int64_t x = 0; x < nb; ++x) {
+                const float* vr = vf.data() + (b0 + x) * D + d;
+                const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kV);
+                for (int64_t i = 0; i < kTile; ++i) {
+                  const Vec p(s[i * kKeyBlock + x]);
+                  a[i][0] = at::vec::fmadd(p, v0, a[i][0]);
+                  a[i][1] = at::vec::fmadd(p, v1, a[i][1]);
+                }
+              }
+              for (int64_t i = 0; i < kTile; ++i) {
+                a[i][0].store(o.data() + i * D + d);
+                a[i][1].store(o.data() + i * D + d + kV);
+              }
+            }
+            for (; d < D; ++d) {
+              for (int64_t x = 0; x < nb; ++x) {
+                const float vx = vf[(b0 + x) * D + d];
+                for (int64_t i = 0; i < kTile; ++i) o[i * D + d] += s[i * kKeyBlock + x] * vx;
+              }
+            }
+          }
+          for (int64_t i = 0; i < nr; ++i) {
+            T* orow = O + (cq[task.seq] + r + i) * so0 + h * so1;
+            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // no visible key: zeros
+            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(o[i * D + d] * inv);
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens_q,
+                               torch::Tensor cu_seqlens_k, bool causal, double scale,
+                               c10::optional<torch::Tensor> prefix_k, c10::optional<torch::Tensor> prefix_v,
+                               c10::optional<torch::Tensor> cu_seqlens_p, c10::optional<torch::Tensor> prefix_index) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [T, H, D]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == q.size(2), "k, v must be [Tk, Hkv, D]");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+  auto unit = [](const torch::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); };
+  q = unit(q);
+  k = unit(k);
+  v = unit(v);
+  auto out = torch::empty(q.sizes(), q.options());
+  const auto cq = host_ints(cu_seqlens_q), ck = host_ints(cu_seqlens_k);
+  TORCH_CHECK(cq.size() == ck.size(), "cu_seqlens_q and cu_seqlens_k must have the same length");
+  std::vector<int64_t> cp, pidx;
+  torch::Tensor pk, pv;
+  const bool has_prefix = prefix_index.has_value();
+  if (has_prefix) {
+    TORCH_CHECK(prefix_k.has_value() && prefix_v.has_value() && cu_seqlens_p.has_value(),
+                "prefix_index needs prefix_k, prefix_v and cu_seqlens_p");
+    pk = unit(*prefix_k);
+    pv = unit(*prefix_v);
+    TORCH_CHECK(pk.scalar_type() == q.scalar_type() && pv.scalar_type() == q.scalar_type(), "prefix dtype");
+    TORCH_CHECK(pk.size(1) == k.size(1) && pk.size(2) == k.size(2) && pk.sizes() == pv.sizes(),
+                "prefix_k/prefix_v must be [total_p, Hkv, D]");
+    cp = host_ints(*cu_seqlens_p);
+    pidx = host_ints(*prefix_index);
+    TORCH_CHECK(pidx.size() + 1 == cq.size(), "prefix_index needs one entry per sequence");
+  }
+  if (q.numel() == 0 || cq.size() < 2) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "varlen_attention", [&] {
+    attention_impl<scalar_t>(q, k, v, out, cq, ck, causal, static_cast<float>(scale), has_prefix ? &pk : nullptr,
+                             has_prefix ? &pv : nullptr, cp, pidx);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-wise fused ops: rows split over threads, each row in fp32.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+torch::Tensor rows_of(const torch::Tensor& x) {
+  auto x2 = x.reshape({-1, x.size(-1)});
+  return x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+// out = norm(x [+ residual]) * (offset + w); returns (out, x + residual or empty)
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                    double eps, double offset) {
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.numel() == H, "weight size != hidden size");
+  auto x2 = rows_of(x);
+  const int64_t rows = x2.size(0);
+  auto out = torch::empty({rows, H}, x.options());
+  torch::Tensor r2, sum;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "residual");
+    r2 = rows_of(*residual);
+    sum = torch::empty({rows, H}, x.options());
+  }
+  auto w = weight.to(torch::kFloat).contiguous();
+  const float* W = w.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* X = x2.data_ptr<scalar_t>();
+    const scalar_t* R = r2.defined() ? r2.data_ptr<scalar_t>() : nullptr;
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    scalar_t* S = sum.defined() ? sum.data_ptr<scalar_t>() : nullptr;
+    const int64_t sx = x2.stride(0), sr = R ? r2.stride(0) : 0;
+    at::parallel_for(0, rows, row_grain(H), [&](int64_t a, int64_t b) {
+      std::vector<float> buf(H), tmp(H);
+      for (int64_t i = a; i < b; ++i) {
+        to_float(X + i * sx, buf.data(), H);
+        if (R) {
+          to_float(R + i * sr, tmp.data(), H);
+          // the sum is rounded to the input dtype first, as the reference does
+          for (int64_t c = 0; c < H; ++c) {
+            const scalar_t z = static_cast<scalar_t>(buf[c] + tmp[c]);
+            S[i * H + c] = z;
+            buf[c] = static_cast<float>(z);
+          }
+        }
+        Vec acc(0.f);
+        int64_t c = 0;
+        for (; c + kV <= H; c += kV) {
+          const Vec xv = Vec::loadu(buf.data() + c);
+          acc = at::vec::fmadd(xv, xv, acc);
+        }
+        float ss = vsum(acc);
+        for (; c < H; ++c) ss += buf[c] * buf[c];
+        const float rstd = 1.f / std::sqrt(ss / H + static_cast<float>(eps));
+        const float off = static_cast<float>(offset);
+        for (c = 0; c < H; ++c) tmp[c] = buf[c] * rstd * (W[c] + off);
+        from_float(tmp.data(), Y + i * H, H);
+      }
+    });
+  });
+  out = out.view(x.sizes());
+  if (sum.defined()) return {out, sum.view(x.sizes())};
+  return {out, torch::Tensor()};
+}
+
+// out = LayerNorm(x [+ residual]) * w + b, fp32 statistics (two passes over the row)
+torch::Tensor layer_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                         torch::Tensor bias, double eps) {
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.numel() == H && bias.numel() == H, "weight/bias size != hidden size");
+  auto x2 = rows_of(x);
+  const int64_t rows = x2.size(0);
+  auto out = torch::empty({rows, H}, x.options());
+  torch::Tensor r2;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "residual");
+    r2 = rows_of(*residual);
+  }
+  auto w = weight.to(torch::kFloat).contiguous(), bb = bias.to(torch::kFloat).contiguous();
+  const float* W = w.data_ptr<float>();
+  const float* B = bb.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm", [&] {
+    const scalar_t* X = x2.data_ptr<scalar_t>();
+    const scalar_t* R = r2.defined() ? r2.data_ptr<scalar_t>() : nullptr;
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    const int64_t sx = x2.stride(0), sr = R ? r2.stride(0) : 0;
+    at::parallel_for(0, rows, row_grain(H), [&](int64_t a, int64_t b) {
+      std::vector<float> buf(H), tmp(H);
+      for (int64_t i = a; i < b; ++i) {
+        to_float(X + i * sx, buf.data(), H);
+        if (R) {
+          to_float(R + i * sr, tmp.data(), H);
+          for (int64_t c = 0; c < H; ++c) buf[c] = static_cast<float>(static_cast<scalar_t>(buf[c] + tmp[c]));
+        }
+        const float mean = hsum(buf.data(), H) / H;
+        Vec acc(0.f);
+        const Vec mv(mean);
+        int64_t c = 0;
+        for (; c + kV <= H; c += kV) {
+          const Vec dv = Vec::loadu(buf.data() + c) - mv;
+          acc = at::vec::fmadd(dv, dv, acc);
+        }
+        float var = vsum(acc);
+        for (; c < H; ++c) var += (buf[c] - mean) * (buf[c] - mean);
+        const float rstd = 1.f / std::sqrt(var / H + static_cast<float>(eps));
+        c = 0;
+        const Vec rv(rstd);
+        for (; c + kV <= H; c += kV) {
+          const Vec y = (Vec::loadu(buf.data() + c) - mv) * rv;
+          at::vec::fmadd(y, Vec::loadu(W + c), Vec::loadu(B + c)).store(tmp.data() + c);
+        }
+        for (; c < H; ++c) tmp[c] = (buf[c] - mean) * rstd * W[c] + B[c];
+        from_float(tmp.data(), Y + i * H, H);
+      }
+    });
+  });
+  return out.view(x.sizes());
+}
+
+// gate_up [..., 2I] = [gate | up] -> silu(gate) * up [..., I]
+torch::Tensor swiglu(torch::Tensor gate_up) {
+  const int64_t I2 = gate_up.size(-1);
+  TORCH_CHECK(I2 % 2 == 0, "gate_up's last dim must be even");
+  const int64_t I = I2 / 2;
+  auto x2 = rows_of(gate_up);
+  const int64_t rows = x2.size(0);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  auto out = torch::empty({rows, I}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "swiglu", [&] {
+    const scalar_t* X = x2.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    const int64_t sx = x2.stride(0);
+    at::parallel_for(0, rows, row_grain(I2), [&](int64_t a, int64_t b) {
+      std::vector<float> g(I), u(I);
+      for (int64_t i = a; i < b; ++i) {
+        to_float(X + i * sx, g.data(), I);
+        to_float(X + i * sx + I, u.data(), I);
+        int64_t c = 0;
+        const Vec one(1.f);
+        for (; c + kV <= I; c += kV) {
+          const Vec gv = Vec::loadu(g.data() + c);
+          (gv / (one + gv.neg().exp_u20()) * Vec::loadu(u.data() + c)).store(g.data() + c);
+        }
+        for (; c < I; ++c) g[c] = g[c] / (1.f + std::exp(-g[c])) * u[c];
+        from_float(g.data(), Y + i * I, I);
+      }
+    });
+  });
+  return out.view(sizes);
+}
+
+// hidden [T, H] packed, cu_seqlens [n + 1] -> mean over each sequence's rows [n, H] fp32,
+// L2-normalised when asked
+torch::Tensor mean_pool(torch::Tensor hidden, torch::Tensor cu_seqlens, bool normalize) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
+  const int64_t H = hidden.size(1);
+  auto h = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  const auto cu = host_ints(cu_seqlens);
+  const int64_t n = static_cast<int64_t>(cu.size()) - 1;
+  auto out = torch::empty({std::max<int64_t>(n, 0), H}, hidden.options().dtype(torch::kFloat));
+  float* Y = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "mean_pool", [&] {
+    const scalar_t* X = h.data_ptr<scalar_t>();
+    const int64_t sh = h.stride(0);
+    at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> row(H);
+      for (int64_t i = a; i < b; ++i) {
+        float* y = Y + i * H;
+        std::fill(y, y + H, 0.f);
+        for (int64_t t = cu[i]; t < cu[i + 1]; ++t) {
+          to_float(X + t * sh, row.data(), H);
+          for (int64_t c = 0; c < H; ++c) y[c] += row[c];
+        }
+        const float inv = 1.f / std::max<float>(1.f, static_cast<float>(cu[i + 1] - cu[i]));
+        float ss = 0.f;
+        for (int64_t c = 0; c < H; ++c) {
+          y[c] *= inv;
+          ss += y[c] * y[c];
+        }
+        if (normalize) {
+          const float s = 1.f / std::max(std::sqrt(ss), 1e-12f);
+          for (int64_t c = 0; c < H; ++c) y[c] *= s;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("varlen_attention", &varlen_attention, "packed varlen attention (causal/bidirectional, GQA, prefix)");
+  m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
+  m.def("layer_norm", &layer_norm, "LayerNorm with an optional fused residual add");
+  m.def("swiglu", &swiglu, "silu(gate) * up");
+  m.def("mean_pool", &mean_pool, "mean pooling over packed sequences, optionally L2-normalised");
+  m.def("num_threads", []() { return at::get_num_threads(); });
+  m.def("vec_size", []() { return kV; });
+}
