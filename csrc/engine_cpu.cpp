@@ -60,19 +60,49 @@ std::vector<int64_t> host_ints(const torch::Tensor& t) {
 // calls with one query per sequence. With a prefix, sequence i first sees every row of its
 // prefix segment prefix_index[i] (read in place from prefix_k/prefix_v) and then its own keys.
 //
-// One task = (sequence, KV head, block of query rows): it packs the keys it can see into K^T
-// [D, keys] and V [keys, D] fp32 (once for all query heads of the group: GQA without repeating
-// K/V), then runs an online softmax (fp32, blocks of kKeyBlock keys) per query row and head.
-// Scores are 16 keys per vector (K^T rows), so no horizontal sums are needed.
+// One task = (sequence, group of KV heads, block of query rows). A short sequence (at most
+// kGroupKeys visible keys) takes all its KV heads in one task, so its q/k/v rows are read whole
+// and in order (a row of one head is 64-256 bytes at a stride of the full row: read head by
+// head, every row is a cache miss the prefetcher does not see coming); a long one gets a task
+// per KV head. A task copies its query rows (scaled) and packs the keys it can see into K^T
+// panels [D, kPanel] and V [keys, D] fp32, once for all query heads of a KV head (GQA without
+// repeating K/V), then runs an online softmax (fp32, blocks of kKeyBlock keys) per query row
+// and head, and writes its output rows whole. Scores are kPanel keys per pass (K^T rows), so no
+// horizontal sums are needed.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kKeyBlock = 256;
-constexpr int64_t kTile = 4;  // query rows per micro-kernel tile
+constexpr int64_t kGroupKeys = 256;  // up to this many keys, one task covers all KV heads
+constexpr int64_t kTile = 8;  // query rows per micro-kernel tile
 constexpr int64_t kPanel = 2 * kV;  // keys per K^T panel
 static_assert(kKeyBlock % kPanel == 0, "key blocks are whole panels");
 
 struct AttnTask {
-  int64_t seq, head, r0, r1;
+  int64_t seq, g0, g1, r0, r1;
 };
+
+constexpr int64_t kAhead = 8;  // keys packed ahead of their prefetch
+
+// Prefetch n head slices of D elements, ``stride`` elements apart.
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t D) {
+  for (int64_t h = 0; h < n; ++h)
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(p + h * stride) + b);
+}
+
+inline float vmax(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= kV) {
+    Vec acc = Vec::loadu(x);
+    for (i = kV; i + kV <= n; i += kV) acc = at::vec::maximum(acc, Vec::loadu(x + i));
+    alignas(64) float lanes[kV];
+    acc.store(lanes);
+    for (int64_t j = 0; j < kV; ++j) m = std::max(m, lanes[j]);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
 
 template <typename T>
 void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
@@ -91,142 +121,188 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
   const T* PV = pv ? pv->data_ptr<T>() : nullptr;
   const int64_t spk0 = pk ? pk->stride(0) : 0, spk1 = pk ? pk->stride(1) : 0;
   const int64_t spv0 = pv ? pv->stride(0) : 0, spv1 = pv ? pv->stride(1) : 0;
+  auto keys_of = [&](int64_t i) {
+    const int64_t j = pidx.empty() ? -1 : pidx[i];
+    return (j >= 0 ? cp[j + 1] - cp[j] : 0) + ck[i + 1] - ck[i];
+  };
 
-  // Long sequences first, so the last tasks to finish are short ones.
-  std::vector<AttnTask> tasks;
+  // Smaller row blocks when the batch is too small to keep every thread busy (one short text).
+  int64_t work = 0, blocks = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t lq = cq[i + 1] - cq[i];
-    for (int64_t r0 = 0; r0 < lq; r0 += kRowBlock)
-      for (int64_t g = 0; g < hkv; ++g) tasks.push_back({i, g, r0, std::min(lq, r0 + kRowBlock)});
+    work += lq * keys_of(i) * D * hq;
+    blocks += ((lq + kRowBlock - 1) / kRowBlock) * (keys_of(i) <= kGroupKeys ? 1 : hkv);
   }
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const AttnTask& a, const AttnTask& b) {
-    return (ck[a.seq + 1] - ck[a.seq]) > (ck[b.seq + 1] - ck[b.seq]);
-  });
+  const int64_t row_block = blocks < 4 * at::get_num_threads() ? kRowBlock / 4 : kRowBlock;
+  std::vector<AttnTask> tasks;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t lq = cq[i + 1] - cq[i], step = keys_of(i) <= kGroupKeys ? hkv : 1;
+    for (int64_t r0 = 0; r0 < lq; r0 += row_block)
+      for (int64_t g = 0; g < hkv; g += step) tasks.push_back({i, g, g + step, r0, std::min(lq, r0 + row_block)});
+  }
+  // Long sequences first, so the last tasks to finish are short ones.
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [&](const AttnTask& a, const AttnTask& b) { return keys_of(a.seq) > keys_of(b.seq); });
 
   // A small batch (one short text) runs on the calling thread: waking the pool costs more.
-  int64_t work = 0;
-  for (const AttnTask& t : tasks) work += (t.r1 - t.r0) * (ck[t.seq + 1] - ck[t.seq]) * D * rep;
   const int64_t grain = work < (int64_t{1} << 20) ? std::max<int64_t>(1, tasks.size()) : 1;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kt, vf, qf(kTile * D), o(kTile * D), s(kTile * kKeyBlock);
+    std::vector<float> kt, vf, ql, ol, qf(kTile * D), o(kTile * D), s(kTile * kKeyBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const AttnTask& task = tasks[t];
-      const int64_t i = task.seq, g = task.head;
-      const int64_t lq = cq[i + 1] - cq[i], lk = ck[i + 1] - ck[i];
+      const int64_t i = task.seq, g0 = task.g0, G = task.g1 - task.g0, nh = G * rep;
+      const int64_t lq = cq[i + 1] - cq[i], lk = ck[i + 1] - ck[i], rows = task.r1 - task.r0;
       const int64_t j = pidx.empty() ? -1 : pidx[i];
       const int64_t lp = j >= 0 ? cp[j + 1] - cp[j] : 0;
       const int64_t shift = lk - lq;  // bottom-right causal alignment
       // Keys the block's last row can see.
       const int64_t own = causal ? std::max<int64_t>(0, std::min(lk, task.r1 - 1 + shift + 1)) : lk;
       const int64_t nk = lp + own;
-      // K^T in panels of kPanel keys: panel p holds [D, kPanel] contiguous, so the score loop
-      // streams it (a plain [D, keys] layout has a row stride that aliases in L1).
-      kt.assign((nk + kPanel - 1) / kPanel * kPanel * D, 0.f);
-      vf.resize(std::max<int64_t>(nk, 1) * D);
-      for (int64_t c = 0; c < nk; ++c) {
-        const T* kr = c < lp ? PK + (cp[j] + c) * spk0 + g * spk1 : K + (ck[i] + c - lp) * sk0 + g * sk1;
-        const T* vr = c < lp ? PV + (cp[j] + c) * spv0 + g * spv1 : V + (ck[i] + c - lp) * sv0 + g * sv1;
-        float* panel = kt.data() + (c / kPanel) * kPanel * D + c % kPanel;
-        for (int64_t d = 0; d < D; ++d) panel[d * kPanel] = static_cast<float>(kr[d]);
-        to_float(vr, vf.data() + c * D, D);
+      // K^T in panels of kPanel keys: panel p of KV head gg holds [D, kPanel] contiguous, so the
+      // score loop streams it (a plain [D, keys] layout has a row stride that aliases in L1).
+      const int64_t npan = (nk + kPanel - 1) / kPanel, head_kt = npan * kPanel * D;
+      kt.resize(G * head_kt);
+      vf.resize(std::max<int64_t>(G * nk, 1) * D);
+      if (nk % kPanel) {  // the last panel's unused keys score 0 (masked below), never garbage
+        for (int64_t gg = 0; gg < G; ++gg)
+          std::fill(kt.data() + gg * head_kt + (npan - 1) * kPanel * D, kt.data() + (gg + 1) * head_kt, 0.f);
+      }
+      for (int64_t c = 0; c < nk; ++c) {  // rows in order, all heads of a row together
+        const T* krow = c < lp ? PK + (cp[j] + c) * spk0 : K + (ck[i] + c - lp) * sk0;
+        const T* vrow = c < lp ? PV + (cp[j] + c) * spv0 : V + (ck[i] + c - lp) * sv0;
+        if (c + kAhead < nk) {  // the rows kAhead keys on: their lines arrive while these are packed
+          const int64_t f = c + kAhead;
+          const T* kf = (f < lp ? PK + (cp[j] + f) * spk0 : K + (ck[i] + f - lp) * sk0) + g0 * (f < lp ? spk1 : sk1);
+          const T* vf_ = (f < lp ? PV + (cp[j] + f) * spv0 : V + (ck[i] + f - lp) * sv0) + g0 * (f < lp ? spv1 : sv1);
+          prefetch_rows(kf, G, f < lp ? spk1 : sk1, D);
+          prefetch_rows(vf_, G, f < lp ? spv1 : sv1, D);
+        }
+        for (int64_t gg = 0; gg < G; ++gg) {
+          const T* kr = krow + (g0 + gg) * (c < lp ? spk1 : sk1);
+          float* panel = kt.data() + gg * head_kt + (c / kPanel) * kPanel * D + c % kPanel;
+          for (int64_t d = 0; d < D; ++d) panel[d * kPanel] = static_cast<float>(kr[d]);
+          to_float(vrow + (g0 + gg) * (c < lp ? spv1 : sv1), vf.data() + (gg * nk + c) * D, D);
+        }
+      }
+      // This block's query rows, scaled, [rows, nh, D]; its output rows, same layout.
+      ql.resize(rows * nh * D);
+      ol.resize(rows * nh * D);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* qrow = Q + (cq[i] + task.r0 + r) * sq0 + g0 * rep * sq1;
+        if (r + kAhead < rows) prefetch_rows(qrow + kAhead * sq0, nh, sq1, D);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          float* dst = ql.data() + (r * nh + hh) * D;
+          to_float(qrow + hh * sq1, dst, D);
+          for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+        }
       }
       // Query rows in tiles of kTile (one head at a time): the K^T and V loads are shared by
       // the rows of a tile and the FMAs run kTile x 2 independent chains.
-      for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
-        for (int64_t r = task.r0; r < task.r1; r += kTile) {
-          const int64_t nr = std::min(kTile, task.r1 - r);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        const int64_t gg = hh / rep;
+        const float* ktg = kt.data() + gg * head_kt;
+        const float* vg = vf.data() + gg * nk * D;
+        for (int64_t r = 0; r < rows; r += kTile) {
+          const int64_t nr = std::min(kTile, rows - r);
           int64_t end[kTile], end_max = 0;
           float m[kTile], l[kTile];
-          for (int64_t i = 0; i < kTile; ++i) {
-            const int64_t row = r + std::min(i, nr - 1);  // padding rows repeat the last one
-            end[i] = causal ? lp + std::max<int64_t>(0, std::min(lk, row + shift + 1)) : nk;
-            end_max = std::max(end_max, end[i]);
-            const T* qrow = Q + (cq[task.seq] + row) * sq0 + h * sq1;
-            for (int64_t d = 0; d < D; ++d) qf[i * D + d] = static_cast<float>(qrow[d]) * scale;
-            m[i] = -std::numeric_limits<float>::infinity();
-            l[i] = 0.f;
+          for (int64_t x = 0; x < kTile; ++x) {
+            const int64_t lr = r + std::min(x, nr - 1);  // padding rows repeat the last one
+            const int64_t row = task.r0 + lr;
+            end[x] = causal ? lp + std::max<int64_t>(0, std::min(lk, row + shift + 1)) : nk;
+            end_max = std::max(end_max, end[x]);
+            std::copy_n(ql.data() + (lr * nh + hh) * D, D, qf.data() + x * D);
+            m[x] = -std::numeric_limits<float>::infinity();
+            l[x] = 0.f;
           }
           std::fill(o.begin(), o.end(), 0.f);
           for (int64_t b0 = 0; b0 < end_max; b0 += kKeyBlock) {
             const int64_t nb = std::min(kKeyBlock, end_max - b0);
-            // s[i][c] = q_i . k[b0 + c]: kTile rows x one panel (2 vectors of keys) per pass over D
+            // s[x][c] = q_x . k[b0 + c]: kTile rows x one panel (2 vectors of keys) per pass over D
             const int64_t nbv = (nb + kPanel - 1) / kPanel * kPanel;
             for (int64_t c = 0; c < nbv; c += kPanel) {
               Vec a[kTile][2];
-              for (int64_t i = 0; i < kTile; ++i) a[i][0] = a[i][1] = Vec(0.f);
-              const float* panel = kt.data() + (b0 + c) * D;  // b0 + c is a multiple of kPanel
+              for (int64_t x = 0; x < kTile; ++x) a[x][0] = a[x][1] = Vec(0.f);
+              const float* panel = ktg + (b0 + c) * D;  // b0 + c is a multiple of kPanel
               for (int64_t d = 0; d < D; ++d) {
                 const Vec k0 = Vec::loadu(panel + d * kPanel), k1 = Vec::loadu(panel + d * kPanel + kV);
-                for (int64_t i = 0; i < kTile; ++i) {
-                  const Vec qd(qf[i * D + d]);
-                  a[i][0] = at::vec::fmadd(qd, k0, a[i][0]);
-                  a[i][1] = at::vec::fmadd(qd, k1, a[i][1]);
+                for (int64_t x = 0; x < kTile; ++x) {
+                  const Vec qd(qf[x * D + d]);
+                  a[x][0] = at::vec::fmadd(qd, k0, a[x][0]);
+                  a[x][1] = at::vec::fmadd(qd, k1, a[x][1]);
                 }
               }
-              for (int64_t i = 0; i < kTile; ++i) {
-                a[i][0].store(s.data() + i * kKeyBlock + c);
-                a[i][1].store(s.data() + i * kKeyBlock + c + kV);
+              for (int64_t x = 0; x < kTile; ++x) {
+                a[x][0].store(s.data() + x * kKeyBlock + c);
+                a[x][1].store(s.data() + x * kKeyBlock + c + kV);
               }
             }
             // online softmax per row; keys at or past a row's end get p = 0
-            for (int64_t i = 0; i < kTile; ++i) {
-              float* si = s.data() + i * kKeyBlock;
-              const int64_t vis = std::max<int64_t>(0, std::min(nb, end[i] - b0));
-              float bm = -std::numeric_limits<float>::infinity();
-              for (int64_t x = 0; x < vis; ++x) bm = std::max(bm, si[x]);
-              const float m_new = std::max(m[i], bm);
+            for (int64_t x = 0; x < kTile; ++x) {
+              float* si = s.data() + x * kKeyBlock;
+              const int64_t vis = std::max<int64_t>(0, std::min(nb, end[x] - b0));
+              const float m_new = std::max(m[x], vmax(si, vis));
               if (vis == 0 || m_new == -std::numeric_limits<float>::infinity()) {
                 std::fill(si, si + nbv, 0.f);
                 continue;
               }
-              const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-              if (alpha != 1.f) {
-                for (int64_t d = 0; d < D; ++d) o[i * D + d] *= alpha;
+              if (m[x] != -std::numeric_limits<float>::infinity()) {  // rescale what earlier blocks summed
+                const float alpha = std::exp(m[x] - m_new);
+                if (alpha != 1.f) {
+                  const Vec av(alpha);
+                  int64_t d = 0;
+                  for (; d + kV <= D; d += kV) (Vec::loadu(o.data() + x * D + d) * av).store(o.data() + x * D + d);
+                  for (; d < D; ++d) o[x * D + d] *= alpha;
+                }
+                l[x] *= alpha;
               }
-              l[i] *= alpha;
-              m[i] = m_new;
+              m[x] = m_new;
               const Vec mv(m_new);
-              int64_t x = 0;
-              for (; x + kV <= vis; x += kV) (Vec::loadu(si + x) - mv).exp_u20().store(si + x);
-              for (; x < vis; ++x) si[x] = std::exp(si[x] - m_new);
+              int64_t c = 0;
+              for (; c + kV <= vis; c += kV) (Vec::loadu(si + c) - mv).exp_u20().store(si + c);
+              for (; c < vis; ++c) si[c] = std::exp(si[c] - m_new);
               std::fill(si + vis, si + nbv, 0.f);
-              l[i] += hsum(si, vis);
+              l[x] += hsum(si, vis);
             }
-            // o[i] += sum_x p[i][x] v[b0 + x]: kTile rows x 2 vectors of D per pass over the keys
+            // o[x] += sum_c p[x][c] v[b0 + c]: kTile rows x 2 vectors of D per pass over the keys
             int64_t d = 0;
             for (; d + 2 * kV <= D; d += 2 * kV) {
               Vec a[kTile][2];
-              for (int64_t i = 0; i < kTile; ++i) {
-                a[i][0] = Vec::loadu(o.data() + i * D + d);
-                a[i][1] = Vec::loadu(o.data() + i * D + d + kV);
+              for (int64_t x = 0; x < kTile; ++x) {
+                a[x][0] = Vec::loadu(o.data() + x * D + d);
+                a[x][1] = Vec::loadu(o.data() + x * D + d + kV);
               }
-              for (int64_t x = 0; x < nb; ++x) {
-                const float* vr = vf.data() + (b0 + x) * D + d;
+              for (int64_t c = 0; c < nb; ++c) {
+                const float* vr = vg + (b0 + c) * D + d;
                 const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kV);
-                for (int64_t i = 0; i < kTile; ++i) {
-                  const Vec p(s[i * kKeyBlock + x]);
-                  a[i][0] = at::vec::fmadd(p, v0, a[i][0]);
-                  a[i][1] = at::vec::fmadd(p, v1, a[i][1]);
+                for (int64_t x = 0; x < kTile; ++x) {
+                  const Vec p(s[x * kKeyBlock + c]);
+                  a[x][0] = at::vec::fmadd(p, v0, a[x][0]);
+                  a[x][1] = at::vec::fmadd(p, v1, a[x][1]);
                 }
               }
-              for (int64_t i = 0; i < kTile; ++i) {
-                a[i][0].store(o.data() + i * D + d);
-                a[i][1].store(o.data() + i * D + d + kV);
+              for (int64_t x = 0; x < kTile; ++x) {
+                a[x][0].store(o.data() + x * D + d);
+                a[x][1].store(o.data() + x * D + d + kV);
               }
             }
             for (; d < D; ++d) {
-              for (int64_t x = 0; x < nb; ++x) {
-                const float vx = vf[(b0 + x) * D + d];
-                for (int64_t i = 0; i < kTile; ++i) o[i * D + d] += s[i * kKeyBlock + x] * vx;
+              for (int64_t c = 0; c < nb; ++c) {
+                const float vx = vg[(b0 + c) * D + d];
+                for (int64_t x = 0; x < kTile; ++x) o[x * D + d] += s[x * kKeyBlock + c] * vx;
               }
             }
           }
-          for (int64_t i = 0; i < nr; ++i) {
-            T* orow = O + (cq[task.seq] + r + i) * so0 + h * so1;
-            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // no visible key: zeros
-            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(o[i * D + d] * inv);
+          for (int64_t x = 0; x < nr; ++x) {
+            float* dst = ol.data() + ((r + x) * nh + hh) * D;
+            const float inv = l[x] > 0.f ? 1.f / l[x] : 0.f;  // no visible key: zeros
+            for (int64_t d = 0; d < D; ++d) dst[d] = o[x * D + d] * inv;
           }
         }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* orow = O + (cq[i] + task.r0 + r) * so0 + g0 * rep * so1;
+        for (int64_t hh = 0; hh < nh; ++hh) from_float(ol.data() + (r * nh + hh) * D, orow + hh * so1, D);
       }
     }
   });

@@ -12,11 +12,12 @@ from typing import List, Optional
 
 import torch
 
+import kernels
 from engine import generate, kalm, registry
 from engine.cache import PassageCache, PrefixKV
 from engine.context import build_context
 from engine.heads import HEAD_BUILDERS
-from engine.quantize import quantize_linears
+from engine.quantize import onednn_available, pack_linears, quantize_linears
 from engine.request import Cancelled  # noqa: F401 (re-exported for callers)
 from engine.scheduler import DecodeStep, PassageStep, PrefillStep, PrefixStep, ScoreStep
 from engine.weights import checkpoint_index, load_weights
@@ -91,12 +92,21 @@ class ModelRunner:
             if device.type != "cpu" or dtype != torch.float32 or compile:
                 raise ValueError("quantize='int8' is a CPU mode: device cpu, dtype float32, compile off")
             quantize_linears(self.model, quantize)
+        elif self.packs_linears(device, dtype, compile):
+            pack_linears(self.model)
         # The last layer may run for the last rows alone when the head reads nothing else.
         self.last_only = self.head.reads_last_token and self.model.supports_last_only
         self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders
         self.cache_kv = False
         self.decode_cache: Optional[generate.DecodeCache] = None  # the running decode batch
         self._lm_head: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def packs_linears(device: torch.device, dtype: torch.dtype, compile: bool) -> bool:
+        """Whether the linears run oneDNN with packed weights (engine/quantize.py): on CPU in fp32 or
+        bf16 unless ``ENGINE_KERNELS=torch`` (the references) or compiled (inductor does its own)."""
+        return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not compile
+                and kernels.kernel_mode() != "torch" and onednn_available())
 
     def execute(self, step):
         with torch.inference_mode():

@@ -113,6 +113,7 @@ class BertIntermediate(nn.Module):
             raise NotImplementedError(f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
         self.dense = Linear(hidden_size, intermediate_size, bias=True)
         self.act = _ACTIVATIONS[act]
+        self.fusable_activation = act  # engine/quantize.py's packed CPU linear fuses it into the GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
