@@ -126,19 +126,22 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
     return (j >= 0 ? cp[j + 1] - cp[j] : 0) + ck[i + 1] - ck[i];
   };
 
-  // Smaller row blocks when the batch is too small to keep every thread busy (one short text).
-  int64_t work = 0, blocks = 0;
+  // A short sequence is one task with all its rows (its keys are packed once); when there are
+  // too few of them to keep every thread busy, one task per KV head instead. A long sequence
+  // gets a task per (KV head, block of kRowBlock rows).
+  int64_t work = 0, short_seqs = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t lq = cq[i + 1] - cq[i];
-    work += lq * keys_of(i) * D * hq;
-    blocks += ((lq + kRowBlock - 1) / kRowBlock) * (keys_of(i) <= kGroupKeys ? 1 : hkv);
+    work += (cq[i + 1] - cq[i]) * keys_of(i) * D * hq;
+    short_seqs += keys_of(i) <= kGroupKeys;
   }
-  const int64_t row_block = blocks < 4 * at::get_num_threads() ? kRowBlock / 4 : kRowBlock;
+  const int64_t short_step = short_seqs < 4 * at::get_num_threads() ? 1 : hkv;
   std::vector<AttnTask> tasks;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t lq = cq[i + 1] - cq[i], step = keys_of(i) <= kGroupKeys ? hkv : 1;
-    for (int64_t r0 = 0; r0 < lq; r0 += row_block)
-      for (int64_t g = 0; g < hkv; g += step) tasks.push_back({i, g, g + step, r0, std::min(lq, r0 + row_block)});
+    const int64_t lq = cq[i + 1] - cq[i];
+    const bool is_short = keys_of(i) <= kGroupKeys;
+    const int64_t step = is_short ? short_step : 1, rb = is_short ? std::max<int64_t>(lq, 1) : kRowBlock;
+    for (int64_t r0 = 0; r0 < lq; r0 += rb)
+      for (int64_t g = 0; g < hkv; g += step) tasks.push_back({i, g, g + step, r0, std::min(lq, r0 + rb)});
   }
   // Long sequences first, so the last tasks to finish are short ones.
   std::stable_sort(tasks.begin(), tasks.end(),
