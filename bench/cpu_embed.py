@@ -8,7 +8,9 @@ with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
 batches. Prints throughput over the 1,000 texts (best of --rounds) and p50/p99
 of one call with 1 and 10 texts, each with its ratio to ours, and the min cosine
 to ours. The paths take turns (round by round, in blocks of calls), so on a shared,
-noisy machine they see the same load and their ratios stay meaningful.
+noisy machine they see the same load and their ratios stay meaningful. Each path
+is timed where it runs; ours runs in this process, every other path in a process
+of its own (see ProcessPath: two torch paths in one process slow each other).
 
     pip install -e ".[bench]"
     python bench/cpu_embed.py                       # fp32
@@ -30,41 +32,111 @@ from common import words
 BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
 
 
-def interleaved_latency(fns, texts, reps, block=10):
-    """p50/p99 ms of ``fn(texts)`` per path, the paths taking turns in blocks of ``block`` calls.
+def interleaved_latency(paths, texts, reps, block=10):
+    """p50/p99 ms of one call on ``texts`` per path, the paths taking turns in blocks of ``block`` calls.
 
     Blocks, with a pause between them, rather than single calls: each path's thread pool
     (OpenMP teams, ONNX Runtime's pool) spins for a while after its work, and would take
     the cores from the next path's call.
     """
-    times = {name: [] for name in fns}
+    times = {name: [] for name in paths}
     for start in range(0, reps, block):
-        for name, fn in fns.items():
+        for name, path in paths.items():
             time.sleep(0.2)
-            fn(texts)  # warm this path's pool again
-            for _ in range(min(block, reps - start)):
-                t0 = time.perf_counter()
-                fn(texts)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name] += path.latencies(texts, min(block, reps - start))
     out = {}
     for name, ts in times.items():
-        ts.sort()
+        ts = sorted(t * 1e3 for t in ts)
         out[name] = (ts[len(ts) // 2], ts[min(len(ts) - 1, int(0.99 * len(ts)))])
     return out
 
 
-def interleaved_throughput(fns, texts, rounds):
+def interleaved_throughput(paths, texts, rounds):
     """Texts/s per path over all ``texts``: the best of ``rounds`` rounds, the paths taking turns."""
-    best, embs = {name: 0.0 for name in fns}, {}
-    for fn in fns.values():
-        fn(texts[:BATCH])  # warm-up
+    best, embs = {name: 0.0 for name in paths}, {}
+    for path in paths.values():
+        path.run(texts[:BATCH])  # warm-up
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, path in paths.items():
             time.sleep(0.2)  # let the previous path's pool stop spinning
-            t0 = time.perf_counter()
-            embs[name] = np.asarray(fn(texts), dtype=np.float32)
-            best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
+            emb, seconds = path.run(texts)
+            embs[name] = np.asarray(emb, dtype=np.float32)
+            best[name] = max(best[name], len(texts) / seconds)
     return best, embs
+
+
+def make_embed(kind, folder, options):
+    """The embedding function of one path: ours (``options``: Embedder kwargs), st or ort."""
+    if kind == "ours":
+        from engine import Embedder
+
+        return Embedder(**options).embed
+    if kind == "st":
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(folder, device="cpu")
+        return lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True)
+    return OnnxEmbedder(folder, 256, options["threads"]).embed
+
+
+class Path:
+    """A path timed where it runs: ``run(texts) -> (embeddings, seconds)``, ``latencies(texts, n)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def run(self, texts):
+        t0 = time.perf_counter()
+        emb = self.fn(texts)
+        return emb, time.perf_counter() - t0
+
+    def latencies(self, texts, n):
+        self.fn(texts)  # warm this path's pool again
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.fn(texts)
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+def _serve(conn, kind, folder, options):
+    path = Path(make_embed(kind, folder, options))
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        conn.send(getattr(path, msg[0])(*msg[1:]))
+
+
+class ProcessPath:
+    """A path in a process of its own. Every torch path owns its process: each thread that runs
+    parallel torch ops gets its own OpenMP team, and with more OpenMP threads than cores libgomp
+    stops spinning between parallel regions, which would slow every torch path of a shared process
+    (a one-text forward by about 25% on 2 cores). Users run one of these paths, not three."""
+
+    def __init__(self, kind, folder, options):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, kind, folder, options), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"{kind} path failed to start")
+
+    def run(self, texts):
+        self.conn.send(("run", texts))
+        return self.conn.recv()
+
+    def latencies(self, texts, n):
+        self.conn.send(("latencies", texts, n))
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join(30)
 
 
 class OnnxEmbedder:
@@ -150,29 +222,28 @@ def main():
     print(f"machine: CPU ({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"{len(texts)} texts of 20-80 words; ours: dtype {args.dtype}, quantize {args.quantize}")
 
-    fns = {}
-    if "ours" in only:
+    paths = {}
+    if "ours" in only:  # ours in this process: nothing else here runs torch
         kw = dict(dtype=args.dtype)
         if args.quantize:
             kw["quantize"] = args.quantize
-        fns["ours"] = Embedder(**kw).embed
+        paths["ours"] = Path(make_embed("ours", folder, kw))
     if "fp32" in only and (args.dtype != "float32" or args.quantize):  # our fp32 beside the mode, for drift
-        fns["ours fp32"] = Embedder().embed
+        paths["ours fp32"] = ProcessPath("ours", folder, {})
     if "st" in only:
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(folder, device="cpu")
-        fns["sentence-transformers"] = lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True)
+        paths["sentence-transformers"] = ProcessPath("st", folder, {})
     if "ort" in only:
-        ort_emb = OnnxEmbedder(folder, 256, args.threads)
-        fns[f"onnxruntime ({args.threads} threads)"] = ort_emb.embed
+        paths[f"onnxruntime ({args.threads} threads)"] = ProcessPath("ort", folder, {"threads": args.threads})
 
-    tps, embs = interleaved_throughput(fns, texts, args.rounds)
+    tps, embs = interleaved_throughput(paths, texts, args.rounds)
     print("  throughput done:", {k: round(v, 1) for k, v in tps.items()}, flush=True)
-    lat1 = interleaved_latency(fns, one, args.reps)
-    lat10 = interleaved_latency(fns, ten, max(10, args.reps // 4))
+    lat1 = interleaved_latency(paths, one, args.reps)
+    lat10 = interleaved_latency(paths, ten, max(10, args.reps // 4))
+    for path in paths.values():
+        if isinstance(path, ProcessPath):
+            path.close()
     rows = {name: dict(texts_per_s=tps[name], p50_1=lat1[name][0], p99_1=lat1[name][1], p50_10=lat10[name][0],
-                       p99_10=lat10[name][1]) for name in fns}
+                       p99_10=lat10[name][1]) for name in paths}
 
     ref = embs.get("ours")
     print(f"{'path':28s} {'texts/s':>9s} {'ours/x':>7s} {'p50 1':>8s} {'p99 1':>8s} {'x/ours':>7s} "

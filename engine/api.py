@@ -2,7 +2,6 @@
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from engine.cache import PassageCache
 from engine.default_model import default_model_path
@@ -139,11 +138,12 @@ class Reranker:
                               cancel=cancel, priority=priority)
             rd = ScoreRequest(len(ud), lambda s, e: tpl.encode(ud[s:e]), cancel=cancel, priority=priority)
             eng.submit(rq), eng.submit(rd)
-            q = matryoshka(torch.from_numpy(self._wait(rq, stats)), None)
-            d = matryoshka(torch.from_numpy(self._wait(rd, stats)), None)
+            # numpy on the caller's side: see heads.matryoshka
+            q = matryoshka(np.asarray(self._wait(rq, stats), dtype=np.float32), None)
+            d = matryoshka(np.asarray(self._wait(rd, stats), dtype=np.float32), None)
             qpos, dpos = {x: i for i, x in enumerate(uq)}, {x: i for i, x in enumerate(ud)}
-            rows, cols = torch.tensor([qpos[x] for x in queries]), torch.tensor([dpos[x] for x in docs])
-            return (q[rows] * d[cols]).sum(-1).numpy()
+            rows, cols = np.array([qpos[x] for x in queries]), np.array([dpos[x] for x in docs])
+            return (q[rows] * d[cols]).sum(-1)
         scores, logits = self._pair_scores(queries, docs, instruction, cancel, stats, priority)
         return logits if raw_scores else scores
 
@@ -343,7 +343,7 @@ class Embedder:
             texts = [texts]
         texts = _inputs(self.engine, texts, "inputs" if _multimodal(self.engine) else "texts")
         if dimensions is not None:
-            matryoshka(torch.zeros(1, self.dimension), dimensions)  # validates before any work
+            matryoshka(np.zeros((1, self.dimension), np.float32), dimensions)  # validates before any work
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         tpl = self.engine.template
@@ -352,8 +352,8 @@ class Embedder:
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
                            cancel=cancel, eager=len(texts) <= EAGER_TEXTS)
         try:
-            emb = torch.from_numpy(self.engine.submit(req).wait())
+            emb = np.asarray(self.engine.submit(req).wait(), dtype=np.float32)
         finally:
             merge_stats(self.stats, req.stats)
             merge_stats(stats, req.stats)
-        return matryoshka(emb, dimensions, normalize=normalize).numpy().astype(np.float32)
+        return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)

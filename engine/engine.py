@@ -11,6 +11,7 @@ encoding and decoding, evidence prefill and decode) is a step of this loop.
 """
 import logging
 import os
+import queue
 import threading
 from typing import Optional, Sequence
 
@@ -63,25 +64,31 @@ class Engine:
         self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
-        self.runner = ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                  self.tokenizer, label_tokens=label_tokens, compile=compile, quantize=quantize)
-        model_ = self.runner.model
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.passage_cache = None
-        self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
-        if model_.is_encoder_decoder:
-            # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
-            if passage_cache_bytes is None:
-                passage_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
-            self.passage_cache = kalm.passage_pool(model_, passage_cache_bytes, cache_cross_kv, self.dtype,
-                                                   self.device, self.template.document_max_length)
-            self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, bool(cache_cross_kv)
-            self.model_id += "|kv" if cache_cross_kv else "|states"
-        kv_bytes = generate.kv_bytes(model_) if model_.supports_decode else (0, 0)
-        self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache, self.passage_cache,
-                                   decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
-        self._thread: Optional[threading.Thread] = None
-        self._start_lock = threading.Lock()
+        # The model is built and loaded on the loop thread that will run it (see _start).
+        self._start(lambda: ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
+                                        self.tokenizer, label_tokens=label_tokens, compile=compile,
+                                        quantize=quantize))
+        try:
+            model_ = self.runner.model
+            self.prefix_cache = PrefixCache(prefix_cache_bytes)
+            self.passage_cache = None
+            self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
+            if model_.is_encoder_decoder:
+                # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
+                if passage_cache_bytes is None:
+                    passage_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+                self.passage_cache = self._on_thread(lambda: kalm.passage_pool(
+                    model_, passage_cache_bytes, cache_cross_kv, self.dtype, self.device,
+                    self.template.document_max_length))
+                self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, bool(cache_cross_kv)
+                self.model_id += "|kv" if cache_cross_kv else "|states"
+            kv_bytes = generate.kv_bytes(model_) if model_.supports_decode else (0, 0)
+            self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache, self.passage_cache,
+                                       decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
+        except BaseException:
+            self._jobs.put(False)  # never made: the thread ends and lets go of the model
+            raise
+        self._jobs.put(None)  # set up: the thread enters the loop
         log.info("loaded %s (%s, task %s) on %s in %s", self.folder.name, self.arch, self.task, self.device,
                  str(self.dtype).replace("torch.", ""))
 
@@ -93,16 +100,55 @@ class Engine:
     def head(self):
         return self.runner.head
 
+    def _start(self, build) -> None:
+        """Start the loop thread; it runs ``build()`` (the runner) and then the set-up jobs of
+        ``_on_thread`` until handed None, then the loop.
+
+        Every parallel torch op of the engine, loading included, runs on this one thread. On CPU
+        each thread that runs parallel ops gets its own OpenMP team, and once a process has more
+        OpenMP threads than cores libgomp stops spinning between parallel regions and sleeps:
+        a one-text forward on 2 cores then takes about 25% longer (bench/RESULTS.md).
+        """
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+        self._thread.start()
+        try:
+            self.runner = self._on_thread(build)
+        except BaseException:
+            self._jobs.put(False)  # the engine was never made: the thread ends
+            raise
+
+    def _on_thread(self, fn):
+        """Run ``fn`` on the loop thread before the loop starts; its result or its exception."""
+        box: dict = {}
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            if job is False:
+                return
+            fn, box, done = job
+            try:
+                box["value"] = fn()
+            except BaseException as e:
+                box["error"] = e
+            finally:
+                done.set()
+        self._loop()
+
     def submit(self, req: Request) -> Request:
-        """Queue a request on the engine loop (started on first use); wait on the returned request."""
+        """Queue a request on the engine loop; wait on the returned request."""
         if req.done.is_set():
             return req
         self.scheduler.add(req)
-        if self._thread is None or not self._thread.is_alive():
-            with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-                    self._thread.start()
         return req
 
     def _loop(self) -> None:
