@@ -129,17 +129,23 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
   // A short sequence is one task with all its rows (its keys are packed once); when there are
   // too few of them to keep every thread busy, one task per KV head instead. A long sequence
   // gets a task per (KV head, block of kRowBlock rows).
-  int64_t work = 0, short_seqs = 0;
+  // Long sequences keep all their rows in one task per KV head too (keys packed once per head)
+  // when there are enough of those tasks; else blocks of kRowBlock rows.
+  int64_t work = 0, short_seqs = 0, long_seqs = 0;
   for (int64_t i = 0; i < n; ++i) {
     work += (cq[i + 1] - cq[i]) * keys_of(i) * D * hq;
     short_seqs += keys_of(i) <= kGroupKeys;
+    long_seqs += keys_of(i) > kGroupKeys;
   }
-  const int64_t short_step = short_seqs < 4 * at::get_num_threads() ? 1 : hkv;
+  const int64_t busy = 4 * at::get_num_threads();
+  const int64_t short_step = short_seqs < busy ? 1 : hkv;
+  const bool long_whole = long_seqs * hkv >= busy;
   std::vector<AttnTask> tasks;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t lq = cq[i + 1] - cq[i];
     const bool is_short = keys_of(i) <= kGroupKeys;
-    const int64_t step = is_short ? short_step : 1, rb = is_short ? std::max<int64_t>(lq, 1) : kRowBlock;
+    const int64_t step = is_short ? short_step : 1;
+    const int64_t rb = is_short || long_whole ? std::max<int64_t>(lq, 1) : kRowBlock;
     for (int64_t r0 = 0; r0 < lq; r0 += rb)
       for (int64_t g = 0; g < hkv; g += step) tasks.push_back({i, g, g + step, r0, std::min(lq, r0 + rb)});
   }
