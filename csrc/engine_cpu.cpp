@@ -29,6 +29,20 @@ inline void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// bf16 -> fp32 is the 16 bits shifted up (a loop the compiler vectorizes); fp32 -> bf16 rounds to
+// nearest even as static_cast does, with ATen's vectorized conversion.
+template <>
+inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+template <>
+inline void from_float<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
 inline float vsum(const Vec& v) {
   alignas(64) float lanes[kV];
   v.store(lanes);
