@@ -62,6 +62,9 @@ def main():
     ap.add_argument("--latency-docs", type=int, default=0, help="also time one request of N documents (p50/p99)")
     ap.add_argument("--latency-reps", type=int, default=None, help="requests timed (default 20 GPU, 5 CPU)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--cpu-precisions", action="store_true",
+                    help="CPU: also run ours in bf16 and with int8 linears; speed, max |score diff| and top-10 "
+                         "overlap against our fp32")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
@@ -114,6 +117,22 @@ def main():
                     print(f"  one request of {len(lat_docs)} documents: p50 {row['latency']['p50_ms']:.1f} ms, "
                           f"p99 {row['latency']['p99_ms']:.1f} ms")
                 del rr
+
+    if args.cpu_precisions and device == "cpu":
+        base = max(v["pairs_per_s"] for v in results["ours"].values())
+        top = set(sorted(range(len(pairs)), key=lambda i: -eager_scores[i])[:10])
+        for name, kw in (("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
+            rr = Reranker(str(folder), device=device, max_batch_tokens=args.max_batch_tokens[0], **kw)
+            rr.predict(pairs[:64])
+            rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)
+            scores, t = timed(lambda: rr.predict(pairs), device)
+            diff = max(abs(a - b) for a, b in zip(scores, eager_scores))
+            overlap = len(top & set(sorted(range(len(pairs)), key=lambda i: -scores[i])[:10]))
+            results[f"ours {name}"] = {"pairs_per_s": len(pairs) / t, "x_fp32": len(pairs) / t / base,
+                                       "max_abs_score_diff_vs_fp32": diff, "top10_overlap": overlap}
+            print(f"ours {name}: {len(pairs) / t:9.1f} pairs/s  ({len(pairs) / t / base:.2f}x our fp32)  "
+                  f"max |score diff| vs fp32 {diff:.2e}  top-10 overlap {overlap}/10")
+            del rr
 
     if not args.skip_reference:
         ref = Qwen3RerankerReference(folder)
