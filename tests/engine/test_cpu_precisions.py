@@ -55,3 +55,47 @@ def test_cpu_engine_runs_the_cpp_kernels_by_default(monkeypatch):
 def test_int8_refuses_other_dtypes():
     with pytest.raises(ValueError, match="CPU mode"):
         Embedder(quantize="int8", dtype="bfloat16")
+
+
+def test_default_cpu_linears_are_packed_and_match_fp32_references(texts, fp32, monkeypatch):
+    """fp32 linears run oneDNN with packed weights by default (BERT's GELU fused); under
+    ENGINE_KERNELS=torch they stay F.linear. Both embed alike (measured max diff ~3e-7)."""
+    from engine.quantize import PackedLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # the engine then keeps F.linear
+    packed = Embedder().engine.model
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 6 * 4
+    assert sum(m.activation == "gelu" for m in layers) == 6  # the intermediate dense of each layer
+    monkeypatch.setenv("ENGINE_KERNELS", "torch")
+    ref = Embedder()
+    assert not any(isinstance(m, PackedLinear) for m in ref.engine.model.modules())
+    out = ref.embed(texts)
+    assert np.abs(out - fp32).max() <= 1e-5
+
+
+def test_the_engine_loads_and_runs_on_its_loop_thread(monkeypatch):
+    """Loading and forwards run on the engine's thread alone, so the caller's thread never starts
+    an OpenMP team of its own (two teams make libgomp sleep between parallel regions)."""
+    import threading
+
+    from engine import runner
+
+    built, seen = [], set()
+    init = runner.ModelRunner.__init__
+
+    def spy(self, *a, **kw):
+        built.append(threading.get_ident())
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(runner.ModelRunner, "__init__", spy)
+    emb = Embedder()
+    handle = emb.engine.model.register_forward_pre_hook(lambda *_: seen.add(threading.get_ident()))
+    try:
+        emb.embed(["one text"])
+    finally:
+        handle.remove()
+    loop = emb.engine._thread.ident
+    assert loop != threading.get_ident()
+    assert built == [loop] and seen == {loop}
