@@ -53,8 +53,10 @@ class PackedLinear(nn.Module):
 
 
 def _linears(model: nn.Module):
+    """Every ``Linear`` that may be swapped: not those marked ``swappable = False`` (a model that
+    reads a layer's ``weight`` itself, as T5Gemma2's cross K/V projection does)."""
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, Linear)]
+            if isinstance(child, Linear) and getattr(child, "swappable", True)]
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -94,6 +94,7 @@ class T5Gemma2Attention(nn.Module):
             hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim},
             bias=bias,
         )
+        self.qkv_proj.swappable = False  # cross_kv reads its weight rows: CPU packing/int8 leave it as is
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps, offset=1.0)
         self.k_norm = RMSNorm(head_dim, eps, offset=1.0)
