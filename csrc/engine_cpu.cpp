@@ -104,6 +104,19 @@ inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t D) {
       __builtin_prefetch(reinterpret_cast<const char*>(p + h * stride) + b);
 }
 
+// The micro-kernel: a[x] (two vectors) += sum_i b[x * bs + i] * (w[i * ws], w[i * ws + kV]) for the
+// kTile rows x: two loads of w and kTile broadcasts feed 2 * kTile independent FMA chains per step.
+inline void tile_fma(Vec (&a)[kTile][2], const float* b, int64_t bs, const float* w, int64_t ws, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Vec w0 = Vec::loadu(w + i * ws), w1 = Vec::loadu(w + i * ws + kV);
+    for (int64_t x = 0; x < kTile; ++x) {
+      const Vec bx(b[x * bs + i]);
+      a[x][0] = at::vec::fmadd(bx, w0, a[x][0]);
+      a[x][1] = at::vec::fmadd(bx, w1, a[x][1]);
+    }
+  }
+}
+
 inline float vmax(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
@@ -246,15 +259,8 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
             for (int64_t c = 0; c < nbv; c += kPanel) {
               Vec a[kTile][2];
               for (int64_t x = 0; x < kTile; ++x) a[x][0] = a[x][1] = Vec(0.f);
-              const float* panel = ktg + (b0 + c) * D;  // b0 + c is a multiple of kPanel
-              for (int64_t d = 0; d < D; ++d) {
-                const Vec k0 = Vec::loadu(panel + d * kPanel), k1 = Vec::loadu(panel + d * kPanel + kV);
-                for (int64_t x = 0; x < kTile; ++x) {
-                  const Vec qd(qf[x * D + d]);
-                  a[x][0] = at::vec::fmadd(qd, k0, a[x][0]);
-                  a[x][1] = at::vec::fmadd(qd, k1, a[x][1]);
-                }
-              }
+              // b0 + c is a multiple of kPanel: the panel's row d holds its keys' element d
+              tile_fma(a, qf.data(), D, ktg + (b0 + c) * D, kPanel, D);
               for (int64_t x = 0; x < kTile; ++x) {
                 a[x][0].store(s.data() + x * kKeyBlock + c);
                 a[x][1].store(s.data() + x * kKeyBlock + c + kV);
@@ -295,15 +301,7 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
                 a[x][0] = Vec::loadu(o.data() + x * D + d);
                 a[x][1] = Vec::loadu(o.data() + x * D + d + kV);
               }
-              for (int64_t c = 0; c < nb; ++c) {
-                const float* vr = vg + (b0 + c) * D + d;
-                const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kV);
-                for (int64_t x = 0; x < kTile; ++x) {
-                  const Vec p(s[x * kKeyBlock + c]);
-                  a[x][0] = at::vec::fmadd(p, v0, a[x][0]);
-                  a[x][1] = at::vec::fmadd(p, v1, a[x][1]);
-                }
-              }
+              tile_fma(a, s.data(), kKeyBlock, vg + b0 * D + d, D, nb);
               for (int64_t x = 0; x < kTile; ++x) {
                 a[x][0].store(o.data() + x * D + d);
                 a[x][1].store(o.data() + x * D + d + kV);
