@@ -2,7 +2,7 @@
 never branches).
 
 By default on CPU (fp32 and bf16), every linear layer runs oneDNN with its weight reordered once
-into oneDNN's blocked layout (``PackedLinear``): 1.3-1.7x the GFLOP/s of ``F.linear`` (MKL, which
+into oneDNN's blocked layout (``PackedLinear``): 1.2-1.6x the GFLOP/s of ``F.linear`` (MKL, which
 reorders nothing and on AMD CPUs does not take its AVX-512 path) on this machine, more at few rows,
 and an activation after the linear (BERT's GELU) is fused into the GEMM's epilogue.
 
