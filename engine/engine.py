@@ -9,10 +9,12 @@ Callers on any thread build requests (engine.request), ``submit`` them and wait.
 Every model call (scoring and embedding batches, shared prefixes, KaLM passage
 encoding and decoding, evidence prefill and decode) is a step of this loop.
 """
+import atexit
 import logging
 import os
 import queue
 import threading
+import weakref
 from typing import Optional, Sequence
 
 import kernels
@@ -26,6 +28,21 @@ from engine.tokenizer import load_tokenizer
 from engine.weights import checkpoint_index, read_config, resolve_model
 
 log = logging.getLogger("engine")
+
+# Loop threads end before the interpreter finalizes: a daemon thread still freeing a model (C++
+# frames on its stack) when finalization stops it would abort the process.
+_STOPPING = threading.Event()
+_LOOPS: "weakref.WeakSet" = weakref.WeakSet()  # the live loop threads
+_SCHEDULERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loops() -> None:
+    _STOPPING.set()
+    for scheduler in list(_SCHEDULERS):
+        scheduler.wake()
+    for thread in list(_LOOPS):
+        thread.join(timeout=5)
 
 
 class Engine:
@@ -110,8 +127,10 @@ class Engine:
         a one-text forward on 2 cores then takes about 25% longer (bench/RESULTS.md).
         """
         self._jobs: "queue.Queue" = queue.Queue()
-        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+        self._thread = threading.Thread(target=Engine._main, args=(weakref.ref(self), self._jobs), name="engine",
+                                        daemon=True)
         self._thread.start()
+        _LOOPS.add(self._thread)
         try:
             self.runner = self._on_thread(build)
         except BaseException:
@@ -128,9 +147,12 @@ class Engine:
             raise box["error"]
         return box["value"]
 
-    def _main(self) -> None:
+    @staticmethod
+    def _main(ref, jobs) -> None:
+        """The loop thread. It holds the engine only through the weak reference ``ref``: once its
+        users drop the engine, the loop ends within a scheduling timeout and frees the model."""
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is None:
                 break
             if job is False:
@@ -142,7 +164,15 @@ class Engine:
                 box["error"] = e
             finally:
                 done.set()
-        self._loop()
+            del job, fn, box, done  # the set-up closures refer to the engine
+        engine = ref()
+        if engine is None:
+            return
+        scheduler, runner = engine.scheduler, engine.runner
+        del engine
+        _SCHEDULERS.add(scheduler)
+        while ref() is not None and not _STOPPING.is_set():
+            Engine._step(scheduler, runner)
 
     def submit(self, req: Request) -> Request:
         """Queue a request on the engine loop; wait on the returned request."""
@@ -151,28 +181,30 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                step = self.scheduler.schedule(timeout=1.0)
-            except BaseException:  # a scheduling bug must not kill the thread that owns the model
-                log.exception("scheduling failed")
-                continue
-            if step is None:
-                continue
-            try:
-                out = self.runner.execute(step)
-            except Exception as e:  # e.g. out of memory: fail this step's requests only
-                log.exception("engine step %s failed", type(step).__name__)
-                self._fail(step, e)
-                continue
-            try:
-                self.scheduler.postprocess(step, out)
-            except Exception as e:
-                log.exception("handing back the results of %s failed", type(step).__name__)
-                self._fail(step, e)
+    @staticmethod
+    def _step(scheduler: Scheduler, runner: ModelRunner) -> None:
+        """One turn of the loop: schedule (waiting up to a second), run, hand back."""
+        try:
+            step = scheduler.schedule(timeout=1.0)
+        except BaseException:  # a scheduling bug must not kill the thread that owns the model
+            log.exception("scheduling failed")
+            return
+        if step is None:
+            return
+        try:
+            out = runner.execute(step)
+        except Exception as e:  # e.g. out of memory: fail this step's requests only
+            log.exception("engine step %s failed", type(step).__name__)
+            Engine._fail(scheduler, runner, step, e)
+            return
+        try:
+            scheduler.postprocess(step, out)
+        except Exception as e:
+            log.exception("handing back the results of %s failed", type(step).__name__)
+            Engine._fail(scheduler, runner, step, e)
 
-    def _fail(self, step, err: Exception) -> None:
+    @staticmethod
+    def _fail(scheduler: Scheduler, runner: ModelRunner, step, err: Exception) -> None:
         if isinstance(step, (PrefillStep, DecodeStep)):  # the decode batch's cache goes with its requests
-            self.runner.drop_decode()
-        self.scheduler.fail(step, err)
+            runner.drop_decode()
+        scheduler.fail(step, err)

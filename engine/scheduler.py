@@ -99,6 +99,11 @@ class Scheduler:
             self.totals["requests"] += 1
             self._cond.notify()
 
+    def wake(self) -> None:
+        """Wake a ``schedule`` call that is waiting for work (the engine is stopping)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._active)

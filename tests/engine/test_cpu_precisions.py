@@ -99,3 +99,20 @@ def test_the_engine_loads_and_runs_on_its_loop_thread(monkeypatch):
     loop = emb.engine._thread.ident
     assert loop != threading.get_ident()
     assert built == [loop] and seen == {loop}
+
+
+def test_a_dropped_engine_lets_go_of_its_model():
+    """The loop thread holds its engine weakly: once the engine's users drop it, the thread ends
+    and the model is freed (a process that makes engines one after another does not keep them)."""
+    import gc
+    import time
+    import weakref
+
+    emb = Embedder()
+    emb.embed(["one text"])
+    model, thread = weakref.ref(emb.engine.model), emb.engine._thread
+    del emb
+    gc.collect()
+    thread.join(timeout=10)  # the loop notices within its one-second scheduling timeout
+    gc.collect()
+    assert not thread.is_alive() and model() is None
