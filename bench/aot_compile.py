@@ -134,7 +134,7 @@ BATCHES = {
     "stress": [8192] * 1024,
 }
 PREFIX = 64  # tokens of the shared prefix (prefix K/V, prefix states)
-PAGE = 16  # rows per block of KaLM's passage pool (engine/kalm.py)
+PAGE = 16  # rows per block of KaLM's passage pool (engine/core/passages.py)
 PASSAGE = 512  # cross rows per decoder prompt
 
 

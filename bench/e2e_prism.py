@@ -98,7 +98,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     from engine import Reranker
-    from engine.generate import Generator
+    from engine.core.evidence import Generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -7,7 +7,7 @@
    server (one process) against Ray Serve with one replica on the same cores; the difference is
    Ray's overhead (its proxy and router). Then 2 replicas of 1 core each.
 
-Everything runs on a local Ray instance on 127.0.0.1 (engine.ray_local); traffic goes to 127.0.0.1 only.
+Everything runs on a local Ray instance on 127.0.0.1 (engine.scaleout.local); traffic goes to 127.0.0.1 only.
 The default model is the bundled all-MiniLM-L6-v2. On a multi-GPU machine, ``--device cuda`` gives
 each actor and replica one GPU, and ``--actors 1 2 4 8`` measures scaling per GPU.
 
@@ -46,7 +46,7 @@ def bench_batch(args, folder):
     import torch
 
     from engine import Reranker
-    from engine.batch import run_batch
+    from engine.scaleout.data import run_batch
 
     pairs = make_pairs(args.pairs)
     src = os.path.join(folder, "pairs.parquet")
@@ -123,8 +123,8 @@ def load(url: str, requests, clients: int):
 
 
 def bench_http(args):
-    from engine.ray_serve import ReplicaSpec, deploy, deployment_options, shutdown
-    from engine.server import ServerConfig
+    from engine.scaleout.serve import ReplicaSpec, deploy, deployment_options, shutdown
+    from engine.serving.server import ServerConfig
 
     rng = random.Random(1)
     reqs = [{"query": f"{i}: " + words(rng, 8), "documents": [words(rng, rng.randint(20, 60)) for _ in range(16)]}
@@ -181,14 +181,14 @@ def main():
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     args = ap.parse_args()
-    from engine import ray_local
+    from engine.scaleout import local as ray_local
 
     # Ray puts the driver's script folder and working directory on its workers' path; bench/kernels (the
     # kernel microbenchmarks) would shadow the engine's kernels package there.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     os.chdir(ROOT)
-    ray = ray_local.init(None, num_cpus=os.cpu_count())
+    ray = local.init(None, num_cpus=os.cpu_count())
     try:
         with tempfile.TemporaryDirectory() as folder:
             if not args.skip_batch:

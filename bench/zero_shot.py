@@ -40,7 +40,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from engine import Classifier
-    from engine.runner import pick_device
+    from engine.core.runner import pick_device
 
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
     texts, gold = [r["text"] for r in rows], [r["label"] for r in rows]

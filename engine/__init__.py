@@ -10,7 +10,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name == "run_batch":  # Ray Data offline jobs (the ray extra)
-        from engine.batch import run_batch
+        from engine.scaleout.data import run_batch
 
         return run_batch
     if name == "Classifier":

@@ -3,18 +3,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.cache import PassageCache
+from engine.core.cache import PassageCache
 from engine.default_model import default_model_path
-from engine.engine import Engine
-from engine.heads import YesNoHead, matryoshka
-from engine.kalm import check_ratio
-from engine.request import PassageRequest, ScoreRequest, merge_stats
+from engine.core.engine import Engine
+from engine.models.heads import YesNoHead, matryoshka
+from engine.core.passages import check_ratio
+from engine.core.request import PassageRequest, ScoreRequest, merge_stats
 from engine.sequence import Seq, Seqs
 
 # Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
 # through the tokenizer thread; bench/cpu_embed.py's one-text latency).
 EAGER_TEXTS = 16
-from engine.templates import check_texts
+from engine.prompts.templates import check_texts
 
 
 def _multimodal(engine: Engine) -> bool:
@@ -23,10 +23,10 @@ def _multimodal(engine: Engine) -> bool:
 
 def _inputs(engine: Engine, items, what: str, counted=None) -> list:
     """Text inputs checked as strings; for models that take images (Qwen3-VL), any input shape of
-    engine.multimodal (dicts, lists of parts, vLLM content) with its images loaded."""
+    engine.prompts.inputs (dicts, lists of parts, vLLM content) with its images loaded."""
     if not _multimodal(engine):
         return check_texts(items, what)
-    from engine.multimodal import normalize_inputs
+    from engine.prompts.inputs import normalize_inputs
 
     if isinstance(items, (str, dict)):
         raise TypeError(f"{what} must be a list of inputs, not a single {type(items).__name__}")
@@ -71,7 +71,7 @@ class Reranker:
                              label_tokens=label_tokens, passage_cache_bytes=passage_cache_bytes,
                              cache_cross_kv=cache_cross_kv, compile=compile, quantize=quantize)
         self.share_prefix = share_prefix
-        self._generator = None  # engine.generate.Generator, built on the first return_evidence call
+        self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
     @property
@@ -123,7 +123,7 @@ class Reranker:
                 priority: int = 0) -> np.ndarray:
         """Scores of the pairs in order; ``raw_scores``: the exact logits (cosines for bi-encoders)."""
         eng, tpl = self.engine, self.engine.template
-        if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/kalm.py)
+        if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/core/passages.py)
             ratio = check_ratio(compression_ratio)
             seqs = tpl.encode(queries, docs, instruction)
             req = PassageRequest(seqs, self._passage_keys(seqs, ratio), ratio, priority=priority, cancel=cancel)
@@ -197,7 +197,7 @@ class Reranker:
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair")
             if mm:
-                from engine.multimodal import normalize_input
+                from engine.prompts.inputs import normalize_input
 
                 opts = self.engine.template.image_options
                 queries.append(normalize_input(p[0], f"pairs[{i}] query", opts, counted))
@@ -228,7 +228,7 @@ class Reranker:
         a tag is missing or cut off) and ``raw_output`` (the generated text, or None).
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
-        skipped and ``engine.request.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
+        skipped and ``engine.core.request.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
         as in ``predict``. ``priority``: requests waiting for the engine run higher first
         (default 0; ties in arrival order). Models that take images (Qwen3-VL) take, for the
         query and each document, a string, a dict ``{"text", "image"}`` or a list of parts
@@ -237,7 +237,7 @@ class Reranker:
         """
         given = documents
         if _multimodal(self.engine):  # query and documents: strings, {text, image} dicts or lists of parts
-            from engine.multimodal import normalize_input
+            from engine.prompts.inputs import normalize_input
 
             counted = [0]
             query = normalize_input(query, "query", self.engine.template.image_options, counted)
@@ -282,7 +282,7 @@ class Reranker:
     def _attach_evidence(self, query, docs, results, instruction, threshold, max_new_tokens, stats,
                          cancel=None) -> None:
         """Decode the results scoring at least ``threshold`` (one request) and add their parsed answers."""
-        from engine.generate import Generator
+        from engine.core.evidence import Generator
 
         if self._generator is None:
             self._generator = Generator(self.engine)

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from engine.api import Reranker
-from engine.templates import check_texts
+from engine.prompts.templates import check_texts
 
 CLASSIFY_INSTRUCTION = "Given a piece of text, retrieve relevant label descriptions that best match the text"
 

@@ -194,7 +194,7 @@ def _service_kwargs(args, task: Optional[str] = None) -> dict:
 
 
 def _service(args, task: Optional[str] = None, warmup: bool = False):
-    from engine.service import Service
+    from engine.serving.service import Service
 
     # Only the server warms up (its first request should not pay for it); offline commands go straight on.
     return Service(args.model, warmup=warmup, **_service_kwargs(args, task))
@@ -294,7 +294,7 @@ def _api_key(args) -> Optional[str]:
 
 
 def _server_config(args):
-    from engine.server import ServerConfig, served_names
+    from engine.serving.server import ServerConfig, served_names
 
     model, name = args.model, args.served_model_name
     if model is None:
@@ -308,20 +308,20 @@ def _server_config(args):
 
 
 def cmd_serve_replicas(args) -> int:
-    from engine.ray_local import check_ray
+    from engine.scaleout.local import check_ray
 
     if args.replicas is None:
         raise SystemExit("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
     check_ray()  # before loading anything: without the extra, one line naming it
-    from engine import ray_serve
+    from engine.scaleout import serve as ray_serve
 
     config = _server_config(args)
-    spec = ray_serve.ReplicaSpec(model=args.model, config=config, service=_service_kwargs(args))
-    ray = ray_serve.init(args.ray_address)
+    spec = serve.ReplicaSpec(model=args.model, config=config, service=_service_kwargs(args))
+    ray = serve.init(args.ray_address)
     gpus = (args.device is None or args.device.startswith("cuda")) and ray.cluster_resources().get("GPU", 0) >= 1
-    options = ray_serve.deployment_options(args.replicas, args.max_queue, args.max_replicas, args.target_queue,
+    options = serve.deployment_options(args.replicas, args.max_queue, args.max_replicas, args.target_queue,
                                            gpus=gpus, cpus=args.replica_cpus)
-    return ray_serve.run(spec, options, args.host, args.port, args.ray_address)
+    return serve.run(spec, options, args.host, args.port, args.ray_address)
 
 
 def cmd_serve(args) -> int:
@@ -331,7 +331,7 @@ def cmd_serve(args) -> int:
         return cmd_serve_replicas(args)
     import uvicorn
 
-    from engine.server import create_app
+    from engine.serving.server import create_app
 
     config = _server_config(args)
     service = _service(args, warmup=True)
@@ -345,8 +345,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from engine.batch import run_batch
-    from engine.ray_local import check_ray
+    from engine.scaleout.data import run_batch
+    from engine.scaleout.local import check_ray
 
     check_ray()
     engine = {k: v for k, v in _service_kwargs(args).items() if v not in (None, "")}

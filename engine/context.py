@@ -23,7 +23,7 @@ class BatchContext:
     seq_lens: List[int]
     token_type_ids: Optional[torch.Tensor] = None  # [T] int64, BERT-style segment ids
     # Shared prefixes (causal LLM rerankers)
-    prefixes: Optional[list] = None  # distinct engine.cache.PrefixKV entries used by this batch
+    prefixes: Optional[list] = None  # distinct engine.core.cache.PrefixKV entries used by this batch
     prefix_index: Optional[torch.Tensor] = None  # [n] int32, segment of each sequence, -1 for none
     cu_seqlens_p: Optional[torch.Tensor] = None  # [n_prefix + 1] int32
     max_seqlen_p: int = 0
@@ -36,7 +36,7 @@ class BatchContext:
     # When a list, linear-attention layers append their final (conv [n, C, K-1], recurrent
     # [n, Hv, Dk, Dv]) states per sequence to it (prefix computation, decode prefill).
     capture_state: Optional[list] = None
-    # Decoding (engine.generate.DecodeCache): layers attend over / step its per-sequence caches.
+    # Decoding (engine.core.decode.DecodeCache): layers attend over / step its per-sequence caches.
     cache: Optional[object] = None
     # Encoder-decoder (KaLM): the batch's cross K/V, block tables into the paged passage cache.
     cross: Optional[object] = None

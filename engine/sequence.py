@@ -17,7 +17,7 @@ class Seq:
     prefix: Optional[Tuple[int, ...]] = None
     # KaLM-Reranker: the encoder token ids of the passage whose cached encoding it reads.
     passage: Optional[List[int]] = None
-    # Images (engine.images.ImageData, in token order) for the families that take them.
+    # Images (engine.prompts.images.ImageData, in token order) for the families that take them.
     multimodal: Optional[Tuple[Any, ...]] = None
     index: int = 0  # position within its request
 

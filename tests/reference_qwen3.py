@@ -1,7 +1,7 @@
 """The model cards' own transformers code, used as the numerical reference."""
 import torch
 
-from engine.templates import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
+from engine.prompts.templates import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
 
 
 # The Qwen3-Reranker prompt written as a user's Jinja template (renders exactly the built-in prompt).

@@ -87,7 +87,7 @@ class PrismReference:
         self.no = self.tokenizer.convert_tokens_to_ids("no")
 
     def prompt_ids(self, query, doc, instruction=None):
-        from engine.templates import PRISM_INSTRUCTION, PRISM_PREFIX, QWEN3_RERANK_SUFFIX
+        from engine.prompts.templates import PRISM_INSTRUCTION, PRISM_PREFIX, QWEN3_RERANK_SUFFIX
 
         text = (f"{PRISM_PREFIX}<Instruct>: {instruction or PRISM_INSTRUCTION}\n<Query>: {query}\n"
                 f"<Document>: {doc}{QWEN3_RERANK_SUFFIX}")

@@ -1,1 +1,1 @@
-"""One file per architecture; engine.registry maps config.json names to them."""
+"""One file per architecture; engine.models.registry maps config.json names to them."""

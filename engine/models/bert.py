@@ -9,7 +9,7 @@ Reads top-down: Embeddings -> SelfAttention -> AddNorm -> Attention ->
 Intermediate -> Layer -> Model. Module names mirror the checkpoints
 (``encoder.layer.N.attention.self.query`` ...), so the only mapping is the qkv
 fusion. Classification and pooling weights (``pooler.*``, ``classifier.*``)
-belong to the heads (engine/heads.py), which read them from the checkpoint.
+belong to the heads (engine/models/heads.py), which read them from the checkpoint.
 """
 from typing import Optional, Tuple
 
@@ -19,7 +19,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import Attention, Linear, MergedLinear, VocabEmbedding, default_weight_loader
+from engine.models.layers import Attention, Linear, MergedLinear, VocabEmbedding, default_weight_loader
 from engine.models.base import EngineModel
 
 _ACTIVATIONS = {
@@ -113,7 +113,7 @@ class BertIntermediate(nn.Module):
             raise NotImplementedError(f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
         self.dense = Linear(hidden_size, intermediate_size, bias=True)
         self.act = _ACTIVATIONS[act]
-        self.fusable_activation = act  # engine/quantize.py's packed CPU linear fuses it into the GEMM
+        self.fusable_activation = act  # engine/models/cpu_linear.py's packed CPU linear fuses it into the GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))

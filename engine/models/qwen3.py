@@ -11,7 +11,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
+from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
                            head_dim, rope_parameters)
 from engine.models.base import EngineModel
 

@@ -11,7 +11,7 @@ and the MTP head are skipped).
 Shared prefixes: attention layers read the prefix K/V as in Qwen3; DeltaNet layers
 start every document's scan from the prefix's final conv and recurrent states
 (exact: a causal scan's state after the prefix does not depend on what follows).
-During decoding (``ctx.cache``, engine/generate.py) attention layers attend over the
+During decoding (``ctx.cache``, engine/core/decode.py) attention layers attend over the
 per-sequence KV cache and DeltaNet layers step their states.
 """
 from typing import Tuple
@@ -22,7 +22,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
+from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
                            default_weight_loader, head_dim, rope_parameters, text_config)
 from engine.models.base import EngineModel
 

@@ -26,8 +26,8 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext, build_context
-from engine.images import pixel_values
-from engine.layers import Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim, rope_parameters, text_config
+from engine.prompts.images import pixel_values
+from engine.models.layers import Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim, rope_parameters, text_config
 from engine.models.base import EngineModel
 from engine.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
 from engine.sequence import Seq

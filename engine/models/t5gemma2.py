@@ -15,14 +15,14 @@ Embedding -> Attention -> MLP -> Layer -> Stack -> Model.
 - Decoder merged attention: own keys (causal, window W on sliding layers) and
   cross keys ``k_norm(k_proj(H_enc))`` / ``v_proj(H_enc)`` (same weights, no
   RoPE), ONE softmax over both. Cross K/V come from a ``cross`` object holding
-  the batch's block tables into a paged pool (see engine/kalm.py).
+  the batch's block tables into a paged pool (see engine/core/passages.py).
 
 Stacks return the last layer's output and the residual stream before the final
 norm; the encoder applies its final norm, the decoder leaves it to the head.
 """
 import math
 from types import SimpleNamespace
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.layers import Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from engine.models.layers import Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from engine.models.base import EngineModel
 
 # transformers' T5Gemma2TextConfig defaults, for keys a config.json leaves out.
@@ -220,8 +220,6 @@ class T5Gemma2Model(EngineModel):
     def plan(self, seqs, device, prefixes=None, prefix_index=None, passages=None, passage_cache=None,
              cache_kv: bool = False):
         """The default plan, plus the cross K/V of each prompt's passage: block tables into the pool."""
-        from engine.kalm import cross_plan
-
         ids, ctx = super().plan(seqs, device, prefixes, prefix_index)
         if passages is not None:
             ctx.cross = cross_plan(passages, passage_cache, cache_kv, device)
@@ -231,3 +229,39 @@ class T5Gemma2Model(EngineModel):
         """Packed decoder prompts attending to their passages' cross K/V (``ctx.cross``);
         (branch, residual) before the final norm."""
         return self.decoder(input_ids, ctx)
+
+
+# -- the paged passage pool (engine.core.cache.PassageCache) as the decoder reads it --------------
+class CrossKV:
+    """The cross K/V a decoder batch reads: per-pair block tables into pages of cross rows."""
+
+    def __init__(self, block_tables: torch.Tensor, cross_lens: torch.Tensor, pages, kv_pool=None):
+        self.block_tables, self.cross_lens = block_tables, cross_lens  # [n, max_blocks] int32, [n] int32
+        self._pages = pages  # states mode: [blocks, page, H] of the batch's passages
+        self._kv_pool = kv_pool  # K/V mode: the whole pool [blocks, layers, 2, page, Hkv, D]
+
+    def kv(self, attn):
+        if self._kv_pool is not None:
+            layer = self._kv_pool[:, attn.layer_idx]
+            return layer[:, 0], layer[:, 1]  # [blocks, page, Hkv, D] views, no copy
+        nb, page, hidden = self._pages.shape
+        k, v = attn.cross_kv(self._pages.view(nb * page, hidden))
+        return k.view(nb, page, *k.shape[1:]), v.view(nb, page, *v.shape[1:])
+
+
+def cross_plan(per_pair: Sequence, cache, cache_kv: bool, device) -> CrossKV:
+    """The cross K/V a decoder batch reads: each pair's block table into the pool. ``per_pair``: the
+    PassageEntry of each pair; ``cache``: the PassageCache (its pool and block size)."""
+    width = max(len(e.blocks) for e in per_pair)
+    lens = torch.tensor([e.num_tokens for e in per_pair], dtype=torch.int32)
+    if cache_kv:
+        table = [e.blocks + [0] * (width - len(e.blocks)) for e in per_pair]
+        return CrossKV(torch.tensor(table, dtype=torch.int32).to(device), lens.to(device), None, kv_pool=cache.pool)
+    # States mode: gather the batch's distinct blocks once; tables index that gathered set.
+    local: Dict[int, int] = {}
+    for e in per_pair:
+        for b in e.blocks:
+            local.setdefault(b, len(local))
+    table = [[local[b] for b in e.blocks] + [0] * (width - len(e.blocks)) for e in per_pair]
+    pages = cache.pool[torch.tensor(list(local), dtype=torch.int64).to(device)]  # [nb, page, H]
+    return CrossKV(torch.tensor(table, dtype=torch.int32).to(device), lens.to(device), pages)

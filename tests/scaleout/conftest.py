@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.ray_local import LOOPBACK_ENV, loopback_env
+from engine.scaleout.local import LOOPBACK_ENV, loopback_env
 from ray_helpers import ConnectionLog
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine.batch import CRASH_ENV, run_batch  # noqa: E402
+from engine.scaleout.data import CRASH_ENV, run_batch  # noqa: E402
 from textgen import random_text  # noqa: E402
 
 ATOL = 1e-5
@@ -131,7 +131,7 @@ def test_input_errors_are_one_line(tmp_path):
 
 
 def test_results_keep_each_row_once():
-    from engine.batch import Results
+    from engine.scaleout.data import Results
 
     res = Results(6)
     part = lambda rows: pa.table({"_row": pa.array(rows, pa.int64()), "score": pa.array([float(r) for r in rows])})

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from engine.ray_serve import deployment_options
+from engine.scaleout.serve import deployment_options
 
 NO_RAY = "import sys; sys.modules['ray'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -19,7 +19,7 @@ def test_without_ray_one_line_naming_the_extra(argv):
 
 
 def test_plain_serve_path_is_ray_free():
-    code = ("import sys, engine.cli, engine.server, engine.service, engine.api; "
+    code = ("import sys, engine.cli, engine.serving.server, engine.serving.service, engine.api; "
             "engine.cli._parser().parse_args(['serve']); assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

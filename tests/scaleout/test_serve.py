@@ -20,9 +20,9 @@ pytestmark = pytest.mark.ray
 
 import httpx  # noqa: E402
 
-from engine.ray_serve import APP_NAME, ReplicaSpec, deploy, deployment_options, shutdown  # noqa: E402
-from engine.server import ServerConfig  # noqa: E402
-from engine.service import Service  # noqa: E402
+from engine.scaleout.serve import APP_NAME, ReplicaSpec, deploy, deployment_options, shutdown  # noqa: E402
+from engine.serving.server import ServerConfig  # noqa: E402
+from engine.serving.service import Service  # noqa: E402
 
 NAME = "minilm"
 MAX_QUEUE = 2  # per replica: small, so the 429 test needs few requests

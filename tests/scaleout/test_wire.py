@@ -14,7 +14,7 @@ from ray_helpers import ray_processes, skip_without_ray
 skip_without_ray()
 pytestmark = pytest.mark.ray
 
-from engine.ray_local import DEAD_PROXY, LOOPBACK_ENV  # noqa: E402
+from engine.scaleout.local import DEAD_PROXY, LOOPBACK_ENV  # noqa: E402
 
 
 def is_loopback(ip) -> bool:

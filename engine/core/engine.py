@@ -1,0 +1,213 @@
+"""The engine loop: one thread owns the model, the device and every cache.
+
+``Engine`` resolves a model (folder or hub id), loads its tokenizer, template,
+runner and caches, and starts one thread that repeats:
+    step = scheduler.schedule()      # what to run next (never runs anything)
+    out = runner.execute(step)       # plan, forward, head (never schedules)
+    scheduler.postprocess(step, out) # results back to the requests
+Callers on any thread build requests (engine.core.request), ``submit`` them and wait.
+Every model call (scoring and embedding batches, shared prefixes, KaLM passage
+encoding and decoding, evidence prefill and decode) is a step of this loop.
+"""
+import atexit
+import logging
+import os
+import queue
+import threading
+import weakref
+from typing import Optional, Sequence
+
+import kernels
+from engine.core import decode
+from engine.core import passages
+from engine.models import registry
+from engine.core.cache import PrefixCache
+from engine.prompts.registry import template_class
+from engine.prompts.user_template import PromptTemplate, user_template
+from engine.core.request import Request
+from engine.core.runner import ModelRunner, pick_device, pick_dtype
+from engine.core.scheduler import DecodeStep, PrefillStep, Scheduler
+from engine.prompts.tokenizer import load_tokenizer
+from engine.weights import checkpoint_index, read_config, resolve_model
+
+log = logging.getLogger("engine")
+
+# Loop threads end before the interpreter finalizes: a daemon thread still freeing a model (C++
+# frames on its stack) when finalization stops it would abort the process.
+_STOPPING = threading.Event()
+_LOOPS: "weakref.WeakSet" = weakref.WeakSet()  # the live loop threads
+_SCHEDULERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loops() -> None:
+    _STOPPING.set()
+    for scheduler in list(_SCHEDULERS):
+        scheduler.wake()
+    for thread in list(_LOOPS):
+        thread.join(timeout=5)
+
+
+class Engine:
+    def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None, device=None,
+                 dtype=None, max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+                 template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
+                 label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
+                 passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
+                 decode_cache_bytes: int = 2 << 30, compile: bool = False, quantize: Optional[str] = None):
+        self.folder = resolve_model(model)
+        self.config_dict = read_config(self.folder)
+        self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
+        name = f"{model} {self.folder.name}"  # what the task and template are inferred from
+        self.task = registry.infer_task(spec, name, task, task_default)
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.dtype = pick_dtype(dtype, self.device)
+        # CPU ops run the C++ kernels (csrc/): build or load them now, not in the first request.
+        self.cpu_kernels = "none"
+        if self.device.type == "cpu":
+            mode = kernels.kernel_mode()  # "torch" or "triton" force a path; "auto" prefers the C++ kernels
+            self.cpu_kernels = mode if mode != "auto" else ("csrc" if kernels.csrc_available() else "torch")
+        self.tokenizer = load_tokenizer(self.folder)
+        template_cls = template_class(spec, self.task, template, name)
+        extra: dict = {}
+        if template_cls is PromptTemplate:  # a user's Jinja file or format string
+            extra = user_template(template, template_prefix, template_suffix, spec.tasks[self.task].head)
+        elif template_prefix or template_suffix:
+            raise ValueError("template_prefix/template_suffix go with a format-string template")
+        # Encoder templates read sentence-transformers files and the position limit.
+        if template_cls.needs_model_files:
+            extra.update(folder=self.folder, config=self.config_dict)
+        self.max_length = max_length if max_length is not None else template_cls.default_max_length
+        self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
+        # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
+        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
+        # The model is built and loaded on the loop thread that will run it (see _start).
+        self._start(lambda: ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
+                                        self.tokenizer, label_tokens=label_tokens, compile=compile,
+                                        quantize=quantize))
+        try:
+            model_ = self.runner.model
+            self.prefix_cache = PrefixCache(prefix_cache_bytes)
+            self.passage_cache = None
+            self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
+            if model_.is_encoder_decoder:
+                # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
+                if passage_cache_bytes is None:
+                    passage_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+                self.passage_cache = self._on_thread(lambda: passages.passage_pool(
+                    model_, passage_cache_bytes, cache_cross_kv, self.dtype, self.device,
+                    self.template.document_max_length))
+                self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, bool(cache_cross_kv)
+                self.model_id += "|kv" if cache_cross_kv else "|states"
+            kv_bytes = decode.kv_bytes(model_) if model_.supports_decode else (0, 0)
+            self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache, self.passage_cache,
+                                       decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
+        except BaseException:
+            self._jobs.put(False)  # never made: the thread ends and lets go of the model
+            raise
+        self._jobs.put(None)  # set up: the thread enters the loop
+        log.info("loaded %s (%s, task %s) on %s in %s", self.folder.name, self.arch, self.task, self.device,
+                 str(self.dtype).replace("torch.", ""))
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def head(self):
+        return self.runner.head
+
+    def _start(self, build) -> None:
+        """Start the loop thread; it runs ``build()`` (the runner) and then the set-up jobs of
+        ``_on_thread`` until handed None, then the loop.
+
+        Every parallel torch op of the engine, loading included, runs on this one thread. On CPU
+        each thread that runs parallel ops gets its own OpenMP team, and once a process has more
+        OpenMP threads than cores libgomp stops spinning between parallel regions and sleeps:
+        a one-text forward on 2 cores then takes about 25% longer (bench/RESULTS.md).
+        """
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=Engine._main, args=(weakref.ref(self), self._jobs), name="engine",
+                                        daemon=True)
+        self._thread.start()
+        _LOOPS.add(self._thread)
+        try:
+            self.runner = self._on_thread(build)
+        except BaseException:
+            self._jobs.put(False)  # the engine was never made: the thread ends
+            raise
+
+    def _on_thread(self, fn):
+        """Run ``fn`` on the loop thread before the loop starts; its result or its exception."""
+        box: dict = {}
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    @staticmethod
+    def _main(ref, jobs) -> None:
+        """The loop thread. It holds the engine only through the weak reference ``ref``: once its
+        users drop the engine, the loop ends within a scheduling timeout and frees the model."""
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            if job is False:
+                return
+            fn, box, done = job
+            try:
+                box["value"] = fn()
+            except BaseException as e:
+                box["error"] = e
+            finally:
+                done.set()
+            del job, fn, box, done  # the set-up closures refer to the engine
+        engine = ref()
+        if engine is None:
+            return
+        scheduler, runner = engine.scheduler, engine.runner
+        del engine
+        _SCHEDULERS.add(scheduler)
+        while ref() is not None and not _STOPPING.is_set():
+            Engine._step(scheduler, runner)
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request on the engine loop; wait on the returned request."""
+        if req.done.is_set():
+            return req
+        self.scheduler.add(req)
+        return req
+
+    @staticmethod
+    def _step(scheduler: Scheduler, runner: ModelRunner) -> None:
+        """One turn of the loop: schedule (waiting up to a second), run, hand back."""
+        try:
+            step = scheduler.schedule(timeout=1.0)
+        except BaseException:  # a scheduling bug must not kill the thread that owns the model
+            log.exception("scheduling failed")
+            return
+        if step is None:
+            return
+        try:
+            out = runner.execute(step)
+        except Exception as e:  # e.g. out of memory: fail this step's requests only
+            log.exception("engine step %s failed", type(step).__name__)
+            Engine._fail(scheduler, runner, step, e)
+            return
+        try:
+            scheduler.postprocess(step, out)
+        except Exception as e:
+            log.exception("handing back the results of %s failed", type(step).__name__)
+            Engine._fail(scheduler, runner, step, e)
+
+    @staticmethod
+    def _fail(scheduler: Scheduler, runner: ModelRunner, step, err: Exception) -> None:
+        if isinstance(step, (PrefillStep, DecodeStep)):  # the decode batch's cache goes with its requests
+            runner.drop_decode()
+        scheduler.fail(step, err)

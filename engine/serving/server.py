@@ -1,0 +1,367 @@
+"""The HTTP server: the rerank and embedding APIs clients already speak, over one loaded model.
+
+Routes (DESIGN.md section 3): Cohere/Jina and TEI rerank, vLLM score, TEI and
+OpenAI embeddings, health, models, Prometheus metrics and the OpenAPI spec.
+
+The event loop never runs the model: each request runs in a worker thread, so
+concurrent requests reach the engine together and share its batches. At most
+``max_queue`` requests are admitted at once; beyond that the answer is 429 with
+``Retry-After``. A client that disconnects has its remaining batches cancelled.
+
+Errors are ``{"error": {message, type, param}}``: broken JSON 400, a body of the
+wrong shape or types 422 naming the field, an empty query 400, an unknown
+``model`` 404, too many documents or too large a body 413, a full queue 429, a
+missing or wrong API key 401, a route of the other task (embeddings from a
+reranker) 400 ``unsupported_task``. Unknown fields are ignored. Bodies are read
+as JSON whatever their Content-Type.
+"""
+import asyncio
+import base64
+import logging
+import math
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from engine.serving.gate import Gate
+from engine.serving.metrics import Metrics, MetricsMiddleware
+from engine.classifier import normalize_labels
+from engine.serving.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
+                             EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
+                             TEIRank, error_param, error_response, input_text)
+from engine.core.request import Cancelled
+from engine.serving.service import Service, WrongTask
+
+log = logging.getLogger("engine.serving.server")
+
+
+@dataclass
+class ServerConfig:
+    served_names: List[str]  # the first is reported; all are accepted as ``model``
+    api_key: Optional[str] = None
+    max_queue: int = 128  # requests admitted to the model at once
+    max_documents: int = 100_000  # per request; more -> 413 (there is no lower batch limit)
+    max_pairs: int = 100_000  # /v1/classify: inputs x labels per request; more -> 413
+    strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
+    max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0  # a body not received within this many seconds -> 408
+    retry_after_s: int = 1
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def served_names(model: str, name: Optional[str]) -> List[str]:
+    """``--served-model-name`` (comma-separated aliases), then the model as given and its folder name."""
+    names = [n.strip() for n in (name or "").split(",") if n.strip()] + [model, Path(model).name]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _finite(result) -> bool:
+    """No NaN or Inf anywhere in a handler's result (JSON cannot carry them)."""
+    if isinstance(result, float):
+        return math.isfinite(result)
+    if isinstance(result, np.ndarray):
+        return bool(np.isfinite(result).all()) if result.dtype.kind == "f" else True
+    if isinstance(result, dict):
+        return all(_finite(v) for v in result.values())
+    if isinstance(result, (list, tuple)):
+        return all(_finite(v) for v in result)
+    return True
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.type = type or ERROR_TYPES.get(status, "server_error")
+
+
+class Server:
+    """Routes and admission for one ``Service``."""
+
+    def __init__(self, service: Service, config: ServerConfig):
+        self.service, self.config = service, config
+        self.metrics = Metrics(service.stats)
+        self.pool = ThreadPoolExecutor(max_workers=config.max_queue, thread_name_prefix="engine-worker")
+        self.in_flight = 0  # touched only on the event loop
+        self.cancels: "set[threading.Event]" = set()  # of the requests in flight
+
+    @property
+    def name(self) -> str:
+        return self.config.served_names[0]
+
+    def check_model(self, model: Optional[str]):
+        # Without --served-model-name any name is accepted (as TEI does: clients send the name their tool
+        # defaults to, e.g. "rerank-v3.5") and responses carry the served name; with it, names are strict.
+        if self.config.strict_names and model is not None and model not in self.config.served_names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}", "model")
+
+    def check_text_only(self, items, param: str):
+        """Inputs with images (lists of parts) need a model that takes them."""
+        if self.service.multimodal:
+            return
+        for i, x in enumerate(items):
+            if not isinstance(x, str):
+                raise ApiError(400, f"{param}[{i}] holds an image; this server's model takes text only",
+                               f"{param}[{i}]")
+
+    def check_count(self, n: int, param: str):
+        if n > self.config.max_documents:
+            raise ApiError(413, f"{n} {param} is more than this server's limit of {self.config.max_documents} "
+                                f"per request (--max-documents)", param)
+
+    async def call(self, request: Request, endpoint: str, fn, *args, **kwargs):
+        """Run ``fn(*args, cancel=event, **kwargs)`` in a worker thread; cancel it if the client leaves."""
+        if self.in_flight >= self.config.max_queue:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"server busy: {self.in_flight} requests in flight (--max-queue); retry later",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
+        cancel = threading.Event()
+        self.cancels.add(cancel)
+        watcher = asyncio.ensure_future(self._watch(request, cancel))
+        try:
+            loop = asyncio.get_running_loop()
+            result, tokens = await loop.run_in_executor(self.pool, partial(fn, *args, cancel=cancel, **kwargs))
+        except Cancelled:
+            self.metrics.cancelled.inc()
+            raise ApiError(499, "the client closed the request")
+        except WrongTask as e:
+            raise ApiError(400, str(e), type="unsupported_task")
+        except (ValueError, UnicodeError) as e:  # the engine's checks of the input
+            raise ApiError(400, str(e))
+        finally:
+            watcher.cancel()
+            self.cancels.discard(cancel)
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+        if not _finite(result):
+            raise ApiError(500, "the model produced a non-finite score or embedding (NaN or Inf): its weights or "
+                                "the input are broken", type="server_error")
+        self.metrics.request_tokens.labels(endpoint).observe(tokens)
+        return result, tokens
+
+    @staticmethod
+    async def _watch(request: Request, cancel: threading.Event):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                cancel.set()
+                return
+
+    # Handlers
+
+    async def rerank(self, body: RerankRequest, request: Request):
+        self.check_model(body.model)
+        if isinstance(body.query, str) and not body.query.strip():
+            raise ApiError(400, "query must not be empty", "query")
+        if body.texts is not None and body.documents is not None:
+            raise ApiError(422, "give either documents (Cohere/Jina) or texts (TEI), not both", "texts")
+        tei = body.texts is not None
+        docs = body.texts if tei else body.documents
+        if docs is None:
+            raise ApiError(422, "documents is required", "documents")
+        self.check_count(len(docs), "texts" if tei else "documents")
+        self.check_text_only([body.query], "query")
+        self.check_text_only(docs, "documents")
+        top_n = body.top_n if body.top_n is not None else body.top_k
+        ranked, tokens = await self.call(
+            request, "rerank", self.service.rank, body.query, docs, top_n=top_n,
+            instruction=body.instruction if body.instruction is not None else body.instruct,
+            max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
+            raw_scores=tei and body.raw_scores, min_score=body.min_score,
+            **({"compression_ratio": body.compression_ratio} if body.compression_ratio is not None else {}),
+            **({"return_evidence": True, "evidence_threshold": body.evidence_threshold,
+                "max_new_tokens": body.max_new_tokens} if body.return_evidence else {}))
+        if tei:
+            out = []
+            for r in ranked:
+                item = {"index": r["index"], "score": r["score"]}
+                if body.return_text:
+                    item["text"] = input_text(docs[r["index"]])
+                out.append(item)
+            return JSONResponse(out)
+        results = []
+        for r in ranked:
+            item = {"index": r["index"], "relevance_score": r["score"]}
+            if body.return_documents:
+                item["document"] = {"text": input_text(docs[r["index"]])}  # an image document: its text part
+            if body.return_evidence:
+                for key in ("contribution", "evidence", "raw_output"):
+                    item[key] = r.get(key)
+            results.append(item)
+        return JSONResponse({"id": str(uuid.uuid4()), "model": self.name, "results": results,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def score(self, body: ScoreRequest, request: Request):
+        self.check_model(body.model)
+        q, d = body.text_1, body.text_2
+        if len(q) == 1 and len(d) != 1:
+            q = q * len(d)
+        if len(q) != len(d):
+            raise ApiError(400, f"text_1 has {len(q)} texts and text_2 {len(d)}: give one text_1, "
+                                f"or lists of equal length", "text_2")
+        self.check_count(len(d), "text_2")
+        self.check_text_only(body.text_1, "text_1")
+        self.check_text_only(d, "text_2")
+        scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
+        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                             "model": self.name,
+                             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _embed(self, request: Request, texts, dimensions, **kwargs):
+        self.check_count(len(texts), "input")
+        if self.service.embedder is None:  # refuse before queueing
+            raise ApiError(400, f"this server hosts a {self.service.task} model; embeddings need an embedding "
+                                f"model (serve one with --task embed)", type="unsupported_task")
+        if dimensions is not None and dimensions > self.service.dimension:
+            raise ApiError(400, f"dimensions={dimensions} is larger than the embedding size "
+                                f"{self.service.dimension}", "dimensions")
+        return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
+
+    async def tei_embed(self, body: EmbedRequest, request: Request):
+        emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
+                                   instruction=body.instruction, left=body.truncation_direction.lower() == "left")
+        return JSONResponse(emb.tolist())
+
+    async def embeddings(self, body: EmbeddingsRequest, request: Request):
+        self.check_model(body.model)
+        inputs, instruction = body.input, body.instruction
+        if (inputs is None) == (body.messages is None):
+            raise ApiError(422, "give either input or messages", "input")
+        if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
+            system = [input_text(m.content) for m in body.messages if m.role == "system"]
+            parts = []
+            for m in body.messages:
+                if m.role != "system":
+                    parts += [m.content] if isinstance(m.content, str) else list(m.content)
+            instruction = "\n".join(system) if system else instruction
+            inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
+            self.check_text_only(inputs, "messages")
+        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
+        else:
+            vectors = emb.tolist()
+        return JSONResponse({"object": "list", "model": self.name,
+                             "data": [{"object": "embedding", "index": i, "embedding": v}
+                                      for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def index(self, body: IndexRequest, request: Request):
+        self.check_model(body.model)
+        self.check_count(len(body.documents), "documents")
+        out, tokens = await self.call(request, "index", self.service.index, body.documents,
+                                      compression_ratio=body.compression_ratio)
+        return JSONResponse({"object": "index", "model": self.name, **out,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def classify(self, body: ClassifyRequest, request: Request):
+        self.check_model(body.model)
+        self.check_count(len(body.input), "input")
+        pairs = len(body.input) * len(normalize_labels(body.labels)[0])  # labels were validated with the body
+        if pairs > self.config.max_pairs:
+            raise ApiError(413, f"{len(body.input)} inputs x {pairs // len(body.input)} labels = {pairs} pairs is more "
+                                f"than this server's limit of {self.config.max_pairs} per request (--max-pairs)",
+                           "labels")
+        data, tokens = await self.call(request, "classify", self.service.classify, body.input, body.labels,
+                                       multi_label=body.multi_label, threshold=body.threshold,
+                                       instruction=body.instruction)
+        return JSONResponse({"object": "list", "model": self.name, "data": data,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.config.created,
+                                            "owned_by": "rerank-engine", "task": self.service.task,
+                                            "max_model_len": self.service.max_length}]}
+
+    async def metrics_text(self):
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        return error_response(400, f"invalid JSON: {bad_json.get('ctx', {}).get('error', 'decode error')} "
+                           f"at position {bad_json['loc'][-1]}")
+    parts = [f"{error_param(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
+    return error_response(422, "; ".join(parts), error_param(errors[0]["loc"]) if errors else None)
+
+
+def _http_error(request: Request, exc: HTTPException):
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def _api_error(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.param, exc.type, exc.headers)
+
+
+def _server_error(request: Request, exc: Exception):
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)  # not in an except block: pass exc
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+async def health():
+    return {"status": "ok"}
+
+
+def create_app(service: Service, config: ServerConfig) -> FastAPI:
+    """The ASGI app; run it with uvicorn (``rerank-engine serve``)."""
+    server = Server(service, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        log.info("API key %s", "required on every route but /health" if config.api_key
+                 else "not required (no --api-key)")
+        yield
+        # Past the graceful timeout, work still in flight is cancelled at its next engine step.
+        for cancel in list(server.cancels):
+            cancel.set()
+        server.pool.shutdown(wait=True)
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
+    app = FastAPI(title="rerank-engine", version="0.1.0", lifespan=lifespan, responses=errors)
+    app.state.server = server
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        app.add_api_route(path, server.rerank, methods=["POST"], summary="Rerank (Cohere/Jina; TEI with texts)",
+                          responses={200: {"model": Union[RerankResponse, List[TEIRank]]}})
+    app.add_api_route("/v1/score", server.score, methods=["POST"], summary="Score pairs (vLLM)",
+                      responses={200: {"model": ScoreResponse}})
+    app.add_api_route("/embed", server.tei_embed, methods=["POST"], summary="Embed (TEI)",
+                      responses={200: {"model": List[List[float]]}})
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
+                      responses={200: {"model": EmbeddingsResponse}})
+    app.add_api_route("/v1/index", server.index, methods=["POST"],
+                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)")
+    app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
+                      responses={200: {"model": ClassifyResponse}})
+    app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics",
+                      response_class=Response,
+                      responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                       "description": "Prometheus text exposition format"}})
+    app.add_api_route("/health", health, methods=["GET"], summary="Liveness (no API key)")
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       body_timeout_s=config.body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics, paths=[r.path for r in app.routes])
+    return app

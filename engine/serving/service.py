@@ -1,0 +1,192 @@
+"""The model behind the server and the CLI: one loaded engine answering rank, score and embed calls.
+
+Calls are synchronous and safe to make from many threads at once; the server
+runs each request in a worker thread, so concurrent requests reach the engine
+loop together and share its batches. An embed-task model serves rerank too (by
+cosine, as ``Reranker`` over an embedding model does), from the same weights.
+
+Long texts are always truncated, never rejected: to the model's context by the
+template, or here, at a token boundary, to ``max_tokens_per_doc`` or from the
+left end (TEI ``truncation_direction``). Texts are cut by characters before any
+tokenizer sees them (engine.prompts.tokenizer.clip_text), so a huge document costs memory
+for the part that is used only. Usage counts (``prompt_tokens``) are the engine's
+own: the tokens of every sequence as the model sees it, shared prefix included.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from engine.api import Embedder, Reranker
+from engine.classifier import Classifier, normalize_labels
+from engine.core.request import Cancelled
+from engine.prompts.tokenizer import clip_text
+
+
+class WrongTask(ValueError):
+    """The request needs the other kind of model (e.g. embeddings from a reranker)."""
+
+
+class Service:
+    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: Optional[int] = None,
+                 max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
+                 template_prefix: str = "", template_suffix: str = "", label_tokens=None, compile: bool = False,
+                 allow_url_images: bool = False, max_images: Optional[int] = 32,
+                 image_max_pixels: Optional[int] = None, quantize: Optional[str] = None):
+        self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
+                                 max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
+                                 template_suffix=template_suffix, label_tokens=label_tokens, compile=compile,
+                                 quantize=quantize)
+        self.engine = self.reranker.engine
+        self.task = self.engine.task
+        self.embedder = Embedder.from_engine(self.engine) if self.task == "embed" else None
+        self.classifier = Classifier(reranker=self.reranker)
+        tpl = self.engine.template
+        # Models that take images (Qwen3-VL): queries and documents may be lists of parts with images.
+        self.multimodal = tpl.multimodal
+        if self.multimodal:
+            opts = tpl.image_options
+            opts.allow_urls, opts.max_images = bool(allow_url_images), max_images  # None: no cap
+            if image_max_pixels is not None:
+                opts.max_pixels = int(image_max_pixels)
+        self.max_length = int(tpl.max_length)  # encoders cap it at their positions
+        # Cutting at token boundaries uses a private copy of the Rust tokenizer that is never
+        # reconfigured (the engine's is reconfigured per call, under its lock, on the tokenizer thread).
+        self.cutter = Tokenizer.from_str(self.engine.tokenizer.backend_tokenizer.to_str())
+        self.cutter.no_truncation()
+        self.cutter.no_padding()
+        # What the template adds around a text, for left truncation: [query-side, per document].
+        if self.task == "embed":
+            self._overhead = (len(tpl.encode([""], is_query=True).ids[0]), len(tpl.encode([""]).ids[0]))
+        else:
+            self._overhead = (len(tpl.encode([""], [""]).ids[0]), 0)
+        if warmup:
+            self.reranker.rank("warm up", ["warm up"])
+            if self.embedder is not None:
+                self.embedder.embed(["warm up"])
+
+    @property
+    def dimension(self) -> Optional[int]:
+        return self.embedder.dimension if self.embedder is not None else None
+
+    def stats(self) -> dict:
+        """Cumulative engine figures: per-request sums (tokens_computed, tokens_saved, forward_s), with
+        engine-wide counts (batches, active requests, peak batch tokens) from the scheduler."""
+        out = dict(self.reranker.stats)
+        out.update(self.reranker.cache_stats())
+        if self.embedder is not None:
+            for k, v in list(self.embedder.stats.items()):
+                out[k] = out.get(k, 0) + v
+        sched = self.engine.scheduler
+        # Engine-wide counts, updated as each batch finishes (per-request sums arrive only when a request
+        # ends, and a shared batch would count once per request in it); a cancelled request stops adding.
+        out["batches"] = sched.totals["batches"]
+        out["tokens_computed"] = sched.totals["tokens_computed"]
+        out["tokens_saved"] = sched.totals["tokens_saved"]
+        out["peak_batch_tokens"] = sched.peak_batch_tokens
+        out["active_requests"] = sched.queue_depth()
+        return out
+
+    def _count(self, text) -> int:
+        if not isinstance(text, str):  # an input with images: its text part
+            text = "".join(p.get("text", "") if isinstance(p, dict) else p for p in text)
+        return len(self.cutter.encode(clip_text(self.engine.tokenizer, text, self.max_length),
+                                      add_special_tokens=False).ids)
+
+    def _fit(self, texts: Sequence[str], limit: Optional[int], left: bool) -> List[str]:
+        """Each text cut to at most ``limit`` tokens (keeping its end when ``left``)."""
+        if limit is None:
+            return list(texts)
+        out = []
+        for t in texts:
+            if not isinstance(t, str):  # an input with images is truncated by the template
+                out.append(t)
+                continue
+            t = clip_text(self.engine.tokenizer, t, limit, from_end=left)
+            e = self.cutter.encode(t, add_special_tokens=False)
+            n = len(e.ids)
+            if n > limit:
+                t = t[e.offsets[n - limit][0]:] if left else t[:e.offsets[limit - 1][1]]
+            out.append(t)
+        return out
+
+    def _limit(self, overhead: int, max_tokens: Optional[int], left: bool) -> Optional[int]:
+        # Right truncation of what does not fit is the template's job; cutting from the left has to
+        # happen here, to the room the template leaves for the text.
+        room = max(1, self.max_length - overhead) if left else None
+        if max_tokens is None:
+            return room
+        return max_tokens if room is None else min(max_tokens, room)
+
+    def _query_overhead(self, query: str, instruction: Optional[str]) -> int:
+        """Tokens around a document in a rerank pair: the template with the query and no document."""
+        if self.task == "embed":
+            return self._overhead[1]
+        extra = self._count(query) + (self._count(instruction) if instruction is not None else 0)
+        return self._overhead[0] + extra
+
+    # Calls
+
+    def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
+             instruction: Optional[str] = None, max_tokens_per_doc: Optional[int] = None, left: bool = False,
+             raw_scores: bool = False, cancel=None, min_score: Optional[float] = None,
+             **generate) -> Tuple[List[dict], int]:
+        """(``[{index, score}]`` sorted by score, prompt tokens).
+
+        ``raw_scores`` (TEI): the exact logit before the activation; a cosine is already raw.
+        """
+        if not documents:
+            return [], 0
+        overhead = self._query_overhead(query, instruction) if left else 0
+        docs = self._fit(documents, self._limit(overhead, max_tokens_per_doc, left), left)
+        call: dict = {}
+        ranked = self.reranker.rank(query, docs, top_n=top_n, instruction=instruction, return_documents=False,
+                                    cancel=cancel, raw_scores=raw_scores, min_score=min_score, stats=call,
+                                    **generate)  # return_evidence, evidence_threshold, max_new_tokens
+        return ranked, int(call.get("prompt_tokens", 0))
+
+    def score(self, queries: Sequence[str], documents: Sequence[str], instruction: Optional[str] = None,
+              cancel=None, raw_scores: bool = False) -> Tuple[List[float], int]:
+        """(scores of the pairs in order, or their exact logits with ``raw_scores``; prompt tokens)."""
+        if not queries:
+            return [], 0
+        call: dict = {}
+        scores = self.reranker.predict(list(zip(queries, documents)), instruction=instruction, cancel=cancel,
+                                       raw_scores=raw_scores, stats=call)
+        return scores, int(call.get("prompt_tokens", 0))
+
+    def embed(self, texts: Sequence[str], dimensions: Optional[int] = None, normalize: bool = True,
+              instruction: Optional[str] = None, max_tokens: Optional[int] = None, left: bool = False,
+              cancel=None) -> Tuple[np.ndarray, int]:
+        """(``[n, d]`` float32 embeddings, prompt tokens); ``instruction`` embeds the texts as queries."""
+        if self.embedder is None:
+            raise WrongTask(f"this server hosts a {self.task} model; embeddings need an embedding model "
+                            f"(serve one with --task embed)")
+        if dimensions is not None and dimensions > self.dimension:
+            raise ValueError(f"dimensions={dimensions} is larger than the embedding size {self.dimension}")
+        overhead = 0
+        if left:
+            overhead = self._overhead[1] if instruction is None else self._overhead[0] + self._count(instruction)
+        cut = self._fit(texts, self._limit(overhead, max_tokens, left), left)
+        call: dict = {}
+        emb = self.embedder.embed(cut, dimensions=dimensions, instruction=instruction,
+                                  is_query=instruction is not None, normalize=normalize, cancel=cancel, stats=call)
+        return emb, int(call.get("prompt_tokens", 0))
+
+    def classify(self, texts: Sequence[str], labels, multi_label: bool = False, threshold: Optional[float] = None,
+                 instruction: Optional[str] = None, cancel=None) -> Tuple[List[dict], int]:
+        """(``[{index, label, scores}]``, prompt tokens): every text against every label description."""
+        normalize_labels(labels)
+        stats: dict = {}
+        out = self.classifier.classify(texts, labels, instruction=instruction, multi_label=multi_label,
+                                       threshold=threshold, stats=stats, cancel=cancel)
+        return out, int(stats.get("prompt_tokens", 0))
+
+    def index(self, documents: Sequence[str], compression_ratio: Optional[int] = None,
+              cancel=None) -> Tuple[dict, int]:
+        """Pre-encode passages into the passage cache (KaLM-Reranker): (counts, prompt tokens)."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("request cancelled")
+        call: dict = {}
+        out = self.reranker.index(documents, compression_ratio=compression_ratio, stats=call)
+        return out, int(call.get("prompt_tokens", 0))
