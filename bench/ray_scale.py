@@ -123,6 +123,7 @@ def load(url: str, requests, clients: int):
 
 
 def bench_http(args):
+    from engine.config import EngineConfig
     from engine.scaleout.serve import ReplicaSpec, deploy, deployment_options, shutdown
     from engine.serving.server import ServerConfig
 
@@ -147,8 +148,8 @@ def bench_http(args):
     for n in args.replicas:
         port = free_port()
         cpus = max(1, args.threads // n)
-        spec = ReplicaSpec(model=args.model, config=ServerConfig(served_names=["bench"]),
-                           service={"device": args.device}, threads=cpus)
+        spec = ReplicaSpec(engine=EngineConfig(model=args.model, device=args.device),
+                           server=ServerConfig(served_names=["bench"]), threads=cpus)
         deploy(spec, deployment_options(n, max_queue=128, gpus=args.device.startswith("cuda"), cpus=cpus),
                "127.0.0.1", port)
         url = f"http://127.0.0.1:{port}"

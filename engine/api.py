@@ -4,11 +4,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.core.cache import PassageCache
-from engine.default_model import default_model_path
+from engine.config import EngineConfig
 from engine.core.engine import Engine
 from engine.models.heads import YesNoHead, matryoshka
 from engine.core.passages import check_ratio
-from engine.core.request import PassageRequest, ScoreRequest, merge_stats
+from engine.core.request import merge_stats
+from engine.core.steps.passage import PassageRequest
+from engine.core.steps.score import ScoreRequest
 from engine.sequence import Seq, Seqs
 
 # Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
@@ -51,26 +53,23 @@ class Reranker:
     """
 
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
-                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None, share_prefix: bool = True,
-                 template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
+                 max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+                 share_prefix: Optional[bool] = None, template: Optional[str] = None,
+                 template_prefix: Optional[str] = None, template_suffix: Optional[str] = None,
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
-                 cache_cross_kv: bool = False, compile: bool = False, quantize: Optional[str] = None):
-        # template: a built-in prompt ("qwen3", "prism", "querit"; a model named *prism* gets Prism's), a
-        # Jinja template file, or a format string with {query}, {document} and {instruction} (between
-        # template_prefix and template_suffix). label_tokens: the yes/no answers, e.g. ("true", "false").
-        # max_length: tokens per sequence (default: the template's, 8192; Querit 4096).
-        # Encoder-decoder rerankers (KaLM-Reranker) score through a paged passage cache: its budget in
-        # bytes (default 1 GiB on CUDA, 256 MiB on CPU) and whether it holds each decoder layer's cross
-        # K/V instead of the pooled encoder states. compile: run the scoring forward through
-        # torch.compile (off by default: see bench/RESULTS.md for what it gives). quantize="int8": dynamic
-        # int8 linear layers on CPU (opt-in; drift and speed in bench/RESULTS.md).
-        model = default_model_path() if model is None else model  # all-MiniLM-L6-v2: bi-encoder ranking
-        self.engine = Engine(model, task=task, task_default="rerank", device=device, dtype=dtype,
-                             max_length=max_length, max_batch_tokens=max_batch_tokens, template=template,
-                             template_prefix=template_prefix, template_suffix=template_suffix,
-                             label_tokens=label_tokens, passage_cache_bytes=passage_cache_bytes,
-                             cache_cross_kv=cache_cross_kv, compile=compile, quantize=quantize)
-        self.share_prefix = share_prefix
+                 cache_cross_kv: Optional[bool] = None, compile: Optional[bool] = None,
+                 quantize: Optional[str] = None, config: Optional[EngineConfig] = None):
+        # Every option is a field of EngineConfig, where its default and meaning are written down;
+        # a keyword argument left at None keeps the value of ``config`` (or the default).
+        # ``model=None`` (and no config.model): the bundled all-MiniLM-L6-v2, ranking by cosine.
+        self.config = EngineConfig.build(
+            config, model=model, task=task, device=device, dtype=dtype, max_length=max_length,
+            max_batch_tokens=max_batch_tokens, share_prefix=share_prefix, template=template,
+            template_prefix=template_prefix, template_suffix=template_suffix, label_tokens=label_tokens,
+            passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv, compile=compile,
+            quantize=quantize)
+        self.engine = Engine(self.config, task_default="rerank")
+        self.share_prefix = self.config.share_prefix
         self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
@@ -306,13 +305,16 @@ class Embedder:
 
     def __init__(self, model=None, task: Optional[str] = None, device=None, dtype=None,
                  max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 compile: bool = False, quantize: Optional[str] = None):
-        model = default_model_path() if model is None else model  # all-MiniLM-L6-v2
-        self.engine = Engine(model, task=task or None, task_default="embed", device=device, dtype=dtype,
-                             max_length=max_length, max_batch_tokens=max_batch_tokens, compile=compile,
-                             quantize=quantize)
+                 compile: Optional[bool] = None, quantize: Optional[str] = None,
+                 config: Optional[EngineConfig] = None):
+        # As Reranker: keyword arguments left at None keep ``config``'s values (EngineConfig).
+        self.config = EngineConfig.build(config, model=model, task=task, device=device, dtype=dtype,
+                                         max_length=max_length, max_batch_tokens=max_batch_tokens, compile=compile,
+                                         quantize=quantize)
+        self.engine = Engine(self.config, task_default="embed")
         if self.engine.task != "embed":
-            raise ValueError(f"{model} was loaded as a {self.engine.task} model; Embedder needs task='embed'")
+            raise ValueError(f"{self.config.model or 'the model'} was loaded as a {self.engine.task} model; "
+                             f"Embedder needs task='embed'")
         self.stats: Dict[str, float] = {}
 
     @classmethod
@@ -322,7 +324,7 @@ class Embedder:
         if engine.task != "embed":
             raise ValueError(f"the engine holds a {engine.task} model; Embedder needs task='embed'")
         self = cls.__new__(cls)
-        self.engine, self.stats = engine, {}
+        self.engine, self.config, self.stats = engine, engine.config, {}
         return self
 
     @property

@@ -5,20 +5,37 @@ is the best-scoring label, or every label at or above ``threshold`` when
 ``multi_label``. The text is the shared prefix of its pairs, so an LLM
 reranker computes it once for all of its labels.
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from engine.api import Reranker
+from engine.config import EngineConfig
 from engine.prompts.templates import check_texts
 
 CLASSIFY_INSTRUCTION = "Given a piece of text, retrieve relevant label descriptions that best match the text"
 
-Labels = Union[Sequence[str], Mapping[str, str]]
+@dataclass(frozen=True)
+class LabelSet:
+    """Labels checked once per request: their names and the descriptions the reranker scores."""
+
+    names: Tuple[str, ...]
+    descriptions: Tuple[str, ...]
+
+    def __iter__(self):  # names, descs = normalize_labels(labels)
+        return iter((list(self.names), list(self.descriptions)))
 
 
-def normalize_labels(labels: Labels) -> "tuple[List[str], List[str]]":
-    """(names, descriptions) from a list of names or a {name: description} mapping."""
+Labels = Union[Sequence[str], Mapping[str, str], LabelSet]
+
+
+def normalize_labels(labels: Labels) -> LabelSet:
+    """The names and descriptions of a list of names or a {name: description} mapping, checked.
+    A LabelSet is already checked: it is returned as it is, so each request checks its labels once
+    (at the HTTP boundary, or in ``Classifier.classify``)."""
+    if isinstance(labels, LabelSet):
+        return labels
     if isinstance(labels, str):
         raise TypeError("labels must be a list of strings or a {name: description} mapping, not a string")
     if isinstance(labels, Mapping):
@@ -41,14 +58,18 @@ def normalize_labels(labels: Labels) -> "tuple[List[str], List[str]]":
         if n in seen:
             raise ValueError(f"duplicate label {n!r}")
         seen.add(n)
-    return names, descs
+    return LabelSet(tuple(names), tuple(descs))
 
 
 class Classifier:
     """``Classifier(model).classify(texts, labels)`` with any reranker the engine serves."""
 
-    def __init__(self, model=None, reranker: Optional[Reranker] = None, **kwargs):
-        self.reranker = reranker if reranker is not None else Reranker(model, **kwargs)
+    def __init__(self, model=None, reranker: Optional[Reranker] = None, config: Optional[EngineConfig] = None,
+                 **options):
+        # options: Reranker's keyword arguments (fields of EngineConfig), as is ``config``.
+        if reranker is not None and (model is not None or config is not None or options):
+            raise ValueError("Classifier takes a reranker, or a model and its options, not both")
+        self.reranker = reranker if reranker is not None else Reranker(model, config=config, **options)
 
     def _instruction(self, instruction: Optional[str]) -> Optional[str]:
         if instruction is not None:
@@ -63,7 +84,7 @@ class Classifier:
         if isinstance(texts, str):
             texts = [texts]
         texts = check_texts(texts, "texts")
-        names, descs = normalize_labels(labels)
+        names, descs = normalize_labels(labels)  # a LabelSet (from classify) is not checked again
         if not texts:
             return np.zeros((0, len(names)), dtype=np.float32)
         pairs = [(t, d) for t in texts for d in descs]
@@ -76,7 +97,8 @@ class Classifier:
         """``[{index, label, scores: {label: score}}]``; ``label`` is a list when ``multi_label``."""
         if threshold is not None and not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
-        names, _ = normalize_labels(labels)
+        labels = normalize_labels(labels)
+        names = list(labels.names)
         s = self.scores(texts, labels, instruction, stats, cancel)
         out = []
         for i, row in enumerate(s):

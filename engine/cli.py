@@ -32,34 +32,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _model_args(p: argparse.ArgumentParser, positional: bool = False):
+def _model_args(p: argparse.ArgumentParser, command: str, positional: bool = False):
+    """The model, the logging switches and one flag per engine option (engine.config.EngineConfig)."""
+    from engine.config import EngineConfig, cli_fields
+
     # No model: the bundled all-MiniLM-L6-v2 (the default-model extra), so a fresh offline machine works.
-    help_ = "a local model folder or a hub id (default: the bundled all-MiniLM-L6-v2)"
+    help_ = EngineConfig.__dataclass_fields__["model"].metadata["help"]
     if positional:
         p.add_argument("model", nargs="?", default=None, help=help_)
     else:
         p.add_argument("--model", default=None, help=help_)
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.add_argument("--task", choices=["rerank", "embed"], default=None,
-                   help="default: what the model's name says (Reranker / Embedding)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="CPU only: dynamic int8 linear layers (opt-in; see bench/RESULTS.md for speed and drift)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per sequence; longer inputs are truncated (default: the model's template, 8192)")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
-    p.add_argument("--compile", action="store_true",
-                   help="run the scoring forward through torch.compile (slower start; see bench/RESULTS.md)")
-    p.add_argument("--template", default=None,
-                   help="prompt of a yes/no or 2-way reranker: qwen3, prism, querit, a Jinja template file "
-                        "(rendered with query, document, instruction) or a format string with {query}, {document} "
-                        "and {instruction} (default: the model's own; Prism's for models named *prism*)")
-    p.add_argument("--template-prefix", default="", help="literal text before a format-string --template")
-    p.add_argument("--template-suffix", default="", help="literal text after a format-string --template")
-    p.add_argument("--label-tokens", default=None,
-                   help="the yes/no answers of a yes/no reranker, comma-separated (default: yes,no)")
+    for f, flag, meta in cli_fields(command):
+        default = meta["command_defaults"].get(command, f.default)
+        kw = dict(dest=f.name, default=default, help=meta["help"])
+        kind = meta["kind"]
+        if kind == "bool":
+            kw["action"] = "store_true"
+        elif kind == "bool?":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is int:
+            kw["type"] = _positive_int
+        elif kind == "csv":
+            kw["type"] = lambda text: tuple(text.split(","))
+        if meta["choices"]:
+            kw["choices"] = list(meta["choices"])
+        p.add_argument(flag, **kw)
+
+
+def _config(args, task: Optional[str] = None):
+    """The EngineConfig of a command's flags (``task``: the command's own, unless --task says)."""
+    from engine.config import EngineConfig, cli_fields
+
+    options = {f.name: getattr(args, f.name) for f, _, _ in cli_fields(args.command)}
+    options["task"] = options["task"] or task
+    return EngineConfig(model=args.model, **options)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve one model over HTTP")
-    _model_args(s, positional=True)
+    _model_args(s, "serve", positional=True)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--api-key", default=os.environ.get("RERANK_ENGINE_API_KEY"),
@@ -101,17 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--replica-cpus", type=float, default=1.0, help="CPU cores per replica on CPU nodes (default 1)")
     s.add_argument("--ray-address", default=None,
                    help="with --replicas: the Ray cluster to join (default: start a local one on 127.0.0.1)")
-    # Models that take images (Qwen3-VL)
-    s.add_argument("--allow-url-images", action="store_true",
-                   help="fetch http(s) image URLs (off: any client could make the server fetch any URL); "
-                        "with a 32 MiB cap, a 10 s timeout and 3 redirects at most")
-    s.add_argument("--max-images", type=_positive_int, default=32, help="images per request; more get 400")
-    s.add_argument("--image-max-pixels", type=_positive_int, default=None,
-                   help="resize cap of an image (default 1,843,200 as the official Qwen3-VL code; "
-                        "servers reading preprocessor_config.json use 1,310,720)")
+    # The image options of Qwen3-VL (--allow-url-images, --max-images, --image-max-pixels) come with the
+    # engine options: EngineConfig's fields marked for serve.
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
-    _model_args(r)
+    _model_args(r, "rank")
     r.add_argument("--query", required=True, help="the query the documents are ranked against")
     r.add_argument("--documents", required=True, help="JSONL: one string or {\"text\": ...} per line")
     r.add_argument("--top-n", type=int, default=None, help="keep the best N documents (default: all)")
@@ -120,13 +122,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="the exact logits (l_yes - l_no for yes/no rerankers) instead of the scores")
 
     e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
-    _model_args(e)
+    _model_args(e, "embed")
     e.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
     e.add_argument("--output", required=True, help="FILE.npy ([n, d] float32) or FILE.jsonl (one list per line)")
     e.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
     e.add_argument("--instruction", default=None, help="embed the texts as queries with this task instruction")
     c = sub.add_parser("classify", help="zero-shot classify the texts of a JSONL file; prints JSON lines")
-    _model_args(c)
+    _model_args(c, "classify")
     c.add_argument("--labels", required=True, help="JSON file: a list of label names or {name: description}")
     c.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
     c.add_argument("--multi-label", action="store_true", help="every label scoring at least --threshold")
@@ -138,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="batch_task", required=True)
     for task, what in (("rank", "score the query/document pairs"), ("embed", "embed the texts")):
         t = bsub.add_parser(task, help=f"{what} of a parquet or JSONL file into parquet")
-        _model_args(t)
+        _model_args(t, "batch")
         t.add_argument("--input", required=True,
                        help="parquet or JSONL with " + ("query and document (or text)" if task == "rank" else "text")
                             + " columns and an optional id column (default: the row number)")
@@ -181,23 +183,11 @@ def read_jsonl(path: str) -> list:
     return out
 
 
-def _service_kwargs(args, task: Optional[str] = None) -> dict:
-    labels = None if args.label_tokens is None else [t for t in args.label_tokens.split(",")]
-    return dict(task=args.task or task, device=args.device, dtype=args.dtype, max_length=args.max_length,
-                max_batch_tokens=args.max_batch_tokens, template=args.template,
-                template_prefix=args.template_prefix, template_suffix=args.template_suffix, label_tokens=labels,
-                compile=getattr(args, "compile", False), quantize=getattr(args, "quantize", None),
-                # serve's image options; the offline commands fetch no URLs and cap no image count
-                allow_url_images=getattr(args, "allow_url_images", False),
-                max_images=getattr(args, "max_images", None),
-                image_max_pixels=getattr(args, "image_max_pixels", None))
-
-
 def _service(args, task: Optional[str] = None, warmup: bool = False):
     from engine.serving.service import Service
 
     # Only the server warms up (its first request should not pay for it); offline commands go straight on.
-    return Service(args.model, warmup=warmup, **_service_kwargs(args, task))
+    return Service(config=_config(args, task), warmup=warmup)
 
 
 def _chunks(n: int, desc: str):
@@ -210,16 +200,9 @@ def _chunks(n: int, desc: str):
     bar.close()
 
 
-def _text_part(doc) -> str:
-    """A document's text; for an image document (a dict), its text part."""
-    if isinstance(doc, str):
-        return doc
-    content = doc.get("content", doc.get("text", ""))
-    parts = content if isinstance(content, list) else [content]
-    return "".join(p if isinstance(p, str) else p.get("text", "") if isinstance(p, dict) else "" for p in parts)
-
-
 def cmd_rank(args) -> int:
+    from engine.prompts.inputs import text_part
+
     if args.top_n is not None and args.top_n < 1:
         raise SystemExit("--top-n must be a positive integer")
     docs = read_jsonl(args.documents)
@@ -232,7 +215,7 @@ def cmd_rank(args) -> int:
                              raw_scores=args.raw_scores)
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": _text_part(docs[i])}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": text_part(docs[i])}} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)
@@ -316,7 +299,7 @@ def cmd_serve_replicas(args) -> int:
     from engine.scaleout import serve as ray_serve
 
     config = _server_config(args)
-    spec = serve.ReplicaSpec(model=args.model, config=config, service=_service_kwargs(args))
+    spec = serve.ReplicaSpec(engine=_config(args), server=config)
     ray = serve.init(args.ray_address)
     gpus = (args.device is None or args.device.startswith("cuda")) and ray.cluster_resources().get("GPU", 0) >= 1
     options = serve.deployment_options(args.replicas, args.max_queue, args.max_replicas, args.target_queue,
@@ -349,18 +332,14 @@ def cmd_batch(args) -> int:
     from engine.scaleout.local import check_ray
 
     check_ray()
-    engine = {k: v for k, v in _service_kwargs(args).items() if v not in (None, "")}
-    for k in ("allow_url_images", "max_images", "image_max_pixels"):  # the server's image options
-        engine.pop(k, None)
-    if not engine.get("compile"):
-        engine.pop("compile", None)
+    config = _config(args)
     if args.batch_task == "embed":
-        for k in ("template", "template_prefix", "template_suffix", "label_tokens"):
-            if engine.pop(k, None) is not None:
-                raise SystemExit(f"--{k.replace('_', '-')} applies to batch rank only")
-    report = run_batch(args.batch_task, args.input, args.output, args.model, ray_address=args.ray_address,
+        for name in ("template", "template_prefix", "template_suffix", "label_tokens"):
+            if getattr(config, name) not in (None, ""):
+                raise SystemExit(f"--{name.replace('_', '-')} applies to batch rank only")
+    report = run_batch(args.batch_task, args.input, args.output, ray_address=args.ray_address,
                        concurrency=args.concurrency, batch_size=args.batch_size, num_cpus=args.num_cpus,
-                       num_gpus=args.num_gpus, errors_path=args.errors, progress=not args.quiet, **engine)
+                       num_gpus=args.num_gpus, errors_path=args.errors, progress=not args.quiet, config=config)
     print(f"batch {report.task}: {report.written} rows in {report.seconds:.1f} s ({report.rows_per_s:.0f} rows/s); "
           f"{report.errors} bad rows in {report.errors_path}; wrote {report.output}", file=sys.stderr)
     return 0

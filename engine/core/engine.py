@@ -3,7 +3,7 @@
 ``Engine`` resolves a model (folder or hub id), loads its tokenizer, template,
 runner and caches, and starts one thread that repeats:
     step = scheduler.schedule()      # what to run next (never runs anything)
-    out = runner.execute(step)       # plan, forward, head (never schedules)
+    out = runner.run(step)           # step.kind.run: plan, forward, head (never schedules)
     scheduler.postprocess(step, out) # results back to the requests
 Callers on any thread build requests (engine.core.request), ``submit`` them and wait.
 Every model call (scoring and embedding batches, shared prefixes, KaLM passage
@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import weakref
-from typing import Optional, Sequence
+from typing import Optional
 
 import kernels
 from engine.core import decode
@@ -26,8 +26,11 @@ from engine.prompts.registry import template_class
 from engine.prompts.user_template import PromptTemplate, user_template
 from engine.core.request import Request
 from engine.core.runner import ModelRunner, pick_device, pick_dtype
-from engine.core.scheduler import DecodeStep, PrefillStep, Scheduler
+from engine.core.scheduler import Scheduler
+from engine.core.steps import default_kinds
 from engine.prompts.tokenizer import load_tokenizer
+from engine.config import EngineConfig
+from engine.default_model import default_model_path
 from engine.weights import checkpoint_index, read_config, resolve_model
 
 log = logging.getLogger("engine")
@@ -49,68 +52,77 @@ def _stop_loops() -> None:
 
 
 class Engine:
-    def __init__(self, model, task: Optional[str] = None, task_default: Optional[str] = None, device=None,
-                 dtype=None, max_length: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 template: Optional[str] = None, template_prefix: str = "", template_suffix: str = "",
-                 label_tokens: Optional[Sequence[str]] = None, prefix_cache_bytes: int = 256 << 20,
-                 passage_cache_bytes: Optional[int] = None, cache_cross_kv: bool = False,
-                 decode_cache_bytes: int = 2 << 30, compile: bool = False, quantize: Optional[str] = None):
+    """One loaded model and its loop thread, configured by an ``EngineConfig``.
+
+    ``task_default``: the task when neither the config nor the model's name says (a Reranker
+    asks for "rerank", an Embedder for "embed")."""
+
+    def __init__(self, config: EngineConfig, task_default: Optional[str] = None):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"Engine takes an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        model = config.model if config.model is not None else str(default_model_path())  # all-MiniLM-L6-v2
         self.folder = resolve_model(model)
         self.config_dict = read_config(self.folder)
         self.arch, spec = registry.lookup(self.config_dict, set(checkpoint_index(self.folder)))
         name = f"{model} {self.folder.name}"  # what the task and template are inferred from
-        self.task = registry.infer_task(spec, name, task, task_default)
-        self.device = pick_device(device)
+        self.task = registry.infer_task(spec, name, config.task, task_default)
+        self.device = pick_device(config.device)
         if self.device.type == "cpu":
             # On CPU the model wants every core; the tokenizer's own thread pool would spin against it.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
         # CPU ops run the C++ kernels (csrc/): build or load them now, not in the first request.
         self.cpu_kernels = "none"
         if self.device.type == "cpu":
             mode = kernels.kernel_mode()  # "torch" or "triton" force a path; "auto" prefers the C++ kernels
             self.cpu_kernels = mode if mode != "auto" else ("csrc" if kernels.csrc_available() else "torch")
         self.tokenizer = load_tokenizer(self.folder)
+        template = config.template
         template_cls = template_class(spec, self.task, template, name)
         extra: dict = {}
         if template_cls is PromptTemplate:  # a user's Jinja file or format string
-            extra = user_template(template, template_prefix, template_suffix, spec.tasks[self.task].head)
-        elif template_prefix or template_suffix:
+            extra = user_template(template, config.template_prefix, config.template_suffix, spec.tasks[self.task].head)
+        elif config.template_prefix or config.template_suffix:
             raise ValueError("template_prefix/template_suffix go with a format-string template")
         # Encoder templates read sentence-transformers files and the position limit.
         if template_cls.needs_model_files:
             extra.update(folder=self.folder, config=self.config_dict)
-        self.max_length = max_length if max_length is not None else template_cls.default_max_length
+        self.max_length = config.max_length if config.max_length is not None else template_cls.default_max_length
         self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
+        if self.template.multimodal:  # Qwen3-VL: the image limits of the config
+            self.template.image_options.configure(config)
         # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
-        self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
+        self.max_batch_tokens = config.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         # The model is built and loaded on the loop thread that will run it (see _start).
         self._start(lambda: ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
-                                        self.tokenizer, label_tokens=label_tokens, compile=compile,
-                                        quantize=quantize))
+                                        self.tokenizer, label_tokens=config.label_tokens, compile=config.compile,
+                                        quantize=config.quantize))
         try:
             model_ = self.runner.model
-            self.prefix_cache = PrefixCache(prefix_cache_bytes)
+            self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
             self.passage_cache = None
-            self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{quantize}" if quantize else "")
+            self.model_id = f"{self.folder.resolve()}|{self.dtype}" + (f"|{config.quantize}" if config.quantize else "")
             if model_.is_encoder_decoder:
                 # Default budgets: 1 GiB on CUDA, 256 MiB on CPU.
-                if passage_cache_bytes is None:
-                    passage_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+                budget = config.passage_cache_bytes
+                if budget is None:
+                    budget = (1 << 30) if self.device.type == "cuda" else (256 << 20)
                 self.passage_cache = self._on_thread(lambda: passages.passage_pool(
-                    model_, passage_cache_bytes, cache_cross_kv, self.dtype, self.device,
+                    model_, budget, config.cache_cross_kv, self.dtype, self.device,
                     self.template.document_max_length))
-                self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, bool(cache_cross_kv)
-                self.model_id += "|kv" if cache_cross_kv else "|states"
+                self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, config.cache_cross_kv
+                self.model_id += "|kv" if config.cache_cross_kv else "|states"
             kv_bytes = decode.kv_bytes(model_) if model_.supports_decode else (0, 0)
-            self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache, self.passage_cache,
-                                       decode_bytes=decode_cache_bytes, kv_bytes=kv_bytes)
+            self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache,
+                                       default_kinds(config.decode_cache_bytes, kv_bytes), self.passage_cache)
         except BaseException:
             self._jobs.put(False)  # never made: the thread ends and lets go of the model
             raise
         self._jobs.put(None)  # set up: the thread enters the loop
         log.info("loaded %s (%s, task %s) on %s in %s", self.folder.name, self.arch, self.task, self.device,
                  str(self.dtype).replace("torch.", ""))
+        log.info("engine config: %s", config.summary())
 
     @property
     def model(self):
@@ -195,19 +207,13 @@ class Engine:
         if step is None:
             return
         try:
-            out = runner.execute(step)
+            out = runner.run(step)
         except Exception as e:  # e.g. out of memory: fail this step's requests only
-            log.exception("engine step %s failed", type(step).__name__)
-            Engine._fail(scheduler, runner, step, e)
+            log.exception("engine step %s failed", step.kind.name)
+            scheduler.fail(step, e)
             return
         try:
             scheduler.postprocess(step, out)
         except Exception as e:
-            log.exception("handing back the results of %s failed", type(step).__name__)
-            Engine._fail(scheduler, runner, step, e)
-
-    @staticmethod
-    def _fail(scheduler: Scheduler, runner: ModelRunner, step, err: Exception) -> None:
-        if isinstance(step, (PrefillStep, DecodeStep)):  # the decode batch's cache goes with its requests
-            runner.drop_decode()
-        scheduler.fail(step, err)
+            log.exception("handing back the results of a %s step failed", step.kind.name)
+            scheduler.fail(step, e)

@@ -8,7 +8,8 @@ generated text is parsed into its tagged parts here.
 import re
 from typing import Dict, List, Optional, Sequence
 
-from engine.core.request import GenerateRequest, merge_stats
+from engine.core.request import merge_stats
+from engine.core.steps.generate import GenerateRequest
 from engine.sequence import Seqs
 
 EVIDENCE_TAGS = ("contribution", "evidence")

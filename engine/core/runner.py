@@ -1,8 +1,9 @@
-"""The model runner: owns the device, the weights, the head and the decode cache; runs one step.
+"""The model runner: owns the device, the weights and the head; runs one step.
 
-Only the engine thread calls it. Each step is plan (the model builds its batch
-context from typed sequences), forward, head. It never creates or calls the
-scheduler: steps come in, tensors and numbers go back.
+Only the engine thread calls it. Each step's kind (engine/core/steps/) runs it
+here: plan (the model builds its batch context from typed sequences), forward,
+head. It never creates or calls the scheduler: steps come in, tensors and
+numbers go back.
 """
 import logging
 import time
@@ -13,15 +14,10 @@ from typing import List, Optional
 import torch
 
 import kernels
-from engine.core import decode
-from engine.core import passages
 from engine.models import registry
-from engine.core.cache import PassageCache, PrefixKV
-from engine.context import build_context
+from engine.core.cache import PassageCache
 from engine.models.heads import HEAD_BUILDERS
 from engine.models.cpu_linear import onednn_available, pack_linears, quantize_linears
-from engine.core.request import Cancelled  # noqa: F401 (re-exported for callers)
-from engine.core.scheduler import DecodeStep, PassageStep, PrefillStep, PrefixStep, ScoreStep
 from engine.weights import checkpoint_index, load_weights
 
 log = logging.getLogger("engine")
@@ -100,8 +96,6 @@ class ModelRunner:
         self.last_only = self.head.reads_last_token and self.model.supports_last_only
         self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders
         self.cache_kv = False
-        self.decode_cache: Optional[decode.DecodeCache] = None  # the running decode batch
-        self._lm_head: Optional[torch.Tensor] = None
 
     @staticmethod
     def packs_linears(device: torch.device, dtype: torch.dtype, compile: bool) -> bool:
@@ -110,101 +104,7 @@ class ModelRunner:
         return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not compile
                 and kernels.kernel_mode() != "torch" and onednn_available())
 
-    def execute(self, step):
+    def run(self, step):
+        """Execute one step: its kind runs it on this runner's model, head and device."""
         with torch.inference_mode():
-            if isinstance(step, ScoreStep):
-                return self.score(step)
-            if isinstance(step, PrefixStep):
-                return self.compute_prefixes([list(k) for k in step.keys])
-            if isinstance(step, PassageStep):
-                return self.passages(step)
-            if isinstance(step, PrefillStep):
-                return self.prefill(step)
-            if isinstance(step, DecodeStep):
-                return self.decode(step)
-        raise TypeError(f"unknown step {type(step).__name__}")
-
-    # -- scoring and embedding ------------------------------------------------------------------
-    def score(self, step: ScoreStep):
-        """One packed forward + head: (logits [n] or None, scores [n] / embeddings [n, H], fwd s, head s)."""
-        t0 = time.perf_counter()
-        ids, ctx = self.model.plan(step.seqs, self.device, step.prefixes or None, step.prefix_index)
-        if self.last_only:
-            ctx.last_only = True
-            ctx.cu_last = torch.arange(ctx.num_seqs + 1, dtype=torch.int32, device=self.device)
-        hidden, residual = self.forward(ids, ctx)
-        if ctx.last_only:  # the model returned the last rows only
-            ctx.last_index = torch.arange(ctx.num_seqs, device=self.device)
-        t1 = time.perf_counter()
-        logit, value = self.head(hidden, residual, ctx, self.model)
-        value = value.float().cpu().numpy()  # .cpu() syncs the device
-        logit = None if logit is None else logit.float().cpu().numpy()
-        return logit, value, t1 - t0, time.perf_counter() - t1
-
-    def compute_prefixes(self, heads: List[List[int]]) -> List[PrefixKV]:
-        """Run shared prefixes once and keep each layer's K/V: [layers, P, Hkv, D] per prefix."""
-        ids, ctx = build_context(heads, self.device)
-        ctx.capture_kv = []
-        ctx.capture_state = []  # linear-attention layers (Qwen3.5): final states per prefix
-        self.model(ids, ctx)
-        ks = torch.stack([k for k, _ in ctx.capture_kv])  # [layers, T, Hkv, D]
-        vs = torch.stack([v for _, v in ctx.capture_kv])
-        convs = torch.stack([c for c, _ in ctx.capture_state]) if ctx.capture_state else None  # [lin, n, C, K-1]
-        states = torch.stack([s for _, s in ctx.capture_state]) if ctx.capture_state else None  # [lin, n, Hv, Dk, Dv]
-        out, off = [], 0
-        for j, h in enumerate(heads):
-            out.append(PrefixKV(ks[:, off : off + len(h)].clone(), vs[:, off : off + len(h)].clone(),
-                                None if convs is None else convs[:, j].clone(),
-                                None if states is None else states[:, j].clone()))
-            off += len(h)
-        return out
-
-    # -- encoder-decoder pairs (KaLM-Reranker) --------------------------------------------------
-    def passages(self, step: PassageStep):
-        """Encode the step's missing passages into the pool, then decode its prompts against their
-        cached passages: (logits [n], scores [n], encode s, forward s), or None with nothing to score."""
-        t0 = time.perf_counter()
-        if step.encode:
-            todo = [(step.entries[k], ids, r) for k, ids, r in step.encode]
-            passages.encode_passages(self.model, self.passage_cache, todo, self.device, cache_kv=self.cache_kv)
-        t1 = time.perf_counter()
-        if not step.items:
-            return None
-        seqs = [s for _, s in step.items]
-        ids, ctx = self.model.plan(seqs, self.device, passages=[step.entries[k] for k in step.keys],
-                                   passage_cache=self.passage_cache, cache_kv=self.cache_kv)
-        hidden, residual = self.forward(ids, ctx)
-        logit, score = self.head(hidden, residual, ctx, self.model)
-        return logit.float().cpu().numpy(), score.float().cpu().numpy(), t1 - t0, time.perf_counter() - t1
-
-    # -- generation ----------------------------------------------------------------------------
-    def lm_head(self) -> torch.Tensor:
-        if self._lm_head is None:
-            self._lm_head = decode.load_lm_head(self.model, self.folder)
-        return self._lm_head
-
-    def prefill(self, step: PrefillStep) -> List[int]:
-        """Prefill the step's prompts and add their rows to the running decode cache; first tokens."""
-        self._keep(step.keep)
-        first, cache = decode.prefill(self.model, self.lm_head(), step.seqs, step.prefix, step.capacity, self.device)
-        self.decode_cache = cache if self.decode_cache is None else self.decode_cache.extend(cache)
-        return first.tolist()
-
-    def decode(self, step: DecodeStep) -> List[int]:
-        """One token for every running row: next tokens, in row order."""
-        self._keep(step.keep)
-        if not step.tokens:
-            return []
-        tokens = torch.tensor(step.tokens, dtype=torch.int64, device=self.device)
-        return decode.decode_step(self.model, self.lm_head(), self.decode_cache, tokens).tolist()
-
-    def _keep(self, keep: Optional[List[int]]) -> None:
-        if keep is None or self.decode_cache is None:
-            return
-        if not keep:
-            self.decode_cache = None
-        else:
-            self.decode_cache.keep(torch.tensor(keep, dtype=torch.int64, device=self.device))
-
-    def drop_decode(self) -> None:
-        self.decode_cache = None
+            return step.kind.run(self, step)

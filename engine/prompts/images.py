@@ -47,6 +47,12 @@ class ImageOptions:
     url_timeout_s: float = 10.0
     url_max_redirects: int = 3
 
+    def configure(self, config) -> None:
+        """Take the image limits of an EngineConfig (allow_url_images, max_images, image_max_pixels)."""
+        self.allow_urls, self.max_images = bool(config.allow_url_images), config.max_images  # None: no cap
+        if config.image_max_pixels is not None:
+            self.max_pixels = int(config.image_max_pixels)
+
 
 @dataclass(eq=False)
 class ImageData:

@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from engine.config import EngineConfig
 from engine.scaleout.local import init, scrub_env
 
 log = logging.getLogger("engine.scaleout.data")
@@ -149,7 +150,7 @@ def read_input(path: str, task: str):
 class _Worker:
     """One engine per actor: ``__call__`` scores (or embeds) one batch of rows."""
 
-    def __init__(self, task: str, model: Optional[str], engine: dict, threads: Optional[int], crash: Optional[str]):
+    def __init__(self, task: str, config, threads: Optional[int], crash: Optional[str]):
         scrub_env()
         import torch
 
@@ -158,7 +159,7 @@ class _Worker:
         from engine.api import Embedder, Reranker
 
         self.task, self.crash, self.batches = task, crash, 0
-        self.model = (Reranker if task == "rank" else Embedder)(model, **engine)
+        self.model = (Reranker if task == "rank" else Embedder)(config=config)  # an EngineConfig
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -239,13 +240,13 @@ def _default_errors_path(output: str) -> str:
 def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *, ray_address: Optional[str] = None,
               concurrency: int = 1, batch_size: int = 1024, num_cpus: float = 1, num_gpus: Optional[float] = None,
               threads: Optional[int] = None, errors_path: Optional[str] = None, progress: bool = True,
-              **engine) -> BatchReport:
+              config: Optional[EngineConfig] = None, **engine) -> BatchReport:
     """Score the pairs (``task="rank"``) or embed the texts (``"embed"``) of ``input`` into ``output`` (parquet),
     on ``concurrency`` actors of a Ray cluster (``ray_address``, or a local instance on 127.0.0.1).
 
     Each actor takes ``num_cpus`` cores (``threads`` torch threads, default the same) and ``num_gpus`` GPUs
-    (default: 1 where the cluster has GPUs and ``device`` is not cpu) and holds one engine; ``engine`` goes
-    to ``Reranker``/``Embedder`` (task, device, dtype, max_length, ...).
+    (default: 1 where the cluster has GPUs and ``device`` is not cpu) and holds one engine, made from
+    ``config`` (an EngineConfig) with ``engine``'s options over it (task, device, dtype, max_length, ...).
     Bad rows go to ``errors_path`` (default: beside the output, ``*.errors.jsonl``).
     """
     import pyarrow as pa
@@ -260,6 +261,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     for name, v in (("concurrency", concurrency), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    config = EngineConfig.build(config, model=model, **engine)
     errors_path = errors_path or _default_errors_path(output)
     table, errors, n_rows = read_input(input, task)
     _write_errors(errors_path, errors)
@@ -270,7 +272,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     if n:
         ray = init(ray_address)
         if num_gpus is None:
-            cpu_only = str(engine.get("device") or "").startswith("cpu")
+            cpu_only = str(config.device or "").startswith("cpu")
             num_gpus = 1 if not cpu_only and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts rows; Ray's count blocks
@@ -282,7 +284,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
             _Worker, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=num_cpus, num_gpus=num_gpus or None,
-            fn_constructor_kwargs={"task": task, "model": model, "engine": engine,
+            fn_constructor_kwargs={"task": task, "config": config,
                                    "threads": threads or max(1, int(num_cpus)), "crash": crash},
             max_restarts=-1, max_task_retries=-1)
         bar = tqdm(total=n, desc=f"batch {task}", unit="row", disable=not progress, file=sys.stderr,

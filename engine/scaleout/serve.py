@@ -19,9 +19,10 @@ replica (the queue depth): between ``replicas`` and ``max_replicas``, aiming at
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
+from engine.config import EngineConfig
 from engine.scaleout.local import init, require_ray, scrub_env
 from engine.serving.server import ServerConfig
 
@@ -32,9 +33,8 @@ APP_NAME = "rerank-engine"
 @dataclass
 class ReplicaSpec:
     """What every replica loads and serves (pickled to the replicas)."""
-    model: Optional[str]  # None: the bundled all-MiniLM-L6-v2
-    config: ServerConfig
-    service: dict = field(default_factory=dict)  # Service keyword arguments (task, dtype, max_length, ...)
+    engine: EngineConfig  # the model (None: the bundled all-MiniLM-L6-v2) and every engine option
+    server: ServerConfig
     threads: Optional[int] = None  # torch threads on CPU (default: the replica's num_cpus)
 
 
@@ -76,12 +76,12 @@ def build_app(spec: ReplicaSpec, options: dict):
             if not torch.cuda.is_available():
                 torch.set_num_threads(spec.threads or max(1, cpus))
             self.spec = spec
-            self.service = Service(spec.model, warmup=True, **spec.service)
+            self.service = Service(config=spec.engine, warmup=True)
 
         def __serve_build_asgi_app__(self):
             from engine.serving.server import create_app
 
-            return create_app(self.service, self.spec.config)
+            return create_app(self.service, self.spec.server)
 
     return EngineReplica.bind(spec)
 

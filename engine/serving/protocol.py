@@ -34,16 +34,17 @@ def _unicode(v: str) -> str:
 
 
 def _labels(v: Any) -> Any:
-    """Labels as engine.classifier.normalize_labels takes them, every name and description valid text."""
+    """Labels as engine.classifier.normalize_labels takes them, every name and description valid text:
+    the request's LabelSet, checked here once for the whole request."""
     from engine.classifier import normalize_labels
 
     try:
-        names, descs = normalize_labels(v)
+        labels = normalize_labels(v)
     except TypeError as e:
         raise ValueError(str(e)) from None
-    for i, t in enumerate(names + descs):
+    for t in labels.names + labels.descriptions:
         _unicode(t)
-    return v
+    return labels
 
 
 def _one_or_many(v: Any) -> Any:
@@ -73,13 +74,6 @@ def _parts(parts: list) -> Any:
                 raise ValueError(f"part {k}: an image_url part needs image_url.url (a string)")
             has_image = True
     return parts if has_image else "".join(texts)
-
-
-def input_text(v: Any) -> str:
-    """The text part of a validated input (what responses echo)."""
-    if isinstance(v, str):
-        return v
-    return "".join(p if isinstance(p, str) else p.get("text", "") for p in v if isinstance(p, str) or p["type"] == "text")
 
 
 def _mm_input(v: Any) -> Any:

@@ -35,12 +35,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from engine.prompts.inputs import text_part
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
-from engine.classifier import normalize_labels
 from engine.serving.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
                              EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
-                             TEIRank, error_param, error_response, input_text)
+                             TEIRank, error_param, error_response)
 from engine.core.request import Cancelled
 from engine.serving.service import Service, WrongTask
 
@@ -191,14 +191,14 @@ class Server:
             for r in ranked:
                 item = {"index": r["index"], "score": r["score"]}
                 if body.return_text:
-                    item["text"] = input_text(docs[r["index"]])
+                    item["text"] = text_part(docs[r["index"]])
                 out.append(item)
             return JSONResponse(out)
         results = []
         for r in ranked:
             item = {"index": r["index"], "relevance_score": r["score"]}
             if body.return_documents:
-                item["document"] = {"text": input_text(docs[r["index"]])}  # an image document: its text part
+                item["document"] = {"text": text_part(docs[r["index"]])}  # an image document: its text part
             if body.return_evidence:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
@@ -244,7 +244,7 @@ class Server:
         if (inputs is None) == (body.messages is None):
             raise ApiError(422, "give either input or messages", "input")
         if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
-            system = [input_text(m.content) for m in body.messages if m.role == "system"]
+            system = [text_part(m.content) for m in body.messages if m.role == "system"]
             parts = []
             for m in body.messages:
                 if m.role != "system":
@@ -273,7 +273,7 @@ class Server:
     async def classify(self, body: ClassifyRequest, request: Request):
         self.check_model(body.model)
         self.check_count(len(body.input), "input")
-        pairs = len(body.input) * len(normalize_labels(body.labels)[0])  # labels were validated with the body
+        pairs = len(body.input) * len(body.labels.names)  # a LabelSet: checked once, with the body
         if pairs > self.config.max_pairs:
             raise ApiError(413, f"{len(body.input)} inputs x {pairs // len(body.input)} labels = {pairs} pairs is more "
                                 f"than this server's limit of {self.config.max_pairs} per request (--max-pairs)",

@@ -18,8 +18,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engine.api import Embedder, Reranker
-from engine.classifier import Classifier, normalize_labels
+from engine.classifier import Classifier
+from engine.config import EngineConfig
 from engine.core.request import Cancelled
+from engine.prompts.inputs import text_part
 from engine.prompts.tokenizer import clip_text
 
 
@@ -28,27 +30,20 @@ class WrongTask(ValueError):
 
 
 class Service:
-    def __init__(self, model, task: Optional[str] = None, device=None, dtype=None, max_length: Optional[int] = None,
-                 max_batch_tokens: Optional[int] = None, warmup: bool = True, template: Optional[str] = None,
-                 template_prefix: str = "", template_suffix: str = "", label_tokens=None, compile: bool = False,
-                 allow_url_images: bool = False, max_images: Optional[int] = 32,
-                 image_max_pixels: Optional[int] = None, quantize: Optional[str] = None):
-        self.reranker = Reranker(model, task=task, device=device, dtype=dtype, max_length=max_length,
-                                 max_batch_tokens=max_batch_tokens, template=template, template_prefix=template_prefix,
-                                 template_suffix=template_suffix, label_tokens=label_tokens, compile=compile,
-                                 quantize=quantize)
+    """``Service(model, config=EngineConfig(...), warmup=True, **options)``: ``options`` are fields of
+    EngineConfig (as Reranker's keyword arguments), over ``config``."""
+
+    def __init__(self, model=None, config: Optional[EngineConfig] = None, warmup: bool = True, **options):
+        self.config = EngineConfig.build(config, model=model, **options)
+        self.reranker = Reranker(config=self.config)
         self.engine = self.reranker.engine
         self.task = self.engine.task
         self.embedder = Embedder.from_engine(self.engine) if self.task == "embed" else None
         self.classifier = Classifier(reranker=self.reranker)
         tpl = self.engine.template
-        # Models that take images (Qwen3-VL): queries and documents may be lists of parts with images.
+        # Models that take images (Qwen3-VL): queries and documents may be lists of parts with images
+        # (the engine set their limits from the config).
         self.multimodal = tpl.multimodal
-        if self.multimodal:
-            opts = tpl.image_options
-            opts.allow_urls, opts.max_images = bool(allow_url_images), max_images  # None: no cap
-            if image_max_pixels is not None:
-                opts.max_pixels = int(image_max_pixels)
         self.max_length = int(tpl.max_length)  # encoders cap it at their positions
         # Cutting at token boundaries uses a private copy of the Rust tokenizer that is never
         # reconfigured (the engine's is reconfigured per call, under its lock, on the tokenizer thread).
@@ -88,8 +83,7 @@ class Service:
         return out
 
     def _count(self, text) -> int:
-        if not isinstance(text, str):  # an input with images: its text part
-            text = "".join(p.get("text", "") if isinstance(p, dict) else p for p in text)
+        text = text_part(text)  # an input with images: its text part
         return len(self.cutter.encode(clip_text(self.engine.tokenizer, text, self.max_length),
                                       add_special_tokens=False).ids)
 
@@ -176,7 +170,6 @@ class Service:
     def classify(self, texts: Sequence[str], labels, multi_label: bool = False, threshold: Optional[float] = None,
                  instruction: Optional[str] = None, cancel=None) -> Tuple[List[dict], int]:
         """(``[{index, label, scores}]``, prompt tokens): every text against every label description."""
-        normalize_labels(labels)
         stats: dict = {}
         out = self.classifier.classify(texts, labels, instruction=instruction, multi_label=multi_label,
                                        threshold=threshold, stats=stats, cancel=cancel)

@@ -145,16 +145,17 @@ def test_a_failing_decode_step_fails_its_requests_and_the_loop_goes_on(engines, 
     head = tpl.encode_head("a question")
     tails = tpl.encode_tails(head, ["one document", "another one"]).ids
     want = gen.generate(tails, head, max_new_tokens=4, stop_ids=[])
-    runner = rr.engine.runner
-    real = runner.decode
+    from engine.core.steps.generate import DecodeKind
 
-    def broken(step):
+    decode = next(k for k in rr.engine.scheduler.kinds if isinstance(k, DecodeKind))
+
+    def broken(runner, step):
         raise RuntimeError("device fault")
 
-    monkeypatch.setattr(runner, "decode", broken)
+    monkeypatch.setattr(decode, "run", broken)
     with pytest.raises(RuntimeError, match="device fault"):
         gen.generate(tails, head, max_new_tokens=4, stop_ids=[])
-    assert runner.decode_cache is None and not rr.engine.scheduler.running  # nothing half-kept
-    monkeypatch.setattr(runner, "decode", real)
+    assert decode.gen.cache is None and not decode.gen.running  # nothing half-kept
+    monkeypatch.undo()
     assert gen.generate(tails, head, max_new_tokens=4, stop_ids=[]) == want
     assert len(rr.rank("a question", ["one document"])) == 1

@@ -166,7 +166,7 @@ def test_cancel_and_errors_do_not_stop_the_engine(shared):
 
 
 def test_a_failing_request_does_not_fail_its_neighbours(shared):
-    from engine.core.request import ScoreRequest
+    from engine.core.steps.score import ScoreRequest
     from engine.sequence import Seqs
 
     eng = shared.engine
@@ -184,7 +184,8 @@ def test_a_failing_request_does_not_fail_its_neighbours(shared):
 
 def test_priority_orders_waiting_requests(shared):
     """A later, higher-priority request is packed before earlier waiting ones."""
-    from engine.core.request import Request, ScoreRequest
+    from engine.core.request import Request
+    from engine.core.steps.score import ScoreKind, ScoreRequest
     from engine.sequence import Seqs
 
     tpl = shared.engine.template
@@ -193,7 +194,7 @@ def test_priority_orders_waiting_requests(shared):
     sched = shared.engine.scheduler
     sched.max_batch_tokens, budget = len(enc.ids[0]), sched.max_batch_tokens  # room for one sequence
     try:
-        step = sched._score_step(sorted(reqs, key=Request.sort_key))
+        step = ScoreKind().schedule(sched, sorted(reqs, key=Request.sort_key))
     finally:
         sched.max_batch_tokens = budget
     assert [r for r, _ in step.items] == [reqs[2]]

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.ray
 
 import httpx  # noqa: E402
 
+from engine.config import EngineConfig  # noqa: E402
 from engine.scaleout.serve import APP_NAME, ReplicaSpec, deploy, deployment_options, shutdown  # noqa: E402
 from engine.serving.server import ServerConfig  # noqa: E402
 from engine.serving.service import Service  # noqa: E402
@@ -41,8 +42,8 @@ def reference():
 @pytest.fixture(scope="module")
 def served(ray_cluster):
     port = free_port()
-    spec = ReplicaSpec(model=None, config=ServerConfig(served_names=[NAME], max_queue=MAX_QUEUE),
-                       service={"device": "cpu"}, threads=1)
+    spec = ReplicaSpec(engine=EngineConfig(device="cpu"), server=ServerConfig(served_names=[NAME], max_queue=MAX_QUEUE),
+                       threads=1)
     deploy(spec, deployment_options(2, max_queue=MAX_QUEUE, cpus=1), "127.0.0.1", port, address=ray_cluster.address)
     url = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
