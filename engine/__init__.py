@@ -1,5 +1,5 @@
 """An inference engine for rerankers and embedders."""
-__all__ = ["Reranker", "Embedder", "Classifier", "run_batch"]
+__all__ = ["Reranker", "Embedder", "Classifier", "EngineConfig", "run_batch"]
 __version__ = "0.1.0"
 
 
@@ -9,6 +9,10 @@ def __getattr__(name):
         from engine import api
 
         return getattr(api, name)
+    if name == "EngineConfig":  # no torch: plain dataclasses
+        from engine.config import EngineConfig
+
+        return EngineConfig
     if name == "run_batch":  # Ray Data offline jobs (the ray extra)
         from engine.scaleout.data import run_batch
 

@@ -296,7 +296,7 @@ def cmd_serve_replicas(args) -> int:
     if args.replicas is None:
         raise SystemExit("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
     check_ray()  # before loading anything: without the extra, one line naming it
-    from engine.scaleout import serve as ray_serve
+    from engine.scaleout import serve
 
     config = _server_config(args)
     spec = serve.ReplicaSpec(engine=_config(args), server=config)

@@ -76,6 +76,15 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def gqa_pack(group: int, block_m: int) -> int:
+    """Query heads packed per program of the attention kernels: the largest power of two dividing
+    the GQA ratio ``group`` (Hq / Hkv) that leaves at least 16 tokens in a ``block_m`` block."""
+    pack = 1
+    while group % (pack * 2) == 0 and block_m // (pack * 2) >= 16 and pack < 8:
+        pack *= 2
+    return pack
+
+
 def warps_for(block_elems: int) -> int:
     """Warps for a program touching ``block_elems`` elements (elementwise / row kernels)."""
     if block_elems >= 16384:

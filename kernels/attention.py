@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._library import engine_op
-from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
+from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, gqa_pack, interpreted, next_pow2, require_triton,
                      unit_stride_last, ScheduleCache)
 
 try:
@@ -383,27 +383,19 @@ def _ensure_allocator():
         _ALLOCATOR.set = True
 
 
-def _pick_pack(group: int, block_m: int) -> int:
-    # Largest power of two dividing the GQA ratio, leaving >= 16 tokens per block.
-    pack = 1
-    while group % (pack * 2) == 0 and block_m // (pack * 2) >= 16 and pack < 8:
-        pack *= 2
-    return pack
-
-
 def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Block sizes, warps and stages (hand-picked leads; bench/gpu_suite.py sweeps them on a GPU)."""
     if interpreted() or device.type != "cuda":
         return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
     block_d = next_pow2(head_dim)
-    if block_d <= 64:  # 4 warps spill on sm_80 (XLM-R, D 64; bench/aot_compile.py), 8 do not
+    if block_d <= 64:  # 4 warps spill on sm_80 (XLM-R, D 64; kernels/aot.py), 8 do not
         sm80 = torch.cuda.get_device_capability(device)[0] < 9
         cfg = dict(block_m=128, block_n=64, num_warps=8 if sm80 else 4, num_stages=3)
     elif block_d <= 128:
         cfg = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
         if head_dim < block_d and torch.cuda.get_device_capability(device)[0] < 9:
             # A padded head (Qwen3-VL-8B vision, D 72) spills 88 B on sm_80 at this tile; 64 x 32
-            # with 4 warps is the one spill-free config of bench/aot_compile.py's sweep (not timed).
+            # with 4 warps is the one spill-free config of kernels/aot.py's sweep (not timed).
             cfg = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
     else:  # d=256: the fp32 accumulator alone is 64 registers per thread at 8 warps
         cfg = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
@@ -483,7 +475,7 @@ def varlen_attention_triton(
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     group = n_heads // n_kv_heads
-    pack = pack or _pick_pack(group, block_m)
+    pack = pack or gqa_pack(group, block_m)
     if group % pack or block_m % pack or next_pow2(pack) != pack:
         raise ValueError(f"pack={pack} must be a power of two dividing Hq/Hkv={group} and block_m={block_m}")
     block_t = block_m // pack

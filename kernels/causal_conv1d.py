@@ -203,7 +203,7 @@ def causal_conv1d_triton(x, weight, cu_seqlens, bias=None, initial_state=None, s
             x, weight, bias if bias is not None else weight, out, cu, seq_of, state, sidx,
             n_tok, chans, x.stride(0), weight.stride(0), out.stride(0), *s_strides,
             K=k, HAS_BIAS=bias is not None, HAS_STATE=has_state, SILU=activation == "silu",
-            # 8 warps with an initial state: 4 spill 40 B on sm_90 (bench/aot_compile.py); 8 spill none.
+            # 8 warps with an initial state: 4 spill 40 B on sm_90 (kernels/aot.py); 8 spill none.
             BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8 if has_state else 4,
         )
     if output_final_state:

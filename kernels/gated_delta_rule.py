@@ -297,7 +297,7 @@ def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dic
 
     Stages: Triton's default (3) keeps three chunks' q, k, w, u and attention tiles of the scan in
     shared memory: at chunk 64 that is 287,744 B on sm_90 and 238,592 B on sm_80, over both limits.
-    Warps and stages are the spill-free configs of bench/aot_compile.py where one exists (chunk 64
+    Warps and stages are the spill-free configs of kernels/aot.py where one exists (chunk 64
     scan: sm_90 4 warps x 2 stages, spill-free when scoring; sm_80 8 warps x 1 stage).
 
     Precision (fp32 operands; bf16/fp16 inputs): every product runs "tf32". bench/deltanet_precision.py
@@ -306,7 +306,7 @@ def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dic
     contracts the error), against bf16's own 2e-3 rounding of the output. "tf32x3" on the products that
     carry the state (k k^T, w, u, w S, k^T v') brings the state to 3e-7, but it does not fit: the
     prepare kernel then needs 196,608 B of shared memory on sm_80 (limit 166,912) and the scan spills
-    up to 1.9 KB (bench/aot_compile.py). The two precisions stay separate constexprs so a GPU session
+    up to 1.9 KB (kernels/aot.py). The two precisions stay separate constexprs so a GPU session
     can time the alternative. fp32 inputs run "ieee" throughout.
     """
     if dtype == torch.float32:

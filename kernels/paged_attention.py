@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._library import engine_op
-from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, interpreted, next_pow2, require_triton,
+from ._utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, gqa_pack, interpreted, next_pow2, require_triton,
                      unit_stride_last, ScheduleCache)
 
 try:
@@ -258,14 +258,6 @@ def paged_attention_config(head_dim: int, dtype: torch.dtype, device: torch.devi
     return cfg
 
 
-def _pick_pack(group: int, block_m: int) -> int:
-    # Largest power of two dividing the GQA ratio that leaves >= 16 tokens per block.
-    pack = 1
-    while group % (pack * 2) == 0 and block_m // (pack * 2) >= 16 and pack < 8:
-        pack *= 2
-    return pack
-
-
 def paged_attention_triton(
     q, k, v, cu_seqlens, *, scale: float, window_left: Optional[int] = None, window_right: Optional[int] = None,
     k_cache=None, v_cache=None, block_tables=None, cross_lens=None, max_seqlen: Optional[int] = None,
@@ -316,7 +308,7 @@ def paged_attention_triton(
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     group = n_heads // n_kv_heads
-    pack = pack or _pick_pack(group, block_m)
+    pack = pack or gqa_pack(group, block_m)
     if group % pack or block_m % pack or next_pow2(pack) != pack:
         raise ValueError(f"pack={pack} must be a power of two dividing Hq/Hkv={group} and block_m={block_m}")
     block_t = block_m // pack

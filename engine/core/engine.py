@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import weakref
+from types import SimpleNamespace
 from typing import Optional
 
 import kernels
@@ -87,7 +88,8 @@ class Engine:
             raise ValueError("template_prefix/template_suffix go with a format-string template")
         # Encoder templates read sentence-transformers files and the position limit.
         if template_cls.needs_model_files:
-            extra.update(folder=self.folder, config=self.config_dict)
+            positions = registry.model_class(spec).max_input_length(SimpleNamespace(**self.config_dict))
+            extra.update(folder=self.folder, config=self.config_dict, max_positions=positions)
         self.max_length = config.max_length if config.max_length is not None else template_cls.default_max_length
         self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
         if self.template.multimodal:  # Qwen3-VL: the image limits of the config

@@ -27,6 +27,11 @@ class EngineModel(nn.Module):
     # Checkpoint name -> (our fused parameter, shard id), e.g. {"q_proj": ("qkv_proj", "q")}.
     packed_modules_mapping: dict = {}
 
+    @classmethod
+    def max_input_length(cls, cfg) -> Optional[int]:
+        """The longest input the model's positions allow (learned position tables), or None (RoPE)."""
+        return None
+
     def plan(self, seqs: List[Seq], device: torch.device, prefixes: Optional[list] = None,
              prefix_index: Optional[List[int]] = None, **extra) -> "tuple[torch.Tensor, BatchContext]":
         """(input_ids [T], context) of a batch; host work happens once here."""

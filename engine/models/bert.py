@@ -19,7 +19,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.models.layers import Attention, Linear, MergedLinear, VocabEmbedding, default_weight_loader
+from engine.models.layers import Attention, LayerNorm, Linear, MergedLinear, VocabEmbedding, default_weight_loader
 from engine.models.base import EngineModel
 
 _ACTIVATIONS = {
@@ -30,20 +30,6 @@ _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
-        self.bias.weight_loader = default_weight_loader
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # LayerNorm(x + residual), one fused kernel on CPU (csrc/)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
 class BertEmbeddings(nn.Module):
@@ -154,6 +140,14 @@ class BertModel(EngineModel):
     # Buffers some checkpoints carry (old transformers saved them); nothing to load.
     ignored_checkpoint_names = ("embeddings.position_ids", "embeddings.token_type_ids")
 
+    @classmethod
+    def max_input_length(cls, cfg) -> int:
+        """The longest sequence the learned positions allow (RoBERTa reserves padding_idx + 1 of them)."""
+        n = int(cfg.max_position_embeddings)
+        if _is_roberta(cfg):
+            n -= int(getattr(cfg, "pad_token_id", 1)) + 1
+        return n
+
     def __init__(self, cfg):
         super().__init__()
         kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
@@ -163,7 +157,7 @@ class BertModel(EngineModel):
             raise NotImplementedError("BERT decoders / cross-attention are not supported")
         # RoBERTa numbers positions from padding_idx + 1 and gives pad tokens position padding_idx.
         self.pad_token_id = getattr(cfg, "pad_token_id", None) if _is_roberta(cfg) else None
-        self.max_positions = max_input_length(cfg)
+        self.max_positions = self.max_input_length(cfg)
         self.hidden_size = cfg.hidden_size
         self.embeddings = BertEmbeddings(cfg.vocab_size, cfg.hidden_size, cfg.max_position_embeddings,
                                          getattr(cfg, "type_vocab_size", 2), cfg.layer_norm_eps)
@@ -190,11 +184,3 @@ class BertModel(EngineModel):
         for layer in self.encoder["layer"]:
             x = layer(x, ctx)
         return x, None
-
-
-def max_input_length(cfg) -> int:
-    """The longest sequence the learned positions allow (RoBERTa reserves padding_idx + 1 of them)."""
-    n = int(cfg.max_position_embeddings)
-    if _is_roberta(cfg):
-        n -= int(getattr(cfg, "pad_token_id", 1)) + 1
-    return n

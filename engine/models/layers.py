@@ -80,6 +80,25 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, res)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm(x [+ residual]) * weight + bias (BERT/XLM-R post-norm, Qwen3-VL's vision tower): one
+    fused kernel on CPU (csrc/), statistics in fp32. x ``[..., H]``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() == 2:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        rows = x.reshape(-1, x.shape[-1])  # the kernel takes rows [T, H]
+        res = None if residual is None else residual.reshape(-1, x.shape[-1])
+        return kernels.layer_norm(rows, self.weight, self.bias, self.eps, residual=res).view(x.shape)
+
+
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
@@ -111,15 +130,27 @@ def head_dim(cfg) -> int:
     return cfg.hidden_size // cfg.num_attention_heads
 
 
-def rope_parameters(cfg) -> dict:
-    """The rope settings of a flat config: transformers 5's ``rope_parameters``, else the older
-    ``rope_scaling`` + top-level ``rope_theta`` / ``partial_rotary_factor``."""
+def rope_parameters(cfg, layer_type: Optional[str] = None, theta_field: str = "rope_theta",
+                    default_theta: float = 10000.0) -> dict:
+    """The rope settings of a config (every family reads them here): transformers 5's
+    ``rope_parameters``, else the older ``rope_scaling`` + the flat ``rope_theta`` /
+    ``partial_rotary_factor``. ``rope_type`` is always set ("default" when none is given).
+
+    ``layer_type``: configs with one rope per attention type (T5Gemma2's full and sliding layers),
+    whose ``rope_parameters`` maps each type to its settings; the older layout keeps the full layers'
+    scaling in ``rope_scaling`` and each type's theta in its own flat field (``theta_field``)."""
     params = getattr(cfg, "rope_parameters", None)
-    params = dict(params) if isinstance(params, dict) else dict(getattr(cfg, "rope_scaling", None) or {})
+    if layer_type is not None:
+        params = params.get(layer_type) if isinstance(params, dict) else None
+        if params is None and layer_type != "full_attention":
+            params = {}  # rope_scaling is the full-attention layers'
+    if not isinstance(params, dict):
+        params = getattr(cfg, "rope_scaling", None) or {}
+    params = dict(params)
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params["type"]
     params.setdefault("rope_type", "default")
-    params.setdefault("rope_theta", float(getattr(cfg, "rope_theta", 10000.0)))
+    params.setdefault("rope_theta", float(getattr(cfg, theta_field, None) or default_theta))
     if getattr(cfg, "partial_rotary_factor", None) is not None:
         params.setdefault("partial_rotary_factor", cfg.partial_rotary_factor)
     return params

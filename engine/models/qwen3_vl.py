@@ -27,24 +27,13 @@ from torch import nn
 import kernels
 from engine.context import BatchContext, build_context
 from engine.prompts.images import pixel_values
-from engine.models.layers import Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim, rope_parameters, text_config
+from engine.models.layers import (LayerNorm, Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim,
+                                  rope_parameters, text_config)
 from engine.models.base import EngineModel
 from engine.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
 from engine.sequence import Seq
 
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(dim), requires_grad=False)
-        self.weight.weight_loader = self.bias.weight_loader = default_weight_loader
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 # --- vision tower ----------------------------------------------------------------------------------
@@ -117,8 +106,7 @@ class VisionTower(nn.Module):
         patch, temporal = vcfg.patch_size, vcfg.temporal_patch_size
         self.num_heads = vcfg.num_heads
         self.head_dim = self.hidden // self.num_heads
-        rope = getattr(vcfg, "rope_parameters", None) or {}
-        self.rope_theta = float(rope.get("rope_theta", getattr(vcfg, "rope_theta", 10000.0)))
+        self.rope_theta = float(rope_parameters(vcfg)["rope_theta"])
         if getattr(vcfg, "hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise NotImplementedError(f"vision activation {vcfg.hidden_act!r} is not supported for Qwen3-VL")
         self.patch_embed = nn.Module()  # Conv3d(kernel = stride = [T, p, p]) == a linear map of each row

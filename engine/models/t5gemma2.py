@@ -30,7 +30,8 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.models.layers import Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
+                                  rope_parameters)
 from engine.models.base import EngineModel
 
 # transformers' T5Gemma2TextConfig defaults, for keys a config.json leaves out.
@@ -56,14 +57,12 @@ def text_config(d: dict) -> SimpleNamespace:
     return cfg
 
 
-def rope_parameters(cfg, layer_type: str) -> Tuple[float, float]:
-    """(theta, linear factor) of a layer type, from ``rope_parameters`` or the older flat fields."""
-    params = cfg.rope_parameters.get(layer_type) if isinstance(cfg.rope_parameters, dict) else None
-    if params is None:
-        params = dict(getattr(cfg, "rope_scaling", None) or {}) if layer_type == "full_attention" else {}
-    old = getattr(cfg, "rope_theta" if layer_type == "full_attention" else "rope_local_base_freq", None)
-    theta = float(params.get("rope_theta", old or _DEFAULT_THETA[layer_type]))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+def rope_settings(cfg, layer_type: str) -> Tuple[float, float]:
+    """(theta, linear factor) of a layer type; the sliding layers' older flat theta is
+    ``rope_local_base_freq``."""
+    field = "rope_theta" if layer_type == "full_attention" else "rope_local_base_freq"
+    params = rope_parameters(cfg, layer_type, theta_field=field, default_theta=_DEFAULT_THETA[layer_type])
+    theta, rope_type = float(params["rope_theta"]), params["rope_type"]
     if rope_type == "default":
         return theta, 1.0
     if rope_type == "linear":
@@ -160,7 +159,7 @@ class T5Gemma2Stack(nn.Module):
         self.embed_tokens = embed_tokens
         self.layers = nn.ModuleList([T5Gemma2Layer(cfg, i, bidirectional) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
-        self.rotary = nn.ModuleDict({t: RotaryEmbedding(cfg.head_dim, *rope_parameters(cfg, t))
+        self.rotary = nn.ModuleDict({t: RotaryEmbedding(cfg.head_dim, *rope_settings(cfg, t))
                                      for t in sorted(set(cfg.layer_types))})
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext):

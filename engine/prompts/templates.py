@@ -6,7 +6,6 @@ and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
 from pathlib import Path
-from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
 from engine.sequence import Seq, Seqs
@@ -28,7 +27,8 @@ class Template:
 
     ``supports_prefix``: ``encode_head``/``encode_tails`` split a pair exactly into a shared
     prefix and a per-document tail (causal LLM rerankers).
-    ``needs_model_files``: the constructor takes the model ``folder`` and ``config``.
+    ``needs_model_files``: the constructor takes the model ``folder``, its ``config`` (config.json) and
+    ``max_positions`` (the longest input the model's learned positions allow, or None).
     ``multimodal``: inputs may hold images (engine.prompts.inputs); the template has ``image_options``.
     ``default_instruction``: the instruction slot's default, None without a slot.
     """
@@ -142,15 +142,13 @@ class Qwen3EmbedTemplate(Template):
 
 # --- BERT / XLM-RoBERTa (bidirectional encoders) ---------------------------------------------
 # These templates read the model folder (sentence-transformers files) and config: the
-# runner passes ``folder`` and ``config`` to template classes that set ``needs_model_files``.
+# engine passes ``folder``, ``config`` and ``max_positions`` to template classes that set ``needs_model_files``.
 
-def _encoder_max_length(tokenizer, max_length: int, config: Optional[dict]) -> int:
+def _encoder_max_length(tokenizer, max_length: int, max_positions: Optional[int]) -> int:
     """The caller's max_length, capped by the learned positions and the tokenizer's model_max_length."""
-    from engine.models.bert import max_input_length
-
     limit = int(max_length)
-    if config is not None:
-        limit = min(limit, max_input_length(SimpleNamespace(**config)))
+    if max_positions is not None:
+        limit = min(limit, int(max_positions))
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 0 < model_max < 1_000_000:
         limit = min(limit, model_max)
@@ -176,9 +174,10 @@ class CrossEncoderTemplate(Template):
     needs_model_files = True
     supports_prefix = False  # bidirectional: the query attends to the document
 
-    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None,
+                 max_positions: Optional[int] = None):
         self.tokenizer = tokenizer
-        self.max_length = _encoder_max_length(tokenizer, max_length, config)
+        self.max_length = _encoder_max_length(tokenizer, max_length, max_positions)
         self.token_types = _uses_token_types(tokenizer, config)
         self.num_special = tokenizer.num_special_tokens_to_add(pair=True)
         if self.max_length <= self.num_special:
@@ -274,14 +273,15 @@ class SentenceTransformerEmbedTemplate(Template):
     needs_model_files = True
     supports_prefix = False
 
-    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None,
+                 max_positions: Optional[int] = None):
         self.tokenizer = tokenizer
         folder = Path(folder) if folder is not None else None
         st = _read_json_if(folder, "sentence_bert_config.json")
         if st.get("max_seq_length"):
             max_length = min(max_length, int(st["max_seq_length"]))
         self.lowercase = bool(st.get("do_lower_case", False))
-        self.max_length = _encoder_max_length(tokenizer, max_length, config)
+        self.max_length = _encoder_max_length(tokenizer, max_length, max_positions)
         cst = _read_json_if(folder, "config_sentence_transformers.json")
         prompts = cst.get("prompts") or {}
         default = prompts.get(cst.get("default_prompt_name") or "", "")

@@ -128,13 +128,13 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Direction = Literal["right", "left", "Right", "Left"]
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
     # strict: no bool/string coercions (top_n: true, top_n: "2", return_documents: "yes" are 422);
     # allow_inf_nan=False: the NaN/Infinity literals Python's JSON parser accepts are 422 too.
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
-class RerankRequest(_Request):
+class RerankBody(_Body):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
     model: Optional[str] = None
@@ -161,7 +161,7 @@ class RerankRequest(_Request):
     truncation_direction: Direction = "right"
 
 
-class ScoreRequest(_Request):
+class ScoreBody(_Body):
     """vLLM ``/v1/score``: one ``text_1`` against many ``text_2``, or two lists of equal length (else 400)."""
 
     model: Optional[str] = None
@@ -170,7 +170,7 @@ class ScoreRequest(_Request):
     instruction: Optional[Text] = None
 
 
-class EmbedRequest(_Request):
+class EmbedBody(_Body):
     """TEI ``/embed``; ``instruction`` (an extension) embeds the inputs as queries with that task."""
 
     inputs: Texts
@@ -181,7 +181,7 @@ class EmbedRequest(_Request):
     instruction: Optional[Text] = None
 
 
-class EmbeddingsRequest(_Request):
+class EmbeddingsBody(_Body):
     """OpenAI ``/v1/embeddings``."""
 
     model: Optional[str] = None
@@ -193,15 +193,15 @@ class EmbeddingsRequest(_Request):
     instruction: Optional[Text] = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: MMInput
 
 
-EmbeddingsRequest.model_rebuild()
+EmbeddingsBody.model_rebuild()
 
 
-class IndexRequest(_Request):
+class IndexBody(_Body):
     """Pre-encode passages into the passage cache (KaLM-Reranker) ahead of queries."""
 
     model: Optional[str] = None
@@ -209,7 +209,7 @@ class IndexRequest(_Request):
     compression_ratio: Optional[Literal[1, 2, 4, 8, 16, 32]] = None
 
 
-class ClassifyRequest(_Request):
+class ClassifyBody(_Body):
     """Zero-shot classification: each input text against every label (its description as the document)."""
 
     model: Optional[str] = None

@@ -38,8 +38,8 @@ from starlette.exceptions import HTTPException
 from engine.prompts.inputs import text_part
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
-from engine.serving.protocol import (ERROR_TYPES, ClassifyRequest, IndexRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
-                             EmbedRequest, ErrorResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
+from engine.serving.protocol import (ERROR_TYPES, ClassifyBody, IndexBody, ClassifyResponse, EmbeddingsBody, EmbeddingsResponse,
+                             EmbedBody, ErrorResponse, RerankBody, RerankResponse, ScoreBody, ScoreResponse,
                              TEIRank, error_param, error_response)
 from engine.core.request import Cancelled
 from engine.serving.service import Service, WrongTask
@@ -164,7 +164,7 @@ class Server:
 
     # Handlers
 
-    async def rerank(self, body: RerankRequest, request: Request):
+    async def rerank(self, body: RerankBody, request: Request):
         self.check_model(body.model)
         if isinstance(body.query, str) and not body.query.strip():
             raise ApiError(400, "query must not be empty", "query")
@@ -206,7 +206,7 @@ class Server:
         return JSONResponse({"id": str(uuid.uuid4()), "model": self.name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def score(self, body: ScoreRequest, request: Request):
+    async def score(self, body: ScoreBody, request: Request):
         self.check_model(body.model)
         q, d = body.text_1, body.text_2
         if len(q) == 1 and len(d) != 1:
@@ -233,12 +233,12 @@ class Server:
                                 f"{self.service.dimension}", "dimensions")
         return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
 
-    async def tei_embed(self, body: EmbedRequest, request: Request):
+    async def tei_embed(self, body: EmbedBody, request: Request):
         emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
                                    instruction=body.instruction, left=body.truncation_direction.lower() == "left")
         return JSONResponse(emb.tolist())
 
-    async def embeddings(self, body: EmbeddingsRequest, request: Request):
+    async def embeddings(self, body: EmbeddingsBody, request: Request):
         self.check_model(body.model)
         inputs, instruction = body.input, body.instruction
         if (inputs is None) == (body.messages is None):
@@ -262,7 +262,7 @@ class Server:
                                       for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def index(self, body: IndexRequest, request: Request):
+    async def index(self, body: IndexBody, request: Request):
         self.check_model(body.model)
         self.check_count(len(body.documents), "documents")
         out, tokens = await self.call(request, "index", self.service.index, body.documents,
@@ -270,7 +270,7 @@ class Server:
         return JSONResponse({"object": "index", "model": self.name, **out,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def classify(self, body: ClassifyRequest, request: Request):
+    async def classify(self, body: ClassifyBody, request: Request):
         self.check_model(body.model)
         self.check_count(len(body.input), "input")
         pairs = len(body.input) * len(body.labels.names)  # a LabelSet: checked once, with the body

@@ -12,7 +12,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import aot_compile  # noqa: E402
+from kernels import aot  # noqa: E402
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def offset_widths(ttir: str, pointer: str):
 
 
 def compile_ttir(fn, args, kwargs, arch=90):
-    bound, options, signature, constexprs, attrs = aot_compile.specialize(fn, args, kwargs, arch)
+    bound, options, signature, constexprs, attrs = aot.specialize(fn, args, kwargs, arch)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                             options=options.__dict__)
     return kernel.asm["ttir"]
@@ -59,7 +59,7 @@ def compile_ttir(fn, args, kwargs, arch=90):
 
 def recorded(thunk, name):
     sink = []
-    with aot_compile.recording(90, sink):
+    with aot.recording(90, sink):
         thunk()
     return next((fn, args, kwargs) for fn, _, args, kwargs in sink if fn.fn.__name__ == name)
 

@@ -1,11 +1,11 @@
 """Every Triton kernel compiles ahead of time for sm_90 and sm_80 within the hardware limits.
 
-bench/aot_compile.py runs in a subprocess with TRITON_INTERPRET unset (this process has
+kernels/aot.py runs in a subprocess with TRITON_INTERPRET unset (this process has
 it set to 1, and the interpreter would replace the JIT launches that the script
 intercepts): the real host wrappers on meta tensors at the served model shapes, the
 JIT's own specialisation, then triton.compile with the ptxas bundled in the Triton
 wheel. No GPU needed; a few minutes on 2 cores. Defects tracked in
-``aot_compile.KNOWN_ISSUES`` show as KNOWN FAIL and pass; any other failure fails here.
+``kernels.aot.KNOWN_ISSUES`` show as KNOWN FAIL and pass; any other failure fails here.
 """
 import ast
 import json
@@ -50,10 +50,10 @@ def launched_kernels():
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot_compile.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ENGINE_KERNELS")}
-    cmd = [sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--arch", *map(str, ARCHS), "--json", str(out)]
+    cmd = [sys.executable, "-m", "kernels.aot", "--arch", *map(str, ARCHS), "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     if not out.exists():
-        pytest.fail(f"bench/aot_compile.py wrote no report (exit {proc.returncode}):\n"
+        pytest.fail(f"kernels/aot.py wrote no report (exit {proc.returncode}):\n"
                     f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc, json.loads(out.read_text())
 
@@ -79,4 +79,4 @@ def test_every_kernel_compiled_for_both_archs(report):
             compiled.setdefault(r["kernel"], set()).add(r["arch"])
     missing = {k: sorted(set(ARCHS) - compiled.get(k, set())) for k in kernels}
     missing = {f"{k} ({kernels[k]})": archs for k, archs in missing.items() if archs}
-    assert not missing, f"kernels never compiled (add a case to bench/aot_compile.py): {missing}"
+    assert not missing, f"kernels never compiled (add a case to kernels/aot.py): {missing}"

@@ -78,10 +78,10 @@ def test_schema_says_what_the_server_enforces(rerank_server, embed_server):
     with rerank_server.client() as c:
         spec = c.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    assert schemas["RerankRequest"]["properties"]["query"]["pattern"] == "\\S"
-    labels = schemas["ClassifyRequest"]["properties"]["labels"]["anyOf"]
+    assert schemas["RerankBody"]["properties"]["query"]["pattern"] == "\\S"
+    labels = schemas["ClassifyBody"]["properties"]["labels"]["anyOf"]
     assert labels[0]["minItems"] == 1 and labels[1]["minProperties"] == 1
-    assert "equal length" in schemas["ScoreRequest"]["description"]
+    assert "equal length" in schemas["ScoreBody"]["description"]
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     with embed_server.client() as c:
         r = c.post("/embed", json={"inputs": ["x"], "truncate": 0})  # an int is not a bool

@@ -35,8 +35,8 @@ The "stress" batch (1,024 sequences x 8,192 tokens) exercises grid and int64; it
 compiled too, since the divisibility of its sizes is a specialisation of its own.
 Spills are reported (status SPILL) but fail only with --strict-spills.
 
-    python bench/aot_compile.py                      # both archs, table, exit 1 on a new failure
-    python bench/aot_compile.py --arch 90 --json out.json
+    python -m kernels.aot                      # both archs, table, exit 1 on a new failure
+    python -m kernels.aot --arch 90 --json out.json
 """
 import argparse
 import contextlib
@@ -49,12 +49,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if __name__ == "__main__":
-    # The interpreter replaces JIT launches; this script compiles, so it must see none.
-    os.environ.pop("TRITON_INTERPRET", None)
+KERNELS = Path(__file__).resolve().parent
 
 ARCHS = (90, 80)
 DTYPES = ("bfloat16", "float16")
@@ -71,7 +66,7 @@ HARD = ("wrapper", "compile", "smem", "regs", "grid", "int64")
 # (shared memory, or the larger of spill stores / loads) at which the entry was taken, so
 # that growing past it is a new failure. Nothing here is fixed by this script.
 KNOWN_ISSUES = [
-    # Spills for which bench/aot_compile.py found no spill-free config (warps 4/8 x stages 1-3 tried).
+    # Spills for which kernels/aot.py found no spill-free config (warps 4/8 x stages 1-3 tried).
     dict(kernel="_varlen_attention_kernel", kind="spill", arch=80, when={"HAS_PREFIX": True}, up_to=24,
          reason="D128 attention with a prefix spills on sm_80 (255 registers, 24 B; 8 warps x 1 stage: 4 B)"),
     dict(kernel="_gdr_chunk_prepare_kernel", kind="spill", when={"BT": 32}, up_to=1532,
@@ -378,7 +373,7 @@ def recording(arch: int, sink: list):
 def _kernel_modules():
     import importlib
 
-    return [importlib.import_module(f"kernels.{p.stem}") for p in sorted((ROOT / "kernels").glob("*.py"))
+    return [importlib.import_module(f"kernels.{p.stem}") for p in sorted(KERNELS.glob("*.py"))
             if not p.stem.startswith("__")]
 
 
@@ -390,7 +385,7 @@ def record_launches(arch: int, dtypes=DTYPES, families=None):
 
     if interpreted():
         raise RuntimeError("TRITON_INTERPRET=1: the kernels are interpreted, not compiled; run this in a process "
-                           "without it (python bench/aot_compile.py)")
+                           "without it (python -m kernels.aot)")
     launches = []
     for table, ops in FAMILIES:
         for family, cfg in table.items():
@@ -709,6 +704,9 @@ def _allow_entry(text):
 
 def main(argv=None):
     args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Under the interpreter, @triton.jit makes interpreted functions: nothing would compile.
+        raise SystemExit("kernels.aot compiles for real GPUs: run it with TRITON_INTERPRET unset")
     allow = [_allow_entry(a) for a in args.allow]
     rows, summary = run_check(args.arch, args.dtype, args.family, args.jobs, allow, args.strict_spills)
     print()
