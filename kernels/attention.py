@@ -44,8 +44,8 @@ _BLOCK_SCORES = 1 << 21
 
 
 def _sdpa(q, k, v, attn_mask=None, **kw):
-    """SDPA on [H, L, D] as a batch of one: on CPU, 3-D inputs take the unfused math path (3.4x slower
-    at [2, 5168, 64] here), 4-D ones the fused flash kernel."""
+    """SDPA on [H, L, D] as a batch of one: on CPU, 3-D inputs take the unfused math path (several times
+    slower at long lengths), 4-D ones the fused flash kernel."""
     mask = attn_mask[None] if attn_mask is not None else None
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, **kw)[0]
 

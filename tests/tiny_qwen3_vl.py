@@ -1,7 +1,7 @@
 """Tiny random Qwen3-VL checkpoints, test images, and the official code's scoring as the reference.
 
 The checkpoint is transformers' ``Qwen3VLForConditionalGeneration`` with random weights at
-the smallest shapes DESIGN.md 2.6 gives (hidden 32, a vision tower of hidden 32), saved
+the smallest shapes the architecture allows (hidden 32, a vision tower of hidden 32), saved
 as safetensors with the real Qwen vocabulary. The reference follows the official
 Qwen3-VL-Reranker / -Embedding code: its messages rendered as the chat template renders
 them, its image loading (RGBA onto white, smart_resize, PIL resize), transformers' image

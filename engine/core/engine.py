@@ -94,7 +94,7 @@ class Engine:
         self.template = template_cls(self.tokenizer, max_length=self.max_length, **extra)
         if self.template.multimodal:  # Qwen3-VL: the image limits of the config
             self.template.image_options.configure(config)
-        # CPU: 4096 measured best of 1k-32k on bench/e2e_rerank.py (2 cores); GPU: 16k, not yet measured.
+        # CPU: 4096, the best budget bench/e2e_rerank.py found (bench/RESULTS.md); GPU: 16k, not yet measured.
         self.max_batch_tokens = config.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         # The model is built and loaded on the loop thread that will run it (see _start).
         self._start(lambda: ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
@@ -141,7 +141,7 @@ class Engine:
         Every parallel torch op of the engine, loading included, runs on this one thread. On CPU
         each thread that runs parallel ops gets its own OpenMP team, and once a process has more
         OpenMP threads than cores libgomp stops spinning between parallel regions and sleeps:
-        a one-text forward on 2 cores then takes about 25% longer (bench/RESULTS.md).
+        a one-text forward then takes markedly longer (figures in bench/RESULTS.md).
         """
         self._jobs: "queue.Queue" = queue.Queue()
         self._thread = threading.Thread(target=Engine._main, args=(weakref.ref(self), self._jobs), name="engine",

@@ -260,7 +260,7 @@ def matryoshka(emb, dimensions: Optional[int], normalize: bool = True):
     ``emb``: a tensor, or a numpy array (the callers' side of the engine works in numpy: a torch
     op big enough to run in parallel would start a second OpenMP team beside the engine thread's,
     and with more OpenMP threads than cores libgomp stops spinning between parallel regions,
-    which costs a one-text forward about 25% on 2 cores)."""
+    which slows a one-text forward markedly; bench/RESULTS.md has the figure)."""
     if dimensions is not None:
         if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions <= 0:
             raise ValueError(f"dimensions must be a positive integer, got {dimensions!r}")

@@ -3,7 +3,7 @@
 Reads top-down: vision tower (patch embedding -> learned position embedding resampled to
 the patch grid -> 2D rotary -> pre-LayerNorm blocks -> 2x2 patch merger, and DeepStack
 mergers after some blocks) -> language model (Qwen3's decoder layers, imported, with
-interleaved M-RoPE) -> Qwen3VLModel. DESIGN.md 2.6 holds the facts.
+interleaved M-RoPE) -> Qwen3VLModel, scoring as transformers' Qwen3VLForConditionalGeneration does.
 
 Images of a batch run packed through the vision tower, one bidirectional attention
 sequence per image (``kernels.varlen_attention``). Their merged features replace the

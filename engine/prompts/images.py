@@ -6,7 +6,7 @@ any client make the server fetch any URL), with a byte cap, a timeout and a redi
 limit. The declared size is checked before any pixel is decoded, so a decompression
 bomb costs nothing.
 
-Preprocessing reproduces the official Qwen3-VL-Embedding / -Reranker code (DESIGN 2.6):
+Preprocessing reproduces the official Qwen3-VL-Embedding / -Reranker code:
 RGBA composited onto white (every other mode converted to RGB), ``smart_resize`` with
 factor 32 and round-half-even, a PIL bicubic resize, (x - 127.5) / 127.5 in fp32, and
 rows of 2x16x16x3 = 1,536 values laid out in 2x2 merge-block order, a still image

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from engine.sequence import Seq, Seqs
-from engine.prompts.tokenizer import CLIP_CHARS_PER_TOKEN, clip_text
+from engine.prompts.truncation import CLIP_CHARS_PER_TOKEN, clip_text, pair_budget
 from engine.weights import read_json
 
 QWEN3_RERANK_SYSTEM = (
@@ -41,7 +41,7 @@ class Template:
     max_length: int = 8192
 
     def clip(self, texts: Sequence[str], max_tokens: int) -> List[str]:
-        """Each text cut by characters before tokenizing (engine.prompts.tokenizer.clip_text)."""
+        """Each text cut by characters before tokenizing (engine.prompts.truncation.clip_text)."""
         return [clip_text(self.tokenizer, t, max_tokens) for t in texts]
 
 
@@ -65,9 +65,7 @@ class Qwen3RerankTemplate(Template):
         self.prefix_ids = tokenizer.encode(QWEN3_RERANK_PREFIX, add_special_tokens=False)
         self.suffix_ids = tokenizer.encode(QWEN3_RERANK_SUFFIX, add_special_tokens=False)
         self.max_length = max_length
-        self.pair_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        if self.pair_budget <= 0:
-            raise ValueError(f"max_length={max_length} leaves no room for the pair after the template")
+        self.pair_budget = pair_budget(max_length, self.prefix_ids, self.suffix_ids)
 
     @staticmethod
     def format_pair(query: str, doc: str, instruction: str) -> str:
@@ -308,7 +306,7 @@ def _read_json_if(folder: Optional[Path], name: str) -> dict:
 
 
 # --- Prism-Reranker (Qwen3.5; Prism-Qwen3-Reranker-4B-exp on Qwen3) --------------------------
-# From the authors' card draft (DESIGN 2.5): the system line keeps its trailing space and has
+# From the authors' model card draft: the system line keeps its trailing space and has
 # no "Note that" sentence; the instruction asks for the verdict and, on "yes", tagged evidence.
 PRISM_SYSTEM = "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
 PRISM_PREFIX = f"<|im_start|>system\n{PRISM_SYSTEM}<|im_end|>\n<|im_start|>user\n"
@@ -340,7 +338,7 @@ class PrismRerankTemplate(Qwen3RerankTemplate):
     def __init__(self, tokenizer, max_length: int = 8192):
         super().__init__(tokenizer, max_length)
         self.prefix_ids = tokenizer.encode(PRISM_PREFIX, add_special_tokens=False)
-        self.pair_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        self.pair_budget = pair_budget(max_length, self.prefix_ids, self.suffix_ids)
 
 
 # --- KaLM-Reranker-V1 (T5Gemma2 encoder-decoder; model card template) ------------------------

@@ -88,33 +88,3 @@ def token_id(tokenizer, text: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"{text!r} is not a single token in this tokenizer (got {ids})")
     return ids[0]
-
-
-# Clipping long texts by characters before the tokenizer sees them. A 7 MB document tokenized whole,
-# with offsets, costs about 1.2 GB that the allocator never returns; truncation inside the tokenizer
-# happens only after the whole text is encoded. A cut that leaves at least CLIP_MARGIN_TOKENS tokens and
-# CLIP_MARGIN_CHARS characters beyond the last kept token changes none of the kept tokens: pre-tokens end
-# at whitespace and punctuation, and BPE merges act within a few symbols of the cut.
-CLIP_MARGIN_TOKENS = 16
-CLIP_MARGIN_CHARS = 256
-CLIP_CHARS_PER_TOKEN = 8  # the first guess; the cut doubles until it holds enough tokens
-
-
-def clip_text(tokenizer, text: str, max_tokens: int, from_end: bool = False) -> str:
-    """``text`` cut by characters to a part whose first (or, ``from_end``, last) ``max_tokens``
-    tokens are exactly those of the whole text. Short texts come back unchanged, untokenized."""
-    need = max(1, int(max_tokens)) + CLIP_MARGIN_TOKENS
-    bound = need * CLIP_CHARS_PER_TOKEN + CLIP_MARGIN_CHARS
-    while bound < len(text):
-        cut = text[-bound:] if from_end else text[:bound]
-        offsets = tokenizer(cut, add_special_tokens=False, truncation=False, return_offsets_mapping=True,
-                            return_attention_mask=False)["offset_mapping"]
-        if len(offsets) >= need:
-            if from_end:
-                safe = offsets[len(offsets) - need][0] >= CLIP_MARGIN_CHARS
-            else:
-                safe = offsets[need - 1][1] <= len(cut) - CLIP_MARGIN_CHARS
-            if safe:
-                return cut
-        bound *= 2
-    return text

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from engine.sequence import Seqs
 from engine.prompts.templates import Template
-from engine.prompts.tokenizer import clip_text
+from engine.prompts.truncation import clip_text
 
 log = logging.getLogger("engine")
 

@@ -1,6 +1,6 @@
 """The HTTP server: the rerank and embedding APIs clients already speak, over one loaded model.
 
-Routes (DESIGN.md section 3): Cohere/Jina and TEI rerank, vLLM score, TEI and
+Routes (listed in ARCHITECTURE.md, "HTTP routes"): Cohere/Jina and TEI rerank, vLLM score, TEI and
 OpenAI embeddings, health, models, Prometheus metrics and the OpenAPI spec.
 
 The event loop never runs the model: each request runs in a worker thread, so

@@ -6,23 +6,21 @@ loop together and share its batches. An embed-task model serves rerank too (by
 cosine, as ``Reranker`` over an embedding model does), from the same weights.
 
 Long texts are always truncated, never rejected: to the model's context by the
-template, or here, at a token boundary, to ``max_tokens_per_doc`` or from the
-left end (TEI ``truncation_direction``). Texts are cut by characters before any
-tokenizer sees them (engine.prompts.tokenizer.clip_text), so a huge document costs memory
+template, or, at a token boundary, to ``max_tokens_per_doc`` or from the left end
+(TEI ``truncation_direction``); engine.prompts.truncation decides both. Texts are
+cut by characters before any tokenizer sees them, so a huge document costs memory
 for the part that is used only. Usage counts (``prompt_tokens``) are the engine's
 own: the tokens of every sequence as the model sees it, shared prefix included.
 """
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from engine.api import Embedder, Reranker
 from engine.classifier import Classifier
 from engine.config import EngineConfig
 from engine.core.request import Cancelled
-from engine.prompts.inputs import text_part
-from engine.prompts.tokenizer import clip_text
+from engine.prompts.truncation import TokenBudget
 
 
 class WrongTask(ValueError):
@@ -45,16 +43,7 @@ class Service:
         # (the engine set their limits from the config).
         self.multimodal = tpl.multimodal
         self.max_length = int(tpl.max_length)  # encoders cap it at their positions
-        # Cutting at token boundaries uses a private copy of the Rust tokenizer that is never
-        # reconfigured (the engine's is reconfigured per call, under its lock, on the tokenizer thread).
-        self.cutter = Tokenizer.from_str(self.engine.tokenizer.backend_tokenizer.to_str())
-        self.cutter.no_truncation()
-        self.cutter.no_padding()
-        # What the template adds around a text, for left truncation: [query-side, per document].
-        if self.task == "embed":
-            self._overhead = (len(tpl.encode([""], is_query=True).ids[0]), len(tpl.encode([""]).ids[0]))
-        else:
-            self._overhead = (len(tpl.encode([""], [""]).ids[0]), 0)
+        self.budget = TokenBudget(tpl, self.engine.tokenizer, self.task)
         if warmup:
             self.reranker.rank("warm up", ["warm up"])
             if self.embedder is not None:
@@ -82,43 +71,6 @@ class Service:
         out["active_requests"] = sched.queue_depth()
         return out
 
-    def _count(self, text) -> int:
-        text = text_part(text)  # an input with images: its text part
-        return len(self.cutter.encode(clip_text(self.engine.tokenizer, text, self.max_length),
-                                      add_special_tokens=False).ids)
-
-    def _fit(self, texts: Sequence[str], limit: Optional[int], left: bool) -> List[str]:
-        """Each text cut to at most ``limit`` tokens (keeping its end when ``left``)."""
-        if limit is None:
-            return list(texts)
-        out = []
-        for t in texts:
-            if not isinstance(t, str):  # an input with images is truncated by the template
-                out.append(t)
-                continue
-            t = clip_text(self.engine.tokenizer, t, limit, from_end=left)
-            e = self.cutter.encode(t, add_special_tokens=False)
-            n = len(e.ids)
-            if n > limit:
-                t = t[e.offsets[n - limit][0]:] if left else t[:e.offsets[limit - 1][1]]
-            out.append(t)
-        return out
-
-    def _limit(self, overhead: int, max_tokens: Optional[int], left: bool) -> Optional[int]:
-        # Right truncation of what does not fit is the template's job; cutting from the left has to
-        # happen here, to the room the template leaves for the text.
-        room = max(1, self.max_length - overhead) if left else None
-        if max_tokens is None:
-            return room
-        return max_tokens if room is None else min(max_tokens, room)
-
-    def _query_overhead(self, query: str, instruction: Optional[str]) -> int:
-        """Tokens around a document in a rerank pair: the template with the query and no document."""
-        if self.task == "embed":
-            return self._overhead[1]
-        extra = self._count(query) + (self._count(instruction) if instruction is not None else 0)
-        return self._overhead[0] + extra
-
     # Calls
 
     def rank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
@@ -131,8 +83,7 @@ class Service:
         """
         if not documents:
             return [], 0
-        overhead = self._query_overhead(query, instruction) if left else 0
-        docs = self._fit(documents, self._limit(overhead, max_tokens_per_doc, left), left)
+        docs = self.budget.documents(documents, query, instruction, max_tokens_per_doc, left)
         call: dict = {}
         ranked = self.reranker.rank(query, docs, top_n=top_n, instruction=instruction, return_documents=False,
                                     cancel=cancel, raw_scores=raw_scores, min_score=min_score, stats=call,
@@ -158,10 +109,7 @@ class Service:
                             f"(serve one with --task embed)")
         if dimensions is not None and dimensions > self.dimension:
             raise ValueError(f"dimensions={dimensions} is larger than the embedding size {self.dimension}")
-        overhead = 0
-        if left:
-            overhead = self._overhead[1] if instruction is None else self._overhead[0] + self._count(instruction)
-        cut = self._fit(texts, self._limit(overhead, max_tokens, left), left)
+        cut = self.budget.texts(texts, instruction, max_tokens, left)
         call: dict = {}
         emb = self.embedder.embed(cut, dimensions=dimensions, instruction=instruction,
                                   is_query=instruction is not None, normalize=normalize, cancel=cancel, stats=call)

@@ -45,7 +45,7 @@ def test_preprocessing_equals_reference_pixels_and_grid(images):
         assert list(ours.grid) == ref["image_grid_thw"][0].tolist(), name
         assert ours.pixel_values.shape == ref["pixel_values"].shape, name
         np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-6, rtol=0, err_msg=name)
-    small = preprocess(images["100x70"], opts)  # DESIGN.md's example
+    small = preprocess(images["100x70"], opts)  # the official preprocessing's example
     assert small.grid == (1, 4, 6) and small.pixel_values.shape == (24, 1536) and small.num_tokens == 6
     assert preprocess(images["1x1"], opts).grid == (1, 4, 4)  # upscaled to the 4,096-pixel minimum
 

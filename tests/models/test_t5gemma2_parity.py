@@ -140,7 +140,7 @@ def test_raw_scores_are_margins(kalm, rng):
 @pytest.mark.skipif(not __import__("os").environ.get("KALM_NANO_PATH"),
                     reason="set KALM_NANO_PATH to a local KaLM-Reranker-V1-Nano folder")
 def test_published_nano_margins():
-    # Model card / DESIGN 2.4: bf16, r = 4 gives margins [8.78125, -14.1875]; fp32 on CPU lands near them.
+    # The model card: bf16, r = 4 gives margins [8.78125, -14.1875]; fp32 on CPU lands near them.
     ours = Reranker(__import__("os").environ["KALM_NANO_PATH"], device="cpu")
     docs = ["The capital of China is Beijing.", "Gravity attracts bodies toward one another."]
     got = ours.predict([("What is the capital of China?", d) for d in docs], raw_scores=True)

@@ -80,9 +80,9 @@ def test_serve_with_a_user_template(start_server, rerank_folder, rerank_server, 
     jinja = tmp_path / "my.jinja"
     jinja.write_text(QWEN3_JINJA)
     args = _parser().parse_args(["serve", str(rerank_folder), "--template", str(jinja), "--label-tokens", "yes,no"])
-    assert args.template == str(jinja) and args.label_tokens == "yes,no"
+    assert args.template == str(jinja) and args.label_tokens == ("yes", "no")
     server = start_server(Service(str(rerank_folder), device="cpu", template=args.template,
-                                  label_tokens=args.label_tokens.split(",")), "user-template")
+                                  label_tokens=args.label_tokens), "user-template")
     query, docs = "where is the river?", [random_text(rng, n) for n in (3, 20, 50)]
     with server.client() as c:
         got = c.post("/v1/rerank", json={"query": query, "documents": docs}).json()["results"]
