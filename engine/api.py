@@ -3,20 +3,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.core.cache import PassageCache
 from engine.config import EngineConfig
+from engine.core.cache import PassageCache
 from engine.core.engine import Engine
-from engine.models.heads import YesNoHead, matryoshka
 from engine.core.passages import check_ratio
 from engine.core.request import merge_stats
 from engine.core.steps.passage import PassageRequest
 from engine.core.steps.score import ScoreRequest
+from engine.models.heads import YesNoHead, matryoshka
+from engine.prompts.templates import check_texts
 from engine.sequence import Seq, Seqs
 
 # Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
 # through the tokenizer thread; bench/cpu_embed.py's one-text latency).
 EAGER_TEXTS = 16
-from engine.prompts.templates import check_texts
 
 
 def _multimodal(engine: Engine) -> bool:

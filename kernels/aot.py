@@ -144,6 +144,7 @@ def _meta(*shape, dtype):
 def qwen3_ops(c, lens, dt):
     """(op, thunk) pairs of a Qwen3 reranker / embedder batch, as engine/models/qwen3.py calls them."""
     import torch
+
     from kernels.attention import varlen_attention_triton
     from kernels.qk_norm_rope import qk_norm_rope_triton
     from kernels.rms_norm import rms_norm_triton
@@ -181,6 +182,7 @@ def qwen3_ops(c, lens, dt):
 def bert_ops(c, lens, dt):
     """MiniLM / XLM-R: bidirectional attention on the unbound [T, 3, nh, hd] projection (engine/models/bert.py)."""
     import torch
+
     from kernels.attention import varlen_attention_triton
 
     t, n, h, nh = sum(lens), len(lens), c["hidden"], c["heads"]
@@ -193,6 +195,7 @@ def bert_ops(c, lens, dt):
 def t5gemma2_ops(c, lens, dt):
     """KaLM-Reranker (T5Gemma2): encoder windows, decoder own + paged cross keys (engine/models/t5gemma2.py)."""
     import torch
+
     from kernels.paged_attention import paged_attention_triton
     from kernels.qk_norm_rope import qk_norm_rope_triton
     from kernels.rms_norm import rms_norm_triton
@@ -241,6 +244,7 @@ def t5gemma2_ops(c, lens, dt):
 def qwen3_5_ops(c, lens, dt):
     """Prism-Reranker (Qwen3.5): gated attention and Gated DeltaNet layers (engine/models/qwen3_5.py)."""
     import torch
+
     from kernels.attention import varlen_attention_triton
     from kernels.causal_conv1d import causal_conv1d_triton
     from kernels.gated_delta_rule import chunk_plan, gated_delta_rule_triton
@@ -306,6 +310,7 @@ def qwen3_5_ops(c, lens, dt):
 def qwen3_vl_vision_ops(c, lens, dt):
     """Qwen3-VL vision blocks (engine/models/qwen3_vl.py): 2D RoPE on q/k, no norms; attention per image."""
     import torch
+
     from kernels.attention import varlen_attention_triton
     from kernels.qk_norm_rope import qk_norm_rope_triton
 

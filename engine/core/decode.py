@@ -14,7 +14,7 @@ are decoded, as steps of the engine loop:
 The LM head is the full vocabulary at one position per row and step: the tied
 embedding, or ``lm_head.weight`` read from the checkpoint on first use.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ import kernels
 from engine.context import BatchContext, build_context
 from engine.models.layers import Attention
 from engine.weights import checkpoint_index, read_tensor
+
 
 class DecodeCache:
     """Per-sequence decoding state, read and written by the layers through ``ctx.cache``."""

@@ -19,19 +19,18 @@ from types import SimpleNamespace
 from typing import Optional
 
 import kernels
-from engine.core import decode
-from engine.core import passages
-from engine.models import registry
+from engine.config import EngineConfig
+from engine.core import decode, passages
 from engine.core.cache import PrefixCache
-from engine.prompts.registry import template_class
-from engine.prompts.user_template import PromptTemplate, user_template
 from engine.core.request import Request
 from engine.core.runner import ModelRunner, pick_device, pick_dtype
 from engine.core.scheduler import Scheduler
 from engine.core.steps import default_kinds
-from engine.prompts.tokenizer import load_tokenizer
-from engine.config import EngineConfig
 from engine.default_model import default_model_path
+from engine.models import registry
+from engine.prompts.registry import template_class
+from engine.prompts.tokenizer import load_tokenizer
+from engine.prompts.user_template import PromptTemplate, user_template
 from engine.weights import checkpoint_index, read_config, resolve_model
 
 log = logging.getLogger("engine")

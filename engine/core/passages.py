@@ -22,8 +22,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from engine.core.cache import PassageCache, PassageEntry
 from engine.context import build_context
+from engine.core.cache import PassageCache, PassageEntry
 
 RATIOS = (1, 2, 4, 8, 16, 32)
 DEFAULT_RATIO = 4

@@ -8,15 +8,9 @@ GenerateRequest (generate.py). This module holds what they share.
 """
 import itertools
 import threading
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-import numpy as np
-
-from engine.sequence import Seq, Seqs
-
+from engine.sequence import Seq
 
 _STATS_LOCK = threading.Lock()
 

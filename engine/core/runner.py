@@ -6,18 +6,17 @@ head. It never creates or calls the scheduler: steps come in, tensors and
 numbers go back.
 """
 import logging
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 import kernels
-from engine.models import registry
 from engine.core.cache import PassageCache
-from engine.models.heads import HEAD_BUILDERS
+from engine.models import registry
 from engine.models.cpu_linear import onednn_available, pack_linears, quantize_linears
+from engine.models.heads import HEAD_BUILDERS
 from engine.weights import checkpoint_index, load_weights
 
 log = logging.getLogger("engine")

@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from engine.context import BatchContext
-from engine.models.layers import Attention, LayerNorm, Linear, MergedLinear, VocabEmbedding, default_weight_loader
 from engine.models.base import EngineModel
+from engine.models.layers import (
+    Attention,
+    LayerNorm,
+    Linear,
+    MergedLinear,
+    VocabEmbedding,
+)
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # erf, as in the original BERT

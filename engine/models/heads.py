@@ -16,7 +16,6 @@ from engine.context import BatchContext
 from engine.prompts.tokenizer import token_id
 from engine.weights import WeightError, read_json, read_rows, read_tensor
 
-
 # Heads take (hidden [T, H], residual [T, H] or None, ctx, model) and return (logit, score):
 #   relevance heads: the exact pre-activation logit [n] and the score [n], both fp32 (``raw_scores``
 #   returns the logit itself; nothing downstream inverts a sigmoid);

@@ -11,9 +11,18 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
-                           head_dim, rope_parameters)
 from engine.models.base import EngineModel
+from engine.models.layers import (
+    Attention,
+    GatedMLP,
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    VocabEmbedding,
+    head_dim,
+    rope_parameters,
+)
 
 
 class Qwen3Attention(nn.Module):

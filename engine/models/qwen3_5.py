@@ -22,9 +22,20 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
-                           default_weight_loader, head_dim, rope_parameters, text_config)
 from engine.models.base import EngineModel
+from engine.models.layers import (
+    Attention,
+    GatedMLP,
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    VocabEmbedding,
+    default_weight_loader,
+    head_dim,
+    rope_parameters,
+    text_config,
+)
 
 
 def rope_settings(cfg) -> Tuple[float, float]:

@@ -26,11 +26,19 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext, build_context
-from engine.prompts.images import pixel_values
-from engine.models.layers import (LayerNorm, Linear, RMSNorm, VocabEmbedding, default_weight_loader, head_dim,
-                                  rope_parameters, text_config)
 from engine.models.base import EngineModel
+from engine.models.layers import (
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    VocabEmbedding,
+    default_weight_loader,
+    head_dim,
+    rope_parameters,
+    text_config,
+)
 from engine.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
+from engine.prompts.images import pixel_values
 from engine.sequence import Seq
 
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>

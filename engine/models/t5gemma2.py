@@ -30,9 +30,17 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
-from engine.models.layers import (Attention, GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
-                                  rope_parameters)
 from engine.models.base import EngineModel
+from engine.models.layers import (
+    Attention,
+    GatedMLP,
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    VocabEmbedding,
+    rope_parameters,
+)
 
 # transformers' T5Gemma2TextConfig defaults, for keys a config.json leaves out.
 _TEXT_DEFAULTS = dict(

@@ -8,7 +8,7 @@ import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from engine.prompts.images import ImageData, ImageOptions
-from engine.prompts.inputs import IMAGE_PAD, VISION_END, VISION_START, Content, Input
+from engine.prompts.inputs import IMAGE_PAD, VISION_END, VISION_START, Input
 from engine.prompts.templates import QWEN3_RERANK_SYSTEM, Template
 from engine.sequence import Seq, Seqs
 

@@ -4,9 +4,15 @@ from pathlib import Path
 from typing import Optional
 
 from engine.prompts.qwen3_vl import Qwen3VLEmbedTemplate, Qwen3VLRerankTemplate
-from engine.prompts.templates import (CrossEncoderTemplate, KaLMRerankTemplate, PrismRerankTemplate,
-                                      Qwen3EmbedTemplate, Qwen3RerankTemplate, SentenceTransformerEmbedTemplate,
-                                      XLMRobertaPairTemplate)
+from engine.prompts.templates import (
+    CrossEncoderTemplate,
+    KaLMRerankTemplate,
+    PrismRerankTemplate,
+    Qwen3EmbedTemplate,
+    Qwen3RerankTemplate,
+    SentenceTransformerEmbedTemplate,
+    XLMRobertaPairTemplate,
+)
 from engine.prompts.user_template import PromptTemplate, QueritTemplate
 
 TEMPLATES = {cls.__name__: cls for cls in (

@@ -8,8 +8,8 @@ prefix + pair + suffix.
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from engine.sequence import Seq, Seqs
 from engine.prompts.truncation import CLIP_CHARS_PER_TOKEN, clip_text, pair_budget
+from engine.sequence import Seq, Seqs
 from engine.weights import read_json
 
 QWEN3_RERANK_SYSTEM = (

@@ -18,9 +18,9 @@ import string
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from engine.sequence import Seqs
 from engine.prompts.templates import Template
 from engine.prompts.truncation import clip_text
+from engine.sequence import Seqs
 
 log = logging.getLogger("engine")
 

@@ -35,13 +35,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from engine.core.request import Cancelled
 from engine.prompts.inputs import text_part
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
-from engine.serving.protocol import (ERROR_TYPES, ClassifyBody, IndexBody, ClassifyResponse, EmbeddingsBody, EmbeddingsResponse,
-                             EmbedBody, ErrorResponse, RerankBody, RerankResponse, ScoreBody, ScoreResponse,
-                             TEIRank, error_param, error_response)
-from engine.core.request import Cancelled
+from engine.serving.protocol import (
+    ERROR_TYPES,
+    ClassifyBody,
+    ClassifyResponse,
+    EmbedBody,
+    EmbeddingsBody,
+    EmbeddingsResponse,
+    ErrorResponse,
+    IndexBody,
+    RerankBody,
+    RerankResponse,
+    ScoreBody,
+    ScoreResponse,
+    TEIRank,
+    error_param,
+    error_response,
+)
 from engine.serving.service import Service, WrongTask
 
 log = logging.getLogger("engine.serving.server")

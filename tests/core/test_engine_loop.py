@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine import Embedder, Reranker
 from engine.core.evidence import Generator

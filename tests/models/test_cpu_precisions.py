@@ -105,7 +105,6 @@ def test_a_dropped_engine_lets_go_of_its_model():
     """The loop thread holds its engine weakly: once the engine's users drop it, the thread ends
     and the model is freed (a process that makes engines one after another does not keep them)."""
     import gc
-    import time
     import weakref
 
     emb = Embedder()
