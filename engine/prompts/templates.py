@@ -212,8 +212,9 @@ class XLMRobertaPairTemplate(CrossEncoderTemplate):
     """``<s> q </s></s> d </s>`` with FlagEmbedding's truncation (the reference for bge-reranker):
     the query is cut to ``max_length * 3 // 4`` tokens, then the document to what is left."""
 
-    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None):
-        super().__init__(tokenizer, max_length, folder, config)
+    def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None,
+                 max_positions: Optional[int] = None):
+        super().__init__(tokenizer, max_length, folder, config, max_positions)
         self.layout = _pair_layout(tokenizer)
 
     def encode(self, queries: Sequence[str], docs: Sequence[str], instruction: Optional[str] = None) -> Seqs:
