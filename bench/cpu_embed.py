@@ -27,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-from common import words
+import common  # noqa: F401 (the repository on sys.path)
+from checkpoints import words
 
 BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
 

@@ -1,6 +1,6 @@
 """End-to-end cross-encoder throughput: our engine vs transformers' padded batches, same process.
 
-Workload "rerank-1k" (DESIGN.md 4): one query, documents of uniform 64-448
+Workload "rerank-1k": one query, documents of uniform 64-448
 tokens, random weights at the real shapes:
   xlmr         bge-reranker-v2-m3 (XLMRobertaForSequenceClassification: 24 layers,
                hidden 1024, 16 heads, intermediate 4096, vocab 250002, max 8192)
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import WORDS, latency_ms, machine, timed, words
+from checkpoints import WORDS, words
+from common import latency_ms, machine, timed
 
 SHAPES = {
     "xlmr": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

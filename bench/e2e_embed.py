@@ -12,7 +12,8 @@ import random
 
 import torch
 
-from common import build_qwen3_folder, machine, timed, words
+from checkpoints import build_qwen3_folder, words
+from common import machine, timed
 
 
 def reference_embed(tok, model, texts, batch_size):

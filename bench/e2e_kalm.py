@@ -1,6 +1,6 @@
 """KaLM-Reranker-V1 end to end: cold (encoder + decoder) vs warm passage cache vs transformers, same process.
 
-Workload "rerank-1k" (DESIGN.md 4) on the Nano shape (DESIGN.md 2.4: hidden 640, 18+18
+Workload "rerank-1k" on the Nano shape (KaLM-Reranker-V1-Nano: hidden 640, 18+18
 layers, 4/1 heads of 256, 5 sliding (window 512) : 1 full, vocabulary 262,144) with
 random weights: 1 query, documents of 64-448 tokens, r = 4. Our engine runs each cache
 mode ("states": pooled encoder states; "kv": every decoder layer's cross K/V):
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from common import machine, sync, timed, words
+from checkpoints import build_kalm, words
+from common import machine, sync, timed
 
 NANO = dict(hidden=640, heads=4, kv_heads=1, head_dim=256, intermediate=2048, sliding_window=512,
             query_pre_attn_scalar=256, vocab_size=262_144, full_every=6)
 
 
 def make_workload(n_docs: int, rng: random.Random):
-    # The bench tokenizer gives one token per word (kalm_tiny): 64-448 words are 64-448 tokens.
+    # The KaLM bench tokenizer gives one token per word: 64-448 words are 64-448 tokens.
     docs = [words(rng, rng.randint(64, 448)) for _ in range(n_docs)]
     return words(rng, 20), words(rng, 20), docs
 
@@ -75,7 +76,6 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from kalm_tiny import build_kalm
     from transformers import AutoTokenizer
 
     from engine import Reranker
@@ -98,7 +98,7 @@ def main():
     ours = None
     for mode, rr in engines.items():
         rr.rank(words(rng, 5), [words(rng, 70)] * 2, compression_ratio=args.ratio)  # warm-up (kernels, allocator)
-        rr._kalm.cache.clear()
+        rr.engine.passage_cache.clear()
         st = {}
         cold, t_cold = timed(lambda: rr.rank(query, docs, compression_ratio=args.ratio, stats=st), device)
         cache = rr.cache_stats()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import machine, timed, words
+from checkpoints import qwen3_5_tokenizer, save_qwen_tokenizer, words
+from common import machine, timed
 
 # Qwen3.5 text shapes: three Gated DeltaNet layers per gated full-attention layer.
 SHAPES = {
@@ -39,7 +40,6 @@ SHAPES = {
 
 
 def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
-    from qwen_vocab import build_qwen3_5_backend, save_qwen3_tokenizer
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     folder = Path(tempfile.mkdtemp(prefix="bench-")) / "Prism-Reranker-bench"
@@ -53,7 +53,7 @@ def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
         model = Qwen3_5ForCausalLM(cfg).to(dtype).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
     del model
-    save_qwen3_tokenizer(build_qwen3_5_backend(), folder)
+    save_qwen_tokenizer(qwen3_5_tokenizer(), folder)
     return folder
 
 

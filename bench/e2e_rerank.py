@@ -1,6 +1,6 @@
 """End-to-end rerank throughput: our engine vs the model card's transformers code, same process.
 
-Workload "rerank-1k" (DESIGN.md 4) on a GPU shape; on the CPU default, the small
+Workload "rerank-1k" (one query, 1,000 documents of 64-448 tokens) on a GPU shape; on the CPU default, the small
 Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
 40-300 words and a 40-word query. Prints pairs/s for both and the ratio.
 
@@ -10,7 +10,7 @@ Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
 
 ``--latency-docs N``: the p50/p99 of one request of N documents (a new query each
 time, so the prefix cache does not help), ours and the model card's one padded
-batch, as DESIGN.md 4's latency anchors.
+batch: the latency figures of bench/RESULTS.md's GPU table.
 """
 import argparse
 import json
@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from common import build_qwen3_folder, latency_ms, machine, timed, words
+from checkpoints import build_qwen3_folder, words
+from common import latency_ms, machine, timed
+from references import Qwen3RerankerReference
 
 
 def make_workload(args, rng):
@@ -69,7 +71,6 @@ def main():
     args = ap.parse_args()
 
     from engine import Reranker
-    from reference_qwen3 import Qwen3RerankerReference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

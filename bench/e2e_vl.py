@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import machine, timed, words
+from checkpoints import VL_EXTRA_SPECIAL, qwen3_tokenizer, save_qwen_tokenizer, words
+from common import machine, timed
+from references import Qwen3VLReference
 
 SHAPES = {
     "cpu": dict(text=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -36,9 +38,7 @@ SHAPES = {
 
 
 def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
-    from qwen_vocab import build_qwen3_backend
-    from tiny_qwen3_vl import VL_EXTRA_SPECIAL
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     text, vision = dict(SHAPES[shape]["text"]), dict(SHAPES[shape]["vision"])
     mrope = text.pop("mrope")
@@ -55,9 +55,7 @@ def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
         model = Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
     del model
-    tok = PreTrainedTokenizerFast(tokenizer_object=build_qwen3_backend(), eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", extra_special_tokens=VL_EXTRA_SPECIAL)
-    tok.save_pretrained(str(folder))
+    save_qwen_tokenizer(qwen3_tokenizer(), folder, extra_special_tokens=VL_EXTRA_SPECIAL)
     return folder
 
 
@@ -100,13 +98,7 @@ def main():
     print(f"ours:          {n_docs / t:8.2f} pairs/s  ({t:.2f} s)")
 
     if not args.skip_reference:
-        from tiny_qwen3_vl import Qwen3VLReference
-
-        ref = Qwen3VLReference(folder)
-        ref.lm.to(device=device, dtype=dtype)
-        ref.w = ref.w.to(device)
-        forward = ref.lm.model.forward
-        ref.lm.model.forward = lambda **kw: forward(**{k: v.to(device) for k, v in kw.items()})
+        ref = Qwen3VLReference(folder, device=device, dtype=dtype)
 
         def as_ref(d):
             return (d, []) if isinstance(d, str) else (None, [d["image"]])

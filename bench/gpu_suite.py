@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One GPU session's worth of kernel checks (at most about 8 minutes on an H100/H200).
 
-0. the compile check: bench/aot_compile.py --arch 90 (every kernel, every served
+0. the compile check: kernels/aot.py --arch 90 (every kernel, every served
    shape; shared memory, registers, spills, grid and int64 limits);
 1. correctness of every Triton kernel in bf16 and fp16 against its torch
    reference on the GPU (relative error ||out - ref|| / ||ref||; the attention
@@ -14,7 +14,7 @@
 3. end to end, as subprocesses (failures are recorded, not fatal), within the
    time left of --budget-s: rerank-1k and the 100-document p50 latency for
    Qwen3-Reranker-0.6B (eager and compile=True), Qwen3-Reranker-4B and XLM-R large
-   (eager and compile=True), in DESIGN.md 4's format, and Qwen3-Embedding-0.6B;
+   (eager and compile=True), as bench/RESULTS.md's GPU table, and Qwen3-Embedding-0.6B;
 4. a table last, and everything as JSON in $OUT/gpu_suite.json (or --json).
 
 Exit status: 1 if any correctness check failed, 2 without CUDA, else 0.
@@ -477,7 +477,7 @@ def time_elementwise(s):
 
 # -- 3. end to end --------------------------------------------------------------------
 
-# (script, arguments): DESIGN.md 4's GPU anchors, most important first (the budget may cut the tail).
+# (script, arguments): the GPU table's rows, most important first (the budget may cut the tail).
 E2E = [
     ("e2e_rerank.py", ["--shape", "0.6B", "--compile", "both", "--latency-docs", "100"]),
     ("e2e_crossencoder.py", ["--family", "xlmr", "--compile", "both", "--latency-docs", "100"]),
@@ -513,9 +513,9 @@ def run_aot(s, timeout=150.0):
     served shape shows here before any timing."""
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "aot.json")
-        argv = [sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--arch", "90", "--json", out_json,
+        argv = [sys.executable, "-m", "kernels.aot", "--arch", "90", "--json", out_json,
                 "--jobs", str(max(2, min(16, os.cpu_count() or 2)))]
-        row = _subprocess_row(dict(script="aot_compile.py", cmd="python bench/aot_compile.py --arch 90"),
+        row = _subprocess_row(dict(script="aot_compile.py", cmd="python -m kernels.aot --arch 90"),
                               argv, timeout, out_json)
     if row["status"] != "ok":
         s.fail("aot compile check", RuntimeError(row.get("stdout_tail", row.get("error", ""))[-500:]))
@@ -554,7 +554,7 @@ def run_tests(s):
 # -- 4. report ------------------------------------------------------------------------
 
 def e2e_table(rows):
-    """DESIGN.md 4's table: pairs/s on rerank-1k (ours eager / compiled / transformers) and the
+    """The GPU table: pairs/s on rerank-1k (ours eager / compiled / transformers) and the
     p50 of one request (100 documents), from the end-to-end scripts' JSON."""
     def rate(r):
         return f"{r['pairs_per_s']:,.0f}" if r else "-"

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from common import ROOT, machine, words
+from checkpoints import words
+from common import ROOT, machine
 
 
 def make_pairs(n: int, docs_per_query: int = 50):
@@ -189,7 +190,7 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     os.chdir(ROOT)
-    ray = local.init(None, num_cpus=os.cpu_count())
+    ray = ray_local.init(None, num_cpus=os.cpu_count())
     try:
         with tempfile.TemporaryDirectory() as folder:
             if not args.skip_batch:

@@ -28,11 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import QWEN3_SHAPES, ROOT, build_qwen3_folder, machine, words
-
-# Same layout as tests/conftest.py's tiny model: hidden 64, 2 layers.
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=160, tie_word_embeddings=True)
+from checkpoints import QWEN3_SHAPES, build_qwen3_folder, words
+from common import ROOT, machine
 
 
 def make_requests(args):
@@ -102,7 +99,7 @@ def start_server(folder, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny"] + sorted(QWEN3_SHAPES))
+    ap.add_argument("--shape", default="tiny", choices=sorted(QWEN3_SHAPES))
     ap.add_argument("--device", default=None)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=256, help="total requests (bounded count)")
@@ -122,7 +119,6 @@ def main():
     results = {"machine": machine(), "shape": args.shape, "clients": args.clients, "docs": args.docs}
     folder, proc, url = None, None, args.url
     if url is None:
-        QWEN3_SHAPES.setdefault("tiny", TINY)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         folder = build_qwen3_folder(args.shape, "Qwen3-Reranker-serve-bench", device, dtype)
