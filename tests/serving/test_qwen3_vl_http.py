@@ -30,7 +30,9 @@ def image_part(img):
 
 @pytest.fixture(scope="module")
 def vl_rerank(tmp_path_factory, qwen3_backend, start_server):
-    service = Service(str(tiny_qwen3_vl(tmp_path_factory, qwen3_backend, "Qwen3-VL-Reranker-tiny")), device="cpu")
+    # max_images=32: what `rerank-engine serve` sets by default (EngineConfig's default is no cap, as in Python)
+    service = Service(str(tiny_qwen3_vl(tmp_path_factory, qwen3_backend, "Qwen3-VL-Reranker-tiny")), device="cpu",
+                      max_images=32)
     return service, start_server(service, "tiny-vl-reranker")
 
 
