@@ -15,7 +15,7 @@ of its own (see ProcessPath: two torch paths in one process slow each other).
     pip install -e ".[bench]"
     python bench/cpu_embed.py                       # fp32
     python bench/cpu_embed.py --dtype bfloat16      # our bf16 (the peers stay fp32)
-    python bench/cpu_embed.py --quantize int8       # our dynamic int8 linears
+    python bench/cpu_embed.py --quantize int8 --only ours,fp32,ort,ort-int8   # our int8 against ONNX Runtime's
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ def make_embed(kind, folder, options):
 
         st = SentenceTransformer(folder, device="cpu")
         return lambda t: st.encode(t, batch_size=BATCH, normalize_embeddings=True)
-    return OnnxEmbedder(folder, 256, options["threads"]).embed
+    return OnnxEmbedder(folder, 256, options["threads"], options.get("int8", False)).embed
 
 
 class Path:
@@ -141,9 +141,10 @@ class ProcessPath:
 
 
 class OnnxEmbedder:
-    """ONNX Runtime on the exported BertModel, with the folder's tokenizer, mean pooling and L2 norm."""
+    """ONNX Runtime on the exported BertModel, with the folder's tokenizer, mean pooling and L2 norm.
+    ``int8``: the model through ONNX Runtime's own dynamic int8 (``quantize_dynamic``, per channel)."""
 
-    def __init__(self, folder, max_length, threads):
+    def __init__(self, folder, max_length, threads, int8=False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
         from transformers import AutoModel
@@ -171,6 +172,12 @@ class OnnxEmbedder:
                 dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids",
                                                                    "last_hidden_state")},
                 opset_version=17)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            qpath = path[:-len(".onnx")] + ".int8.onnx"
+            quantize_dynamic(path, qpath, per_channel=True, weight_type=QuantType.QInt8)
+            path = qpath
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -208,7 +215,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (best kept)")
     ap.add_argument("--only", default="ours,fp32,st,ort",
-                    help="comma list of ours, fp32 (our fp32 beside a bf16/int8 run), st, ort")
+                    help="comma list of ours, fp32 (our fp32 beside a bf16/int8 run), st, ort, ort-int8 (ONNX "
+                         "Runtime's dynamic int8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -235,6 +243,9 @@ def main():
         paths["sentence-transformers"] = ProcessPath("st", folder, {})
     if "ort" in only:
         paths[f"onnxruntime ({args.threads} threads)"] = ProcessPath("ort", folder, {"threads": args.threads})
+    if "ort-int8" in only:
+        paths[f"onnxruntime int8 ({args.threads} thr)"] = ProcessPath("ort", folder, {"threads": args.threads,
+                                                                                     "int8": True})
 
     tps, embs = interleaved_throughput(paths, texts, args.rounds)
     print("  throughput done:", {k: round(v, 1) for k, v in tps.items()}, flush=True)

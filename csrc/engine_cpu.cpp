@@ -560,12 +560,138 @@ torch::Tensor mean_pool(torch::Tensor hidden, torch::Tensor cu_seqlens, bool nor
 
 }  // namespace
 
+// ---- int8 linear: per-row activation quantization around torch._int_mm (kernels/int8_linear.py) ----
+//
+// quantize_rows: x fp32 [T, K] (times inv_smooth [K]) -> q int8 [T, K], scale [T], zero int32 [T], with
+// x ~ scale * (q - zero), the range [min(x, 0), max(x, 0)] over 256 levels. One row at a time, so a
+// row's codes never depend on the other rows of the batch.
+std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "quantize_rows: x must be fp32 [T, K]");
+  auto xc = x.contiguous();
+  const int64_t T = xc.size(0), K = xc.size(1);
+  torch::Tensor is;
+  if (inv_smooth.has_value()) {
+    is = inv_smooth->to(torch::kFloat).contiguous();
+    TORCH_CHECK(is.numel() == K, "quantize_rows: inv_smooth size != K");
+  }
+  auto q = torch::empty({T, K}, xc.options().dtype(torch::kChar));
+  auto scale = torch::empty({T}, xc.options());
+  auto zero = torch::empty({T}, xc.options().dtype(torch::kInt));
+  const float* X = xc.data_ptr<float>();
+  const float* IS = is.defined() ? is.data_ptr<float>() : nullptr;
+  int8_t* Q = q.data_ptr<int8_t>();
+  float* S = scale.data_ptr<float>();
+  int32_t* Z = zero.data_ptr<int32_t>();
+  at::parallel_for(0, T, row_grain(K), [&](int64_t a, int64_t b) {
+    std::vector<float> buf(K);
+    for (int64_t t = a; t < b; ++t) {
+      const float* xr = X + t * K;
+      float* v = buf.data();
+      if (IS) {
+        for (int64_t k = 0; k < K; ++k) v[k] = xr[k] * IS[k];
+      } else {
+        std::copy(xr, xr + K, v);
+      }
+      Vec vlo(0.f), vhi(0.f);
+      int64_t k = 0;
+      for (; k + kV <= K; k += kV) {
+        const Vec x8 = Vec::loadu(v + k);
+        vlo = at::vec::minimum(vlo, x8);
+        vhi = at::vec::maximum(vhi, x8);
+      }
+      alignas(64) float lanes_lo[kV], lanes_hi[kV];
+      vlo.store(lanes_lo);
+      vhi.store(lanes_hi);
+      float lo = 0.f, hi = 0.f;
+      for (int64_t i = 0; i < kV; ++i) {
+        lo = std::min(lo, lanes_lo[i]);
+        hi = std::max(hi, lanes_hi[i]);
+      }
+      for (; k < K; ++k) {
+        lo = std::min(lo, v[k]);
+        hi = std::max(hi, v[k]);
+      }
+      const float sc = std::max((hi - lo) / 255.0f, 1e-12f);
+      const float z = std::nearbyint(-lo / sc) - 128.0f;
+      // codes as floats (round half to even, as torch.round), then narrowed: values are integers in range
+      const Vec vsc(sc), vz(z), qmin(-128.0f), qmax(127.0f);
+      for (k = 0; k + kV <= K; k += kV) {
+        const Vec r = (Vec::loadu(v + k) / vsc).round() + vz;
+        at::vec::clamp(r, qmin, qmax).store(v + k);
+      }
+      for (; k < K; ++k) v[k] = std::min(127.0f, std::max(-128.0f, std::nearbyint(v[k] / sc) + z));
+      int8_t* qr = Q + t * K;
+      for (k = 0; k < K; ++k) qr[k] = static_cast<int8_t>(static_cast<int32_t>(v[k]));
+      S[t] = sc;
+      Z[t] = static_cast<int32_t>(z);
+    }
+  });
+  return {q, scale, zero};
+}
+
+// dequantize_rows: y fp32 [T, N] = act((acc - zero * w_sum) * scale * w_scale + bias); act 0 none,
+// 1 GELU (erf), 2 GELU (tanh). It matches the torch reference to float rounding (the compiler may fuse
+// the multiply-adds); each row is computed alone, so a row's result never depends on its batch.
+torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
+                              const torch::Tensor& w_sum, const torch::Tensor& w_scale,
+                              const c10::optional<torch::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt, "dequantize_rows: acc must be int32 [T, N]");
+  auto ac = acc.contiguous();
+  const int64_t T = ac.size(0), N = ac.size(1);
+  auto sc = scale.contiguous(), zc = zero.to(torch::kInt).contiguous();
+  auto ws = w_sum.to(torch::kInt).contiguous(), wsc = w_scale.to(torch::kFloat).contiguous();
+  TORCH_CHECK(sc.numel() == T && zc.numel() == T && ws.numel() == N && wsc.numel() == N, "dequantize_rows: sizes");
+  torch::Tensor bb;
+  if (bias.has_value()) {
+    bb = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(bb.numel() == N, "dequantize_rows: bias size != N");
+  }
+  auto y = torch::empty({T, N}, ac.options().dtype(torch::kFloat));
+  const int32_t* A = ac.data_ptr<int32_t>();
+  const float* S = sc.data_ptr<float>();
+  const int32_t* Z = zc.data_ptr<int32_t>();
+  const int32_t* WS = ws.data_ptr<int32_t>();
+  const float* WSC = wsc.data_ptr<float>();
+  const float* B = bb.defined() ? bb.data_ptr<float>() : nullptr;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(N), [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int32_t* ar = A + t * N;
+      float* yr = Y + t * N;
+      const int32_t z = Z[t];
+      const float s = S[t];
+      for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<float>(ar[n] - z * WS[n]) * s * WSC[n];
+      if (B) {
+        for (int64_t n = 0; n < N; ++n) yr[n] += B[n];
+      }
+      if (act == 1 || act == 2) {
+        const Vec half(0.5f), one(1.0f), rsqrt2(0.70710678118654752f), k0(0.7978845608028654f), k1(0.044715f);
+        int64_t n = 0;
+        for (; n + kV <= N; n += kV) {
+          const Vec v = Vec::loadu(yr + n);
+          const Vec inner = act == 1 ? (v * rsqrt2).erf() : (k0 * (v + k1 * v * v * v)).tanh();
+          (half * v * (one + inner)).store(yr + n);
+        }
+        for (; n < N; ++n) {
+          const float v = yr[n];
+          const float inner = act == 1 ? std::erf(v * 0.70710678118654752f)
+                                       : std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v));
+          yr[n] = 0.5f * v * (1.0f + inner);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_attention", &varlen_attention, "packed varlen attention (causal/bidirectional, GQA, prefix)");
   m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
   m.def("layer_norm", &layer_norm, "LayerNorm with an optional fused residual add");
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("mean_pool", &mean_pool, "mean pooling over packed sequences, optionally L2-normalised");
+  m.def("quantize_rows", &quantize_rows, "int8 codes, scale and zero point of each row (asymmetric, 0 in range)");
+  m.def("dequantize_rows", &dequantize_rows, "fp32 rows from an int8 GEMM's int32 result (+ bias, GELU)");
   m.def("num_threads", []() { return at::get_num_threads(); });
   m.def("vec_size", []() { return kV; });
 }

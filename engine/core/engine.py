@@ -28,6 +28,7 @@ from engine.core.scheduler import Scheduler
 from engine.core.steps import default_kinds
 from engine.default_model import default_model_path
 from engine.models import registry
+from engine.prompts.calibration import calibration_seqs
 from engine.prompts.registry import template_class
 from engine.prompts.tokenizer import load_tokenizer
 from engine.prompts.user_template import PromptTemplate, user_template
@@ -96,9 +97,10 @@ class Engine:
         # CPU: 4096, the best budget bench/e2e_rerank.py found (bench/RESULTS.md); GPU: 16k, not yet measured.
         self.max_batch_tokens = config.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         # The model is built and loaded on the loop thread that will run it (see _start).
+        calibration = (lambda: calibration_seqs(self.template, self.task)) if config.quantize else None
         self._start(lambda: ModelRunner(self.folder, self.config_dict, spec, self.task, self.device, self.dtype,
                                         self.tokenizer, label_tokens=config.label_tokens, compile=config.compile,
-                                        quantize=config.quantize))
+                                        quantize=config.quantize, calibration=calibration))
         try:
             model_ = self.runner.model
             self.prefix_cache = PrefixCache(config.prefix_cache_bytes)

@@ -15,7 +15,7 @@ import torch
 import kernels
 from engine.core.cache import PassageCache
 from engine.models import registry
-from engine.models.cpu_linear import onednn_available, pack_linears, quantize_linears
+from engine.models.cpu_linear import calibrate, onednn_available, pack_linears, quantize_linears
 from engine.models.heads import HEAD_BUILDERS
 from engine.weights import checkpoint_index, load_weights
 
@@ -62,7 +62,7 @@ def compile_model(model: torch.nn.Module):
 class ModelRunner:
     def __init__(self, folder, config_dict: dict, spec: registry.ArchSpec, task: str, device: torch.device,
                  dtype: torch.dtype, tokenizer, label_tokens=None, compile: bool = False,
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, calibration=None):
         self.folder, self.device, self.dtype = folder, device, dtype
         config = SimpleNamespace(**config_dict)
         index = checkpoint_index(folder)
@@ -88,7 +88,12 @@ class ModelRunner:
         if quantize is not None:  # after loading: the int8 weights are made from the loaded fp32 ones
             if device.type != "cpu" or dtype != torch.float32 or compile:
                 raise ValueError("quantize='int8' is a CPU mode: device cpu, dtype float32, compile off")
-            quantize_linears(self.model, quantize)
+            # SmoothQuant's statistics: one fp32 forward of the calibration set (``calibration()``: Seqs in
+            # the model's prompt). Encoder-decoders score through passages: they quantize without it.
+            act_max = None
+            if calibration is not None and not self.model.is_encoder_decoder:
+                act_max = calibrate(self.model, calibration(), device)
+            quantize_linears(self.model, quantize, act_max)
         elif self.packs_linears(device, dtype, compile):
             pack_linears(self.model)
         # The last layer may run for the last rows alone when the head reads nothing else.

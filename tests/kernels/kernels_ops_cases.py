@@ -2,6 +2,7 @@
 import torch
 
 from kernels.gated_delta_rule import chunk_plan
+from kernels.int8_linear import prepare_int8_weight
 from kernels.qk_norm_rope import rope_cos_sin
 
 
@@ -57,6 +58,10 @@ def cases(seed: int = 0):
     out.append(("gated_delta_rule", (gq, gk, gv, gg, beta, cu),
                 {"initial_state": rand(2, hv, dk, dv), "state_index": torch.tensor([0, -1, 1], dtype=torch.int32),
                  "max_seqlen": 6, "chunks": plan.chunks, "chunk": plan.chunk}))
+    wq_t, w_scale, w_sum = prepare_int8_weight(rand(12, 16), torch.rand(16, generator=g) + 0.5)
+    out.append(("int8_linear", (rand(T, 16), wq_t, w_scale, w_sum, rand(12), 1.0 / (torch.rand(16, generator=g) + 0.5),
+                                1), {}))
+    out.append(("int8_linear", (rand(T, 16), wq_t, w_scale, w_sum, None, None, 0), {}))
     one = torch.arange(4, dtype=torch.int32)
     out.append(("gated_delta_rule", (gq[:3], gk[:3], gv[:3], gg[:3], beta[:3], one),
                 {"initial_state": rand(3, hv, dk, dv), "state_index": torch.tensor([2, 0, 1], dtype=torch.int32),

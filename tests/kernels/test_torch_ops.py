@@ -15,7 +15,7 @@ import kernels
 from kernels_ops_cases import cases
 
 OPS = {"swiglu", "rms_norm", "add_rms_norm", "yes_no_head", "qk_norm_rope_", "varlen_attention",
-       "paged_attention", "causal_conv1d", "gated_delta_rule", "layer_norm", "mean_pool"}
+       "paged_attention", "causal_conv1d", "gated_delta_rule", "layer_norm", "mean_pool", "int8_linear"}
 
 CASES = cases()
 
