@@ -10,6 +10,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -613,15 +616,22 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::opti
       }
       const float sc = std::max((hi - lo) / 255.0f, 1e-12f);
       const float z = std::nearbyint(-lo / sc) - 128.0f;
-      // codes as floats (round half to even, as torch.round), then narrowed: values are integers in range
-      const Vec vsc(sc), vz(z), qmin(-128.0f), qmax(127.0f);
-      for (k = 0; k + kV <= K; k += kV) {
-        const Vec r = (Vec::loadu(v + k) / vsc).round() + vz;
-        at::vec::clamp(r, qmin, qmax).store(v + k);
-      }
-      for (; k < K; ++k) v[k] = std::min(127.0f, std::max(-128.0f, std::nearbyint(v[k] / sc) + z));
       int8_t* qr = Q + t * K;
-      for (k = 0; k < K; ++k) qr[k] = static_cast<int8_t>(static_cast<int32_t>(v[k]));
+      k = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // 16 codes at a time: x / sc rounded half to even (the default rounding mode, as torch.round),
+      // plus the zero point, narrowed with signed saturation (the clamp to [-128, 127]); |x / sc| <= 255.
+      const __m512 vs = _mm512_set1_ps(sc);
+      const __m512i vzi = _mm512_set1_epi32(static_cast<int32_t>(z));
+      for (; k + 16 <= K; k += 16) {
+        const __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(v + k), vs)), vzi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(r));
+      }
+#endif
+      for (; k < K; ++k) {
+        const float r = std::nearbyint(v[k] / sc) + z;
+        qr[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, r)));
+      }
       S[t] = sc;
       Z[t] = static_cast<int32_t>(z);
     }
@@ -660,13 +670,27 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
       float* yr = Y + t * N;
       const int32_t z = Z[t];
       const float s = S[t];
-      for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<float>(ar[n] - z * WS[n]) * s * WSC[n];
-      if (B) {
-        for (int64_t n = 0; n < N; ++n) yr[n] += B[n];
+      int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // int32 -> fp32 with both scales and the bias, 16 columns at a time (the activation is a second
+      // pass over the row, still in cache: measured faster than one loop doing both).
+      const __m512i vz = _mm512_set1_epi32(z);
+      const Vec vs(s);
+      for (; n + 16 <= N; n += 16) {
+        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(ar + n),
+                                           _mm512_mullo_epi32(vz, _mm512_loadu_si512(WS + n)));
+        Vec v = Vec(_mm512_cvtepi32_ps(d)) * vs * Vec::loadu(WSC + n);
+        if (B) v = v + Vec::loadu(B + n);
+        v.store(yr + n);
+      }
+#endif
+      for (; n < N; ++n) {
+        float v = static_cast<float>(ar[n] - z * WS[n]) * s * WSC[n];
+        yr[n] = B ? v + B[n] : v;
       }
       if (act == 1 || act == 2) {
         const Vec half(0.5f), one(1.0f), rsqrt2(0.70710678118654752f), k0(0.7978845608028654f), k1(0.044715f);
-        int64_t n = 0;
+        n = 0;
         for (; n + kV <= N; n += kV) {
           const Vec v = Vec::loadu(yr + n);
           const Vec inner = act == 1 ? (v * rsqrt2).erf() : (k0 * (v + k1 * v * v * v)).tanh();
