@@ -43,8 +43,8 @@ class EngineConfig:
     # -- device and numerics ------------------------------------------------------------------------
     device: Optional[str] = _opt(None, "cuda, cuda:1, cpu (default: cuda when available)")
     dtype: Any = _opt(None, "float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    quantize: Optional[str] = _opt(None, "CPU only: int8 linear layers, activations per token (opt-in; see bench/RESULTS.md for "
-                                         "speed and drift)", choices=QUANTIZE_MODES)
+    quantize: Optional[str] = _opt(None, "CPU only: int8 linear layers, activations per token (opt-in; see "
+                                         "bench/RESULTS.md for speed and drift)", choices=QUANTIZE_MODES)
     compile: bool = _opt(False, "run the scoring forward through torch.compile (slower start; see bench/RESULTS.md)",
                          kind="bool")
     # -- batching and caches ------------------------------------------------------------------------
