@@ -244,6 +244,8 @@ class Reranker:
             given = list(documents)
         elif not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
+        elif not query.strip():  # as the HTTP API refuses it: an empty query ranks nothing meaningful
+            raise ValueError("query must not be empty")
         else:
             docs = given = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)

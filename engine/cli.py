@@ -22,6 +22,10 @@ from typing import List, Optional
 CHUNK = 256  # texts per engine call offline: the progress bar moves per chunk
 
 
+class UsageError(ValueError):
+    """A bad option or file of the user's: one line on stderr, exit code 2 (as every other user error)."""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -190,10 +194,10 @@ def _service(args, task: Optional[str] = None, warmup: bool = False):
     return Service(config=_config(args, task), warmup=warmup)
 
 
-def _chunks(n: int, desc: str):
+def _chunks(n: int, desc: str, quiet: bool = False):
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=desc, unit="text", disable=n <= CHUNK, file=sys.stderr)
+    bar = tqdm(total=n, desc=desc, unit="text", disable=quiet or n <= CHUNK, file=sys.stderr)
     for start in range(0, n, CHUNK):
         yield start, min(start + CHUNK, n)
         bar.update(min(CHUNK, n - start))
@@ -204,13 +208,15 @@ def cmd_rank(args) -> int:
     from engine.prompts.inputs import text_part
 
     if args.top_n is not None and args.top_n < 1:
-        raise SystemExit("--top-n must be a positive integer")
+        raise UsageError(f"--top-n must be a positive integer, got {args.top_n}")
+    if not args.query.strip():
+        raise UsageError("--query must not be empty")
     docs = read_jsonl(args.documents)
     if not docs:
         logging.getLogger("engine").warning("%s holds no documents: the result is empty", args.documents)
     service = _service(args)
     scores: List[float] = []
-    for a, b in _chunks(len(docs), "rank"):
+    for a, b in _chunks(len(docs), "rank", args.quiet):
         s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction,
                              raw_scores=args.raw_scores)
         scores.extend(s)
@@ -228,13 +234,13 @@ def cmd_embed(args) -> int:
 
     texts = read_jsonl(args.input)
     if not args.output.endswith((".npy", ".jsonl")):
-        raise SystemExit("--output must end with .npy or .jsonl")
+        raise UsageError("--output must end with .npy or .jsonl")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):  # before loading the model, not after embedding everything
-        raise SystemExit(f"--output: the folder {folder} does not exist")
+        raise UsageError(f"--output: the folder {folder} does not exist")
     service = _service(args, task="embed")
     parts = []
-    for a, b in _chunks(len(texts), "embed"):
+    for a, b in _chunks(len(texts), "embed", args.quiet):
         emb, _ = service.embed(texts[a:b], dimensions=args.dimensions, instruction=args.instruction)
         parts.append(emb)
     dim = args.dimensions or service.dimension
@@ -254,7 +260,7 @@ def cmd_classify(args) -> int:
         labels = json.load(f)
     texts = read_jsonl(args.input)
     service = _service(args)
-    for a, b in _chunks(len(texts), "classify"):
+    for a, b in _chunks(len(texts), "classify", args.quiet):
         out, _ = service.classify(texts[a:b], labels, multi_label=args.multi_label, threshold=args.threshold,
                                   instruction=args.instruction)
         for r in out:
@@ -269,9 +275,9 @@ def _api_key(args) -> Optional[str]:
         try:
             key = open(args.api_key_file).read().strip()
         except OSError as e:
-            raise SystemExit(f"cannot read --api-key-file: {e}")
+            raise UsageError(f"cannot read --api-key-file: {e}")
     if key is not None and not key.strip():
-        raise SystemExit("the API key is empty (--api-key, --api-key-file or RERANK_ENGINE_API_KEY): give a key, "
+        raise UsageError("the API key is empty (--api-key, --api-key-file or RERANK_ENGINE_API_KEY): give a key, "
                          "or none to serve without one")
     return key
 
@@ -294,7 +300,7 @@ def cmd_serve_replicas(args) -> int:
     from engine.scaleout.local import check_ray
 
     if args.replicas is None:
-        raise SystemExit("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
+        raise UsageError("--max-replicas and --ray-address go with --replicas N (Ray Serve)")
     check_ray()  # before loading anything: without the extra, one line naming it
     from engine.scaleout import serve
 
@@ -336,7 +342,7 @@ def cmd_batch(args) -> int:
     if args.batch_task == "embed":
         for name in ("template", "template_prefix", "template_suffix", "label_tokens"):
             if getattr(config, name) not in (None, ""):
-                raise SystemExit(f"--{name.replace('_', '-')} applies to batch rank only")
+                raise UsageError(f"--{name.replace('_', '-')} applies to batch rank only")
     report = run_batch(args.batch_task, args.input, args.output, ray_address=args.ray_address,
                        concurrency=args.concurrency, batch_size=args.batch_size, num_cpus=args.num_cpus,
                        num_gpus=args.num_gpus, errors_path=args.errors, progress=not args.quiet, config=config)
@@ -357,6 +363,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return command(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more reaches the closed pipe at exit
+        return 141  # 128 + SIGPIPE, what a tool killed by the signal reports
     except Exception as e:  # user errors (a bad file, model or option): one line, no traceback
         print(f"rerank-engine {args.command}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2

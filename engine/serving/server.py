@@ -116,11 +116,18 @@ class Server:
     def name(self) -> str:
         return self.config.served_names[0]
 
-    def check_model(self, model: Optional[str]):
-        # Without --served-model-name any name is accepted (as TEI does: clients send the name their tool
-        # defaults to, e.g. "rerank-v3.5") and responses carry the served name; with it, names are strict.
-        if self.config.strict_names and model is not None and model not in self.config.served_names:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}", "model")
+    def check_model(self, model: Optional[str]) -> str:
+        """The name a response carries: the alias the client asked for, else the first served name.
+
+        Without --served-model-name any name is accepted (as TEI does: clients send the name their tool
+        defaults to, e.g. "rerank-v3.5") and responses carry the served name; with it, names are strict."""
+        names = self.config.served_names
+        if model is not None and model in names:
+            return model
+        if self.config.strict_names and model is not None:
+            served = ", ".join(repr(n) for n in names)
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {served}", "model")
+        return self.name
 
     def check_text_only(self, items, param: str):
         """Inputs with images (lists of parts) need a model that takes them."""
@@ -179,7 +186,7 @@ class Server:
     # Handlers
 
     async def rerank(self, body: RerankBody, request: Request):
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         if isinstance(body.query, str) and not body.query.strip():
             raise ApiError(400, "query must not be empty", "query")
         if body.texts is not None and body.documents is not None:
@@ -217,11 +224,11 @@ class Server:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
             results.append(item)
-        return JSONResponse({"id": str(uuid.uuid4()), "model": self.name, "results": results,
+        return JSONResponse({"id": str(uuid.uuid4()), "model": name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def score(self, body: ScoreBody, request: Request):
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         q, d = body.text_1, body.text_2
         if len(q) == 1 and len(d) != 1:
             q = q * len(d)
@@ -233,7 +240,7 @@ class Server:
         self.check_text_only(d, "text_2")
         scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
         return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                             "model": self.name,
+                             "model": name,
                              "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -253,7 +260,7 @@ class Server:
         return JSONResponse(emb.tolist())
 
     async def embeddings(self, body: EmbeddingsBody, request: Request):
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         inputs, instruction = body.input, body.instruction
         if (inputs is None) == (body.messages is None):
             raise ApiError(422, "give either input or messages", "input")
@@ -271,21 +278,21 @@ class Server:
             vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
         else:
             vectors = emb.tolist()
-        return JSONResponse({"object": "list", "model": self.name,
+        return JSONResponse({"object": "list", "model": name,
                              "data": [{"object": "embedding", "index": i, "embedding": v}
                                       for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def index(self, body: IndexBody, request: Request):
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         self.check_count(len(body.documents), "documents")
         out, tokens = await self.call(request, "index", self.service.index, body.documents,
                                       compression_ratio=body.compression_ratio)
-        return JSONResponse({"object": "index", "model": self.name, **out,
+        return JSONResponse({"object": "index", "model": name, **out,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def classify(self, body: ClassifyBody, request: Request):
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         self.check_count(len(body.input), "input")
         pairs = len(body.input) * len(body.labels.names)  # a LabelSet: checked once, with the body
         if pairs > self.config.max_pairs:
@@ -295,7 +302,7 @@ class Server:
         data, tokens = await self.call(request, "classify", self.service.classify, body.input, body.labels,
                                        multi_label=body.multi_label, threshold=body.threshold,
                                        instruction=body.instruction)
-        return JSONResponse({"object": "list", "model": self.name, "data": data,
+        return JSONResponse({"object": "list", "model": name, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def models(self):
@@ -370,7 +377,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       response_class=Response,
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                        "description": "Prometheus text exposition format"}})
-    app.add_api_route("/health", health, methods=["GET"], summary="Liveness (no API key)")
+    app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Liveness (no API key)")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)

@@ -24,11 +24,11 @@ def test_plain_serve_path_is_ray_free():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_ray_options_need_replicas():
+def test_ray_options_need_replicas(capsys):
     from engine.cli import main
 
-    with pytest.raises(SystemExit, match="go with --replicas N"):
-        main(["serve", "--ray-address", "127.0.0.1:1"])
+    assert main(["serve", "--ray-address", "127.0.0.1:1"]) == 2
+    assert "go with --replicas N" in capsys.readouterr().err
 
 
 def test_deployment_options():

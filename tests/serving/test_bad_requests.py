@@ -168,6 +168,8 @@ def test_auth_required(keyed, method, path):
 def test_health_needs_no_key(keyed):
     with keyed.client() as c:
         assert c.get("/health").status_code == 200
+        head = c.head("/health")  # load balancers and uptime checks probe with HEAD
+        assert head.status_code == 200 and head.content == b""
 
 
 def test_clients_send_the_key(keyed):

@@ -57,8 +57,42 @@ def test_device_limits_and_output_are_checked_first(tmp_path, capsys, rerank_fol
     with pytest.raises(SystemExit) as e:
         main(["serve", str(rerank_folder), "--max-queue", "0"])
     assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["embed", "--model", str(embed_folder), "--input", str(docs), "--output", str(tmp_path / "no" / "x.npy")])
+    code, _, err = run(capsys, "embed", "--model", str(embed_folder), "--input", str(docs), "--output",
+                       str(tmp_path / "no" / "x.npy"))
+    one_line_error(code, err, "--output", "does not exist")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["rank", "--query", "q", "--top-n", "0"], "--top-n must be a positive integer, got 0"),
+    (["rank", "--query", "  ", ], "--query must not be empty"),
+    (["embed", "--output", "x.csv"], "--output must end with .npy or .jsonl"),
+])
+def test_option_errors_are_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, needle):
+    from engine.serving import service
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"a"\n')
+    monkeypatch.setattr(service, "Service", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    flag = "--documents" if argv[0] == "rank" else "--input"
+    code, _, err = run(capsys, *argv, flag, str(docs))
+    one_line_error(code, err, f"rerank-engine {argv[0]}: error: {needle}")
+
+
+def test_an_empty_query_is_refused_in_python_too():
+    with pytest.raises(ValueError, match="query must not be empty"):
+        Reranker().rank("   ", ["a document"])
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"the river"\n"a city"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "rank", "--quiet", "--query", "river", "--documents",
+                             str(docs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc.stdout.close()  # the reader is gone before anything is written (as ``| head -c 0``)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err
+    assert b"Broken pipe" not in err and b"Traceback" not in err and b"error" not in err, err
 
 
 def test_empty_documents_version_quiet_and_embedding_model_as_reranker(tmp_path, capsys, caplog, embed_folder):
