@@ -105,8 +105,8 @@ def infer_task(spec: ArchSpec, name: str, task: Optional[str], default: Optional
     else:
         chosen, why = sorted(spec.tasks)[0], "the only task it supports" if len(spec.tasks) == 1 else "no hint"
         if default == "rerank" and chosen == "embed":  # a Reranker (rank, classify) over an embedding model
-            log.info("%s is an embedding model: it ranks by the cosine similarity of query and document "
-                     "embeddings (scores in [-1, 1], not probabilities)", short)
+            log.info("%s (%s) is an embedding model: it ranks by the cosine similarity of query and document "
+                     "embeddings (scores in [-1, 1], not probabilities)", short, spec.cls)
             return chosen
     log.info("%s loaded for task %r (%s)", short, chosen, why)
     return chosen

