@@ -264,6 +264,7 @@ def cmd_embed(args) -> int:
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):  # before loading the model, not after embedding everything
         raise UsageError(f"--output: the folder {folder} does not exist")
+    _check_dimensions(args)
     service = _service(args, task="embed")
     parts = []
     for a, b in _chunks(len(texts), "embed", args.quiet):
@@ -279,6 +280,30 @@ def cmd_embed(args) -> int:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_dimensions(args) -> None:
+    """--dimensions against the embedding size in a local model folder's config.json, before the model loads
+    (a hub id is checked once it is loaded)."""
+    if args.dimensions is None:
+        return
+    from engine.weights import read_json
+
+    if args.model is None:
+        from engine.default_model import default_model_path
+
+        folder = default_model_path()
+    elif os.path.isdir(os.path.expanduser(args.model)):
+        folder = os.path.expanduser(args.model)
+    else:
+        return
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return  # the loader names the missing file
+    config = read_json(path)
+    size = (config.get("text_config") or config).get("hidden_size")
+    if isinstance(size, int) and args.dimensions > size:
+        raise UsageError(f"--dimensions {args.dimensions} is larger than the embedding size {size} of the model")
 
 
 def cmd_classify(args) -> int:

@@ -72,6 +72,14 @@ def test_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, no_model, argv,
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_dimensions_past_the_embedding_size_before_the_model_loads(tmp_path, capsys, no_model, embed_folder):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('"a"\n')
+    code, _, err = run(capsys, "embed", "--model", str(embed_folder), "--input", str(docs), "--output",
+                       str(tmp_path / "x.npy"), "--dimensions", "65")
+    one_line_error(code, err, "--dimensions 65 is larger than the embedding size 64")
+
+
 def test_help_has_no_rst_markup():
     out = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, env=ENV,
                          cwd=REPO, timeout=120, check=True).stdout
