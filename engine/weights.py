@@ -54,9 +54,15 @@ def resolve_model(model) -> Path:
     except Exception as e:
         raise ModelNotFoundError(
             f"{name!r} is not a local folder and could not be downloaded from the Hugging Face hub "
-            f"({type(e).__name__}: {e}). If this machine is offline, pass the path of a folder that holds "
+            f"({type(e).__name__}: {_one_line(e)}). If this machine is offline, pass the path of a folder that holds "
             f"config.json, the safetensors weights and the tokenizer files."
         ) from e
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's text on one line (huggingface_hub's span several), shortened past ``limit``."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ModelFileError(ValueError):

@@ -104,7 +104,11 @@ def infer_task(spec: ArchSpec, name: str, task: Optional[str], default: Optional
         chosen, why = default, "the caller's default"
     else:
         chosen, why = sorted(spec.tasks)[0], "the only task it supports" if len(spec.tasks) == 1 else "no hint"
-    log.info("task for %s: %s (%s)", short, chosen, why)
+        if default == "rerank" and chosen == "embed":  # a Reranker (rank, classify) over an embedding model
+            log.info("%s (%s) is an embedding model: it ranks by the cosine similarity of query and document "
+                     "embeddings (scores in [-1, 1], not probabilities)", short, spec.cls)
+            return chosen
+    log.info("%s loaded for task %r (%s)", short, chosen, why)
     return chosen
 
 

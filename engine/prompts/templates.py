@@ -5,6 +5,7 @@ tokenized on their own; the formatted pair is tokenized without special tokens
 and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
+import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -266,11 +267,14 @@ class SentenceTransformerEmbedTemplate(Template):
     caller's max_length and the model's positions); prompts from
     ``config_sentence_transformers.json`` are prepended (``query`` for queries,
     ``document``/``passage``/``corpus`` for documents, else the default prompt).
-    An ``instruction`` replaces the query prompt.
+    An ``instruction`` replaces the query prompt, prepended verbatim as
+    sentence-transformers' ``prompt=`` is: on a model trained without prompts
+    (all-MiniLM-L6-v2) it only shifts the query's embedding, so a warning says so.
     """
 
     needs_model_files = True
     supports_prefix = False
+    _warned_instruction = False
 
     def __init__(self, tokenizer, max_length: int = 8192, folder=None, config: Optional[dict] = None,
                  max_positions: Optional[int] = None):
@@ -291,6 +295,11 @@ class SentenceTransformerEmbedTemplate(Template):
         if instruction is not None and not is_query:
             raise ValueError("instruction applies to queries only: pass is_query=True")
         prompt = (self.query_prompt if instruction is None else instruction) if is_query else self.document_prompt
+        if instruction and not self.query_prompt and not self._warned_instruction:
+            self._warned_instruction = True
+            logging.getLogger("engine").warning(
+                "this embedding model was trained without instructions: the instruction is prepended to the query "
+                "text as it is, which changes its embedding and the scores (leave it out unless that is wanted)")
         texts = [prompt + t for t in texts]
         if self.lowercase:
             texts = [t.lower() for t in texts]

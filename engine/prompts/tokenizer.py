@@ -1,4 +1,5 @@
 """Tokenizer files of a model folder, loaded with transformers (fast tokenizers only)."""
+import logging
 import threading
 from pathlib import Path
 
@@ -54,10 +55,26 @@ class SerializedTokenizer:
     def __init__(self, tokenizer):
         object.__setattr__(self, "_tok", tokenizer)
         object.__setattr__(self, "_lock", threading.RLock())
+        object.__setattr__(self, "truncated", 0)  # texts (or pairs) cut by truncation=True, ever
 
     def __call__(self, *args, **kwargs):
         with self._lock:
-            return self._tok(*args, **kwargs)
+            out = self._tok(*args, **kwargs)
+            if kwargs.get("truncation"):
+                self._count_truncated(out, kwargs.get("max_length"))
+            return out
+
+    def _count_truncated(self, out, max_length) -> None:
+        """Counts the inputs truncation cut (the Rust encoder keeps what it cut as ``overflowing``);
+        the first one is logged, every one is counted (stats' ``truncated_inputs``, /metrics)."""
+        encodings = getattr(out, "encodings", None) or ()
+        n = sum(1 for e in encodings if e.overflowing)
+        if n:
+            if not self.truncated:
+                logging.getLogger("engine").warning(
+                    "an input longer than max_length (%s tokens) was truncated; later ones are counted, not logged "
+                    "(truncated_inputs in stats, rerank_engine_truncated_inputs in /metrics)", max_length)
+            object.__setattr__(self, "truncated", self.truncated + n)
 
     def __getattr__(self, name):
         attr = getattr(self._tok, name)

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.scaleout.local import init, scrub_env
+from engine.scaleout.local import check_ray, init, scrub_env
 
 log = logging.getLogger("engine.scaleout.data")
 TASKS = ("rank", "embed")
@@ -249,6 +249,7 @@ def run_batch(task: str, input: str, output: str, model: Optional[str] = None, *
     ``config`` (an EngineConfig) with ``engine``'s options over it (task, device, dtype, max_length, ...).
     Bad rows go to ``errors_path`` (default: beside the output, ``*.errors.jsonl``).
     """
+    check_ray()  # without the extra: one line naming it, not a ModuleNotFoundError of pyarrow
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm

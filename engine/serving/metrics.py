@@ -40,6 +40,8 @@ class _EngineCollector:
                                 value=tokens / batches if batches else 0.0)
         yield GaugeMetricFamily("rerank_engine_peak_batch_tokens", "Largest packed batch so far, in tokens",
                                 value=float(s.get("peak_batch_tokens", 0)))
+        yield CounterMetricFamily("rerank_engine_truncated_inputs", "Inputs cut to the model's max_length tokens",
+                                  value=float(s.get("truncated_inputs", 0)))
         yield GaugeMetricFamily("rerank_engine_scheduler_active", "Requests the engine's scheduler is working on",
                                 value=float(s.get("active_requests", 0)))
         for cache in ("prefix", "passage"):  # prefix K/V of LLM rerankers; KaLM-Reranker's passage encodings

