@@ -28,12 +28,15 @@ def _up(t):
     return t.float() if t.is_floating_point() else t
 
 
-def check(s, dtype, dev="cuda"):
+def check(s, dtype, dev="cuda", prefill=None, decode=64, conv=None):
+    """``prefill``, ``decode`` (a count of 1-token sequences) and ``conv``: sequence lengths (default: ragged
+    up to 500 tokens; gpu_suite.py --smoke passes short ones)."""
     from kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_triton
     from kernels.gated_delta_rule import gated_delta_rule_ref, gated_delta_rule_triton
 
     rng = random.Random(3)
-    cases = [("prefill", [1, 63, 64, 65, 300] + [rng.randint(1, 500) for _ in range(11)]), ("decode", [1] * 64)]
+    cases = [("prefill", prefill or [1, 63, 64, 65, 300] + [rng.randint(1, 500) for _ in range(11)]),
+             ("decode", [1] * decode)]
     for tag, lens in cases:
         name = f"gated_delta_rule {tag} n={len(lens)} H16 D128"
         try:
@@ -46,7 +49,7 @@ def check(s, dtype, dev="cuda"):
             s.fail(f"{name} [{str(dtype).split('.')[-1]}]", exc)
     name = "causal_conv1d C=6144 K=4 states"
     try:
-        lens = [1, 2, 3, 4, 65, 300] + [rng.randint(1, 500) for _ in range(10)]
+        lens = conv or [1, 2, 3, 4, 65, 300] + [rng.randint(1, 500) for _ in range(10)]
         x = torch.randn(sum(lens), 6144, dtype=dtype, device=dev)
         w = torch.randn(6144, 4, dtype=dtype, device=dev)
         st = torch.randn(2, 6144, 3, dtype=dtype, device=dev)
@@ -61,12 +64,12 @@ def check(s, dtype, dev="cuda"):
         s.fail(f"{name} [{str(dtype).split('.')[-1]}]", exc)
 
 
-def timings(s, n_docs=1024, baseline_docs=128, dev="cuda"):
+def timings(s, n_docs=1024, baseline_docs=128, dev="cuda", lo=64, hi=448):
     from kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_triton
     from kernels.gated_delta_rule import _chunked_torch, chunk_plan, gated_delta_rule_triton
 
     bf16 = torch.bfloat16
-    lens = rerank_lengths(n_docs)
+    lens = rerank_lengths(n_docs, lo, hi)
     for n, with_base in ((baseline_docs, True), (n_docs, False)):
         sub = lens[:n]
         args, extra = _gdr_inputs(sub, bf16, dev, n_states=1)
