@@ -60,8 +60,8 @@ SMOKE_SIZES = dict(rerank_docs=4, rerank_lo=8, rerank_hi=40, prefix=8, long_batc
                    rms_cases=[(16, 64, 0.0), (5, 41, 1.0)], swiglu_cases=[(9, 40)],
                    qk_cases=[(4, 2, 32, True), (2, 2, 16, False)], yes_no_cases=[(64, True)], yes_no_rows=(40, 5),
                    paged_decoder=2, paged_encoder=2,
-                   deltanet=dict(prefill=[1, 17, 40], decode=2, conv=[1, 3, 20], n_docs=2, baseline_docs=1, lo=8,
-                                 hi=24))
+                   deltanet=dict(prefill=[1, 17, 40], decode=2, conv=[1, 3, 20], heads=2, dim=32, channels=64,
+                                 n_docs=2, baseline_docs=1, lo=8, hi=24))
 # (block_m, block_n, num_warps, num_stages) tried for d=128 attention
 # (the d=128 default, kernels.attention.attention_config, is (128, 64, 8, 3))
 SWEEP = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)]
@@ -86,6 +86,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=390.0,
                    help="wall-clock budget of the whole suite, checked before each section (default 390)")
+    p.add_argument("--cap-scale", type=float, default=1.0,
+                   help="multiply every section's time cap (a slow or loaded machine; default 1)")
     p.add_argument("--sections", default=None, help="comma-separated subset of the sections (in suite order)")
     p.add_argument("--list", action="store_true", help="print the sections and their time caps, and exit")
     p.add_argument("--out", default=None, help="folder for gpu_suite.json and gpu_suite.log (default $OUT)")
@@ -277,7 +279,7 @@ def _attn_case(s, name, dtype, lens_q, lens_k, hq, hkv, d, causal, prefix=None, 
         return False
 
 
-def check_attention(s, dtype, descs=(False,)):
+def check_attention(s, dtype, descs=(False,), short=False):
     import random
 
     rng = random.Random(1)
@@ -292,7 +294,7 @@ def check_attention(s, dtype, descs=(False,)):
                    use_desc=use_desc)
         _attn_case(s, f"attn {tag} causal prefix Hq4 Hkv1 D256", dtype, ragged[:12], ragged[:12], 4, 1, 256, True,
                    ([40], [0] * len(ragged[:12])), use_desc=use_desc)
-    if False in descs:
+    if False in descs and not short:
         _attn_case(s, "attn bidir Hq12 Hkv12 D32", dtype, ragged, ragged, 12, 12, 32, False)
         _attn_case(s, "attn causal Lk>Lq Hq32 Hkv8 D128", dtype, ragged[:10], [n + 37 for n in ragged[:10]], 32, 8,
                    128, True)
@@ -553,22 +555,24 @@ def time_elementwise(s):
 # name: (script, GPU arguments, --smoke arguments, needs the Qwen tokenizer). Sections run in SECTIONS' order.
 E2E = {
     "e2e-rerank-0.6B": ("e2e_rerank.py", ["--shape", "0.6B", "--latency-docs", "100"],
-                        ["--shape", "tiny", "--docs", "8", "--latency-docs", "4", "--latency-reps", "2",
+                        ["--shape", "tiny", "--docs", "4", "--latency-docs", "2", "--latency-reps", "1",
                          "--ref-batch", "4"], True),
     "e2e-minilm": ("e2e_crossencoder.py", ["--family", "bert-minilm", "--latency-docs", "100"],
-                   ["--family", "bert-minilm", "--tiny", "--docs", "8", "--latency-docs", "4", "--latency-reps", "2"],
+                   ["--family", "bert-minilm", "--tiny", "--layers", "1", "--docs", "4", "--latency-docs", "2",
+                    "--latency-reps", "1"],
                    False),
     "e2e-xlmr-large": ("e2e_crossencoder.py", ["--family", "xlmr", "--latency-docs", "100"],
-                       ["--family", "xlmr", "--tiny", "--docs", "8"], False),
-    "e2e-embed-0.6B": ("e2e_embed.py", ["--shape", "0.6B"], ["--shape", "tiny", "--texts", "8"], True),
+                       ["--family", "xlmr", "--tiny", "--layers", "1", "--docs", "4"], False),
+    "e2e-embed-0.6B": ("e2e_embed.py", ["--shape", "0.6B"], ["--shape", "tiny", "--texts", "4"], True),
     "e2e-rerank-4B": ("e2e_rerank.py", ["--shape", "4B", "--docs", "256", "--latency-docs", "100",
-                                        "--latency-reps", "5"], ["--shape", "tiny", "--docs", "4"], True),
+                                        "--latency-reps", "5"], ["--shape", "tiny", "--docs", "4", "--skip-reference"], True),
     "e2e-compile-rerank-0.6B": ("e2e_rerank.py", ["--shape", "0.6B", "--compile", "on", "--latency-docs", "100",
                                                   "--skip-reference"],
                                 ["--shape", "tiny", "--docs", "4", "--compile", "on", "--skip-reference"], True),
     "e2e-compile-xlmr-large": ("e2e_crossencoder.py", ["--family", "xlmr", "--compile", "on", "--latency-docs", "100",
                                                        "--skip-reference"],
-                               ["--family", "xlmr", "--tiny", "--docs", "4", "--compile", "on", "--skip-reference"],
+                               ["--family", "xlmr", "--tiny", "--layers", "1", "--docs", "4", "--compile", "on",
+                                "--skip-reference"],
                                False),
 }
 
@@ -606,17 +610,23 @@ def _print_tail(text, n=12):
 def run_e2e(s, name, timeout):
     script, gpu_argv, smoke_argv, needs_qwen = E2E[name]
     argv = smoke_argv if SMOKE else gpu_argv
-    row = dict(script=script, cmd=f"python bench/{script} " + " ".join(argv))
+    row = dict(script=script, cmd=f"python bench/{script} " + " ".join(argv), table_row=name.replace("compile-", ""))
+    if SMOKE:  # on CPU, the torch path of the CPU ops (as on a GPU: no C++ CPU kernels to build first)
+        row["env"] = dict(ENGINE_CSRC="0")
+        if "compile" in name:
+            row["note"] = "smoke: torch.compile with backend='eager' (Dynamo fullgraph capture, no inductor)"
     s._rows("e2e").append(row)
     if needs_qwen and DEV == "cuda" and not os.environ.get("BENCH_ASSETS"):
         raise RuntimeError("the Qwen tokenizer is not on the device image: pass --assets DIR "
                            "(written by --prepare DIR on a CPU machine)")
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "e2e.json")
+        run = [sys.executable, str(ROOT / "bench" / script), *argv, "--json", out_json]
+        if SMOKE and "compile" in name:
+            run[1:1] = [str(Path(__file__).resolve()), "--eager-compile-run"]
         s.partial = (row, out_json)  # what SIGTERM folds in if it arrives now
         try:
-            status, rc, out = _run_child(s, [sys.executable, str(ROOT / "bench" / script), *argv, "--json",
-                                             out_json], timeout)
+            status, rc, out = _run_child(s, run, timeout, dict(os.environ, ENGINE_CSRC="0") if SMOKE else None)
         finally:
             s.partial = None
         if os.path.exists(out_json):  # the scripts write it after every variant: a timeout keeps the finished ones
@@ -730,7 +740,7 @@ def sec_sweeps(s, args):
 
 def sec_fp16(s, args):
     check_elementwise(s, FP16())
-    check_attention(s, FP16(), descs=(False,))
+    check_attention(s, FP16(), descs=(False,), short=SMOKE)  # --smoke: fp16 in the interpreter is slow
 
 
 def sec_paged(s, args):
@@ -742,9 +752,10 @@ def sec_deltanet(s, args):
 
     sizes = SIZES["deltanet"]
     for dtype in (BF16(), FP16()):
-        deltanet_workloads.check(s, dtype, DEV, **{k: sizes[k] for k in ("prefill", "decode", "conv") if k in sizes})
-    deltanet_workloads.timings(s, dev=DEV, **{k: sizes[k] for k in ("n_docs", "baseline_docs", "lo", "hi")
-                                              if k in sizes})
+        deltanet_workloads.check(s, dtype, DEV, **{k: sizes[k] for k in ("prefill", "decode", "conv", "heads", "dim",
+                                                                          "channels") if k in sizes})
+    deltanet_workloads.timings(s, dev=DEV, **{k: sizes[k] for k in ("n_docs", "baseline_docs", "lo", "hi", "heads",
+                                                                    "dim", "channels") if k in sizes})
 
 
 def sec_tma(s, args):
@@ -805,7 +816,7 @@ def _section_names(args):
 
 def run_section(s, args, name, deadline):
     _, fn, cap, isolate = next(sec for sec in SECTIONS if sec[0] == name)
-    cap = SMOKE_CAP if SMOKE else cap
+    cap = (SMOKE_CAP if SMOKE else cap) * args.cap_scale
     sec = next(x for x in s.sections if x["name"] == name)
     left = deadline - time.time()
     if left < 5:
@@ -843,7 +854,8 @@ def run_section(s, args, name, deadline):
     s.cur = None
     _empty_cache_safe()
     s.write()
-    print_section(sec)
+    if not args.child:  # a child's parent prints the table
+        print_section(sec)
 
 
 def _isolated(s, args, name, limit):
@@ -852,8 +864,8 @@ def _isolated(s, args, name, limit):
     with tempfile.TemporaryDirectory() as tmp:
         child_json = os.path.join(tmp, "child.json")
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--sections", name, "--json", child_json,
-                "--budget-s", str(limit)] + (["--smoke"] if SMOKE else []) + (["--assets", args.assets] if args.assets
-                                                                               else [])
+                "--budget-s", str(limit), "--cap-scale", str(args.cap_scale)] + (["--smoke"] if SMOKE else [])
+        argv += ["--assets", args.assets] if args.assets else []
         status, rc, out = _run_child(s, argv, limit + 20)
         child = None
         if os.path.exists(child_json):
@@ -921,7 +933,7 @@ def e2e_table(rows):
         if not res or "ours" not in res:
             continue
         shape = res.get("shape") or f"{res.get('family')} ({res.get('layers')} layers)"
-        m = merged.setdefault((e["script"], shape), {"ours": {}})
+        m = merged.setdefault((e.get("table_row"), e["script"], shape), {"ours": {}})
         for k, v in res.items():
             if k == "ours":
                 m["ours"].update(v)
@@ -930,7 +942,7 @@ def e2e_table(rows):
     out = ["| shape | transformers, model card | transformers, sorted (+ last token) | ours eager | "
            "ours compile | ratio (best ours / best ref) | 100-doc p50: ours eager / compile / ref |",
            "|---|---|---|---|---|---|---|"]
-    for (script, shape), res in merged.items():
+    for (_, script, shape), res in merged.items():
         ours = res["ours"]
         eager = next((v for k, v in ours.items() if not k.endswith("compile")), None)
         comp = next((v for k, v in ours.items() if k.endswith("compile")), None)
@@ -1036,8 +1048,30 @@ def _meta(args):
                 smoke=SMOKE, commit=commit, budget_s=args.budget_s, child=args.child, started=time.time())
 
 
+def _eager_compile_run(script, argv):
+    """--smoke's compile=True rows: the script with torch.compile's backend set to "eager", so that Dynamo
+    captures the whole graph (fullgraph: a graph break fails the row) without inductor's minutes of CPU
+    compilation (the engine's tests compile with inductor)."""
+    import runpy
+
+    import torch
+
+    compile_ = torch.compile
+
+    def eager_compile(model=None, **kw):
+        kw["backend"] = "eager"
+        return compile_(model, **kw) if model is not None else compile_(**kw)
+
+    torch.compile = eager_compile
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
 def main(argv=None):
     global DEV, SMOKE
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--eager-compile-run"]:
+        return _eager_compile_run(argv[1], argv[2:])
     args = parse_args(argv)
     if args.list:
         for name, _, cap, isolate in SECTIONS:
@@ -1050,7 +1084,9 @@ def main(argv=None):
         SMOKE, DEV = True, "cpu"
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         SIZES.update(SMOKE_SIZES)
-        if "--budget-s" not in " ".join(sys.argv if argv is None else argv):
+        SWEEP[1:] = []  # one swept config and one paged config: the sweep's code path, not its figures
+        PAGED_CONFIGS[1:] = []
+        if "--budget-s" not in argv:
             args.budget_s = 170.0
     elif os.environ.get("TRITON_INTERPRET") == "1":
         print("gpu_suite.py runs compiled kernels: unset TRITON_INTERPRET (or pass --smoke)", file=sys.stderr)
