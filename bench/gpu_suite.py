@@ -115,7 +115,7 @@ class Suite:
         self.t0 = time.time()
         self.status = "running"
         self.child = None  # the child process of an isolated section or e2e script, if one runs
-        self.partial = None  # (e2e row, its JSON path) while an e2e script runs
+        self.partial = None  # while a child runs: folds the rows it wrote so far into the report (SIGTERM)
 
     # -- recording -----------------------------------------------------------------
     def _rows(self, kind):
@@ -624,14 +624,13 @@ def run_e2e(s, name, timeout):
         run = [sys.executable, str(ROOT / "bench" / script), *argv, "--json", out_json]
         if SMOKE and "compile" in name:
             run[1:1] = [str(Path(__file__).resolve()), "--eager-compile-run"]
-        s.partial = (row, out_json)  # what SIGTERM folds in if it arrives now
+        s.partial = lambda: row.update(results=_load(out_json))  # what SIGTERM folds in if it arrives now
         try:
             status, rc, out = _run_child(s, run, timeout, dict(os.environ, ENGINE_CSRC="0") if SMOKE else None)
         finally:
             s.partial = None
         if os.path.exists(out_json):  # the scripts write it after every variant: a timeout keeps the finished ones
-            with open(out_json) as f:
-                row["results"] = json.load(f)
+            row["results"] = _load(out_json)
     row.update(status=status, rc=rc, output_tail=out[-3000:])
     print(f"  {row['cmd']}: {status}", flush=True)
     _print_tail(out)
@@ -655,8 +654,8 @@ def run_aot(s, timeout):
 
 def run_tests(s, timeout):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    status, rc, out = _run_child(s, [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-x", "-p",
-                                     "no:cacheprovider"], timeout, env)
+    status, _, out = _run_child(s, [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-x", "-p",
+                                    "no:cacheprovider"], timeout, env)
     ok = status == "ok"
     s._rows("correctness").append(dict(name="pytest tests/kernels (compiled)", ok=ok, rel_err=None, tol=None,
                                        tail=out[-2000:]))
@@ -858,6 +857,15 @@ def run_section(s, args, name, deadline):
         print_section(sec)
 
 
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _child_section(path, name):
+    return next(x for x in _load(path)["sections"] if x["name"] == name)
+
+
 def _isolated(s, args, name, limit):
     """Run one section in a child process (a sticky CUDA fault there cannot poison this one) and merge its rows."""
     sec = s.cur
@@ -866,11 +874,12 @@ def _isolated(s, args, name, limit):
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--sections", name, "--json", child_json,
                 "--budget-s", str(limit), "--cap-scale", str(args.cap_scale)] + (["--smoke"] if SMOKE else [])
         argv += ["--assets", args.assets] if args.assets else []
-        status, rc, out = _run_child(s, argv, limit + 20)
-        child = None
-        if os.path.exists(child_json):
-            with open(child_json) as f:
-                child = next((x for x in json.load(f)["sections"] if x["name"] == name), None)
+        s.partial = lambda: sec.update(results=_child_section(child_json, name)["results"])
+        try:
+            status, rc, out = _run_child(s, argv, limit + 20)
+        finally:
+            s.partial = None
+        child = _child_section(child_json, name) if os.path.exists(child_json) else None
     print(out, end="" if out.endswith("\n") else "\n", flush=True)
     if child is not None:
         sec["results"] = child["results"]
@@ -885,8 +894,8 @@ def _isolated(s, args, name, limit):
 def _empty_cache_safe():
     try:
         _empty_cache()
-    except Exception:  # a sticky device error shows in the next section's rows, not here
-        pass
+    except Exception as exc:  # a sticky device error shows in the next section's rows, not here
+        print(f"  empty_cache: {type(exc).__name__}: {exc}", flush=True)
 
 
 # -- 4. report ------------------------------------------------------------------------
@@ -1009,14 +1018,13 @@ def _install_handlers(s):
             try:  # the child writes its own rows on SIGTERM; give it a moment
                 os.killpg(s.child.pid, signal.SIGTERM)
                 s.child.wait(timeout=10)
-            except Exception:
-                pass
-        if s.partial is not None and os.path.exists(s.partial[1]):
+            except (OSError, subprocess.TimeoutExpired):
+                s.child.kill()
+        if s.partial is not None:
             try:
-                with open(s.partial[1]) as f:
-                    s.partial[0]["results"] = json.load(f)
-            except ValueError:
-                pass
+                s.partial()
+            except (OSError, ValueError, KeyError, StopIteration) as exc:
+                print(f"  the child's rows could not be read: {type(exc).__name__}: {exc}", flush=True)
         if s.cur is not None:
             s.cur.update(status="interrupted", seconds=round(time.time() - s.t0, 2))
         s.status = "interrupted (SIGTERM)"
