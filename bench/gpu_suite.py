@@ -806,7 +806,8 @@ def _section_names(args):
         want = [w.strip() for w in args.sections.split(",") if w.strip()]
         unknown = [w for w in want if w not in {n for n, *_ in SECTIONS}]
         if unknown:
-            raise SystemExit(f"gpu_suite.py: unknown section(s) {', '.join(unknown)}; --list names them")
+            print(f"gpu_suite.py: unknown section(s) {', '.join(unknown)}; --list names them", file=sys.stderr)
+            raise SystemExit(2)
         names = [n for n in names if n in want or (n == "aot" and "aot" in want)]
         if "aot" in want and "aot" not in names:
             names.insert(0, "aot")
