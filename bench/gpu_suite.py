@@ -834,7 +834,8 @@ def run_section(s, args, name, deadline):
         if isolate and name not in E2E_SECTIONS and not args.child:
             _isolated(s, args, name, limit)
         else:
-            signal.setitimer(signal.ITIMER_REAL, limit + (5 if name in E2E_SECTIONS else 0))
+            # an e2e script has its own timeout at the limit (then up to 15 s to end after SIGTERM)
+            signal.setitimer(signal.ITIMER_REAL, limit + (30 if name in E2E_SECTIONS else 0))
             try:
                 fn(s, args)
             finally:
