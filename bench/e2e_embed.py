@@ -7,13 +7,12 @@ Qwen3-Embedding with random weights; texts of 32-512 tokens (4,096 on a GPU,
     python bench/e2e_embed.py --shape 0.6B     # GPU
 """
 import argparse
-import json
 import random
 
 import torch
 
 from checkpoints import build_qwen3_folder, words
-from common import machine, timed
+from common import machine, timed, write_json
 
 
 def reference_embed(tok, model, texts, batch_size):
@@ -33,7 +32,7 @@ def reference_embed(tok, model, texts, batch_size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="cpu", choices=["cpu", "0.6B", "4B"])
+    ap.add_argument("--shape", default="cpu", choices=["cpu", "tiny", "0.6B", "4B"])
     ap.add_argument("--texts", type=int, default=None)
     ap.add_argument("--ref-batch", type=int, default=64)
     ap.add_argument("--skip-reference", action="store_true")
@@ -60,6 +59,7 @@ def main():
     res = {"machine": machine(), "shape": args.shape, "texts": n, "tokens": tokens,
            "ours_tokens_per_s": tokens / t}
     print(f"ours: {tokens / t:12.0f} tokens/s  ({t:.2f} s, {tokens} tokens)")
+    write_json(args.json, res)
     if not args.skip_reference:
         tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
         model = AutoModel.from_pretrained(str(folder), dtype=dtype).to(device).eval()
@@ -69,9 +69,7 @@ def main():
         res.update(ref_tokens_per_s=tokens / tr, ratio=tr / t, min_cosine=cos)
         print(f"transformers (sorted, batch {args.ref_batch}): {tokens / tr:12.0f} tokens/s  ({tr:.2f} s)  "
               f"ratio ours/ref = {tr / t:.2f}x  min cosine = {cos:.6f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ time, so the prefix cache does not help), ours and the model card's one padded
 batch: the latency figures of bench/RESULTS.md's GPU table.
 """
 import argparse
-import json
 import random
 import time
 
 import torch
 
 from checkpoints import build_qwen3_folder, words
-from common import latency_ms, machine, timed
+from common import latency_ms, machine, timed, write_json
 from references import Qwen3RerankerReference
 
 
@@ -53,7 +52,7 @@ def reference_scores(ref, pairs, batch_size, last_only):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="cpu", choices=["cpu", "0.6B", "4B"])
+    ap.add_argument("--shape", default="cpu", choices=["cpu", "tiny", "0.6B", "4B"])
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--ref-batch", type=int, default=None, help="transformers batch size (default 8 CPU, 32 GPU)")
     ap.add_argument("--max-batch-tokens", type=int, nargs="*", default=[None], help="token budgets to sweep")
@@ -117,6 +116,7 @@ def main():
                         lambda rep: rr.predict([(f"{rep} {query}", d) for d in lat_docs]), device, reps)
                     print(f"  one request of {len(lat_docs)} documents: p50 {row['latency']['p50_ms']:.1f} ms, "
                           f"p99 {row['latency']['p99_ms']:.1f} ms")
+                write_json(args.json, results)
                 del rr
 
     if args.cpu_precisions and device == "cpu":
@@ -133,6 +133,7 @@ def main():
                                        "max_abs_score_diff_vs_fp32": diff, "top10_overlap": overlap}
             print(f"ours {name}: {len(pairs) / t:9.1f} pairs/s  ({len(pairs) / t / base:.2f}x our fp32)  "
                   f"max |score diff| vs fp32 {diff:.2e}  top-10 overlap {overlap}/10")
+            write_json(args.json, results)
             del rr
 
     if not args.skip_reference:
@@ -154,9 +155,8 @@ def main():
                 results[name]["latency"] = lat
                 print(f"  one request of {len(lat_docs)} documents: p50 {lat['p50_ms']:.1f} ms, "
                       f"p99 {lat['p99_ms']:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            write_json(args.json, results)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

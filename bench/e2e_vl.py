@@ -15,13 +15,12 @@ Random weights, the real Qwen vocabulary.
 import argparse
 import json
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoints import VL_EXTRA_SPECIAL, qwen3_tokenizer, save_qwen_tokenizer, words
+from checkpoints import VL_EXTRA_SPECIAL, qwen3_tokenizer, save_qwen_tokenizer, save_random_model, words
 from common import machine, timed
 from references import Qwen3VLReference
 
@@ -49,13 +48,9 @@ def build_folder(shape: str, device: str, dtype: torch.dtype) -> Path:
         vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                            out_hidden_size=text["hidden_size"], **vision),
         tie_word_embeddings=True)
-    folder = Path(tempfile.mkdtemp(prefix="bench-")) / "Qwen3-VL-Reranker-bench"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
-    del model
-    save_qwen_tokenizer(qwen3_tokenizer(), folder, extra_special_tokens=VL_EXTRA_SPECIAL)
+    tok = qwen3_tokenizer()
+    folder = save_random_model(Qwen3VLForConditionalGeneration, cfg, "Qwen3-VL-Reranker-bench", device, dtype)
+    save_qwen_tokenizer(tok, folder, extra_special_tokens=VL_EXTRA_SPECIAL)
     return folder
 
 
