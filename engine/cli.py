@@ -100,7 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds to receive a request body; a stalled client gets 408")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
+                   help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled "
+                        "and answered 503")
+    s.add_argument("--max-response-mb", type=float, default=256.0,
+                   help="response size cap in MiB; a request whose answer is larger gets 413")
+    s.add_argument("--max-pending-body-mb", type=float, default=256.0,
+                   help="MiB of request bodies being received at once, all clients together; more get 503")
+    s.add_argument("--max-header-kb", type=float, default=64.0,
+                   help="KiB of headers per request; larger are refused (400) and the connection closed")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a complete request head; then it is closed")
+    s.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names answered ('*': any); default: loopback names when bound to a "
+                        "loopback address, any otherwise")
     s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
     s.add_argument("--replicas", type=_positive_int, default=None,
                    help="serve N replicas on Ray Serve, one model per GPU (or per --replica-cpus cores) behind one "
@@ -293,7 +305,12 @@ def _server_config(args):
     return ServerConfig(served_names=served_names(model, name), api_key=_api_key(args),
                         strict_names=args.served_model_name is not None,
                         max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout,
+                        max_response_bytes=int(args.max_response_mb * (1 << 20)),
+                        max_pending_body_bytes=int(args.max_pending_body_mb * (1 << 20)),
+                        max_header_bytes=int(args.max_header_kb * 1024), header_timeout_s=args.header_timeout,
+                        allowed_hosts=None if args.allowed_hosts is None
+                        else [h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
 
 
 def cmd_serve_replicas(args) -> int:
@@ -328,8 +345,10 @@ def cmd_serve(args) -> int:
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight (up to the graceful
     # timeout), then re-raise the signal on the handler it found. Ours makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    from engine.serving.http import uvicorn_options
+
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.graceful_timeout)
+                **uvicorn_options(config, args.graceful_timeout))
     return 0
 
 

@@ -316,7 +316,8 @@ class ErrorResponse(BaseModel):
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large", 422: "invalid_request_error",
-               429: "rate_limit_error", 499: "client_closed_request"}
+               429: "rate_limit_error", 499: "client_closed_request", 415: "unsupported_media_type",
+               421: "misdirected_request", 431: "request_too_large", 503: "service_unavailable"}
 
 
 def error_body(message: str, type: str, param: Optional[str] = None) -> Dict[str, Any]:
