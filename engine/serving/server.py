@@ -420,6 +420,26 @@ async def health():
     return {"status": "ok"}
 
 
+def _schema_limits(app: FastAPI, service: Service) -> None:
+    """The OpenAPI spec with this model's own limits: ``dimensions`` at most its embedding size."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            spec = build()
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name in ("EmbedBody", "EmbeddingsBody"):
+                dims = schemas.get(name, {}).get("properties", {}).get("dimensions")
+                if dims is not None and service.embedder is not None:
+                    for option in dims.get("anyOf", [dims]):
+                        if option.get("type") == "integer":
+                            option["maximum"] = service.dimension
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(service: Service, config: ServerConfig) -> FastAPI:
     """The ASGI app; run it with uvicorn (``rerank-engine serve``)."""
     server = Server(service, config)
@@ -453,7 +473,8 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
                       responses={200: {"model": EmbeddingsResponse}})
     app.add_api_route("/v1/index", server.index, methods=["POST"],
-                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)")
+                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)",
+                      include_in_schema=bool(getattr(service.reranker, "is_encoder_decoder", False)))
     app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
                       responses={200: {"model": ClassifyResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
@@ -462,6 +483,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                        "description": "Prometheus text exposition format"}})
     app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Liveness (no API key)")
+    _schema_limits(app, service)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)

@@ -306,3 +306,27 @@ def test_duplicate_authorization_headers_are_refused(start_server, rerank_servic
         assert r.status_code == 400
         assert c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=[good]).status_code == 200
 
+
+
+def test_schema_says_what_the_server_does(rerank_server, embed_server, embed_service):
+    with rerank_server.client() as c:
+        spec = c.get("/openapi.json").json()
+        schemas = spec["components"]["schemas"]
+        assert "/v1/index" not in spec["paths"]  # not a KaLM-Reranker: the route answers 400
+        assert c.post("/v1/index", json={"documents": ["a"]}).status_code == 400
+        assert {"required": ["texts"]} in schemas["RerankBody"]["oneOf"]
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["a"], "texts": ["a"]})
+        assert r.status_code == 422, r.text
+        parts = next(o for o in schemas["RerankBody"]["properties"]["query"]["anyOf"] if o.get("type") == "array")
+        assert {"type": "string"} in parts["items"]["anyOf"]  # a bare string is a text part
+        r = c.post("/v1/rerank", json={"query": ["a ", {"type": "text", "text": "query"}], "documents": ["a"]})
+        assert r.status_code == 200, r.text
+    with embed_server.client() as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+        assert {"required": ["messages"]} in schemas["EmbeddingsBody"]["oneOf"]
+        assert c.post("/v1/embeddings", json={}).status_code == 422
+        for name in ("EmbedBody", "EmbeddingsBody"):
+            dims = schemas[name]["properties"]["dimensions"]
+            assert any(o.get("maximum") == embed_service.dimension for o in dims.get("anyOf", [dims])), dims
+        r = c.post("/embed", json={"inputs": ["a"], "dimensions": embed_service.dimension + 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
