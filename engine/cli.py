@@ -309,8 +309,17 @@ def _server_config(args):
                         max_response_bytes=int(args.max_response_mb * (1 << 20)),
                         max_pending_body_bytes=int(args.max_pending_body_mb * (1 << 20)),
                         max_header_bytes=int(args.max_header_kb * 1024), header_timeout_s=args.header_timeout,
-                        allowed_hosts=None if args.allowed_hosts is None
-                        else [h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
+                        allowed_hosts=_allowed_hosts(args))
+
+
+def _allowed_hosts(args) -> Optional[List[str]]:
+    """--allowed-hosts as a list; by default None (loopback names on a loopback address) or, bound to
+    another address, any name ("*"), also behind Ray Serve's proxy."""
+    if args.allowed_hosts is not None:
+        return [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    from engine.serving.gate import is_loopback
+
+    return None if is_loopback(args.host) or args.host == "localhost" else ["*"]
 
 
 def cmd_serve_replicas(args) -> int:

@@ -26,7 +26,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1", "[::1
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def _is_loopback(address: Optional[str]) -> bool:
+def is_loopback(address: Optional[str]) -> bool:
     try:
         return address is not None and ipaddress.ip_address(address.strip("[]")).is_loopback
     except ValueError:
@@ -66,9 +66,9 @@ class Gate:
         if self.allowed_hosts is not None:
             return name in self.allowed_hosts
         server = scope.get("server")
-        if not _is_loopback(server[0] if server else None):
+        if not is_loopback(server[0] if server else None):
             return True  # bound to a public address: any name (say --allowed-hosts to restrict it)
-        return name is not None and (name in LOOPBACK_NAMES or _is_loopback(name))
+        return name is not None and (name in LOOPBACK_NAMES or is_loopback(name))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
