@@ -1,10 +1,10 @@
 """Server RSS under /embed traffic of varying sizes (the memory bound of the CPU path).
 
 Starts ``rerank-engine serve MODEL`` in a subprocess, sends REQUESTS /embed requests of 1..MAX_INPUTS
-inputs of 1..40 words (a fixed seed), and prints VmRSS after every 10th and VmHWM at the end, from
+inputs of 1..MAX_WORDS words (a fixed seed), and prints VmRSS after every 10th and VmHWM at the end, from
 /proc/PID/status. Run it with PYTHONPATH at two checkouts to compare them in the same run:
 
-    python bench/server_memory.py [MODEL] [--requests 300] [--max-inputs 300]
+    python bench/server_memory.py [MODEL] [--requests 300] [--max-inputs 300] [--max-words 40]
 """
 import argparse
 import os
@@ -57,14 +57,14 @@ def start(model, env=None, log_path=None, extra=()):
         time.sleep(0.2)
 
 
-def traffic(url: str, pid: int, requests: int, max_inputs: int, seed: int = 0):
+def traffic(url: str, pid: int, requests: int, max_inputs: int, seed: int = 0, max_words: int = 40):
     """Send the requests; the RSS (MiB) after each."""
     rng = random.Random(seed)
     trace = []
     with httpx.Client(base_url=url, timeout=300) as c:
         for _ in range(requests):
             n = rng.randint(1, max_inputs)
-            texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(n)]
+            texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
             r = c.post("/embed", json={"inputs": texts})
             assert r.status_code == 200, r.text
             trace.append(status(pid)["VmRSS"])
@@ -76,12 +76,13 @@ def main():
     ap.add_argument("model", nargs="?", default=None, help="default: the bundled all-MiniLM-L6-v2")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--max-inputs", type=int, default=300)
+    ap.add_argument("--max-words", type=int, default=40)
     args = ap.parse_args()
     proc, url = start(args.model)
     try:
         before = status(proc.pid)["VmRSS"]
         t0 = time.time()
-        trace = traffic(url, proc.pid, args.requests, args.max_inputs)
+        trace = traffic(url, proc.pid, args.requests, args.max_inputs, max_words=args.max_words)
         hwm = status(proc.pid)["VmHWM"]
         print(f"start {before} MiB; every 10th request: {trace[9::10]}; half {trace[len(trace) // 2 - 1]} "
               f"end {trace[-1]} VmHWM {hwm} MiB; {time.time() - t0:.0f} s")

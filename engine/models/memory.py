@@ -53,9 +53,3 @@ def tune() -> None:
         if env not in os.environ and libc.mallopt(param, value) != 1:
             log.debug("mallopt(%d, %d) refused", param, value)
 
-
-def trim() -> None:
-    """Give the heap's free memory back to the system now (glibc ``malloc_trim``; a no-op elsewhere)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
