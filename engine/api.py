@@ -11,7 +11,7 @@ from engine.core.request import merge_stats
 from engine.core.steps.passage import PassageRequest
 from engine.core.steps.score import ScoreRequest
 from engine.models.heads import YesNoHead, matryoshka
-from engine.prompts.templates import check_texts
+from engine.prompts.templates import check_texts, is_blank
 from engine.sequence import Seq, Seqs
 
 # Embed requests of at most this many texts are tokenized on the caller's thread (no round trip
@@ -246,7 +246,7 @@ class Reranker:
             given = list(documents)
         elif not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
-        elif not query.strip():  # as the HTTP API refuses it: an empty query ranks nothing meaningful
+        elif is_blank(query):  # as the HTTP API refuses it: an empty query ranks nothing meaningful
             raise ValueError("query must not be empty")
         else:
             docs = given = check_texts(documents, "documents")

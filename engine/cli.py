@@ -121,7 +121,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds to receive a request body; a stalled client gets 408")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled")
+                   help="seconds the server waits for requests in flight after SIGTERM; then they are cancelled "
+                        "and answered 503")
+    s.add_argument("--max-response-mb", type=float, default=256.0,
+                   help="response size cap in MiB; a request whose answer is larger gets 413")
+    s.add_argument("--max-pending-body-mb", type=float, default=256.0,
+                   help="MiB of request bodies being received at once, all clients together; more get 503")
+    s.add_argument("--max-header-kb", type=float, default=64.0,
+                   help="KiB of headers per request; larger are refused (400) and the connection closed")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a complete request head; then it is closed")
+    s.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names answered ('*': any); default: loopback names when bound to a "
+                        "loopback address, any otherwise")
     s.add_argument("--log-level", default="info", help="uvicorn's log level: debug, info, warning, error")
     s.add_argument("--replicas", type=_positive_int, default=None,
                    help="serve N replicas on Ray Serve, one model per GPU (or per --replica-cpus cores) behind one "
@@ -233,7 +245,9 @@ def cmd_rank(args) -> int:
 
     if args.top_n is not None and args.top_n < 1:
         raise UsageError(f"--top-n must be a positive integer, got {args.top_n}")
-    if not args.query.strip():
+    from engine.prompts.templates import is_blank
+
+    if is_blank(args.query):  # as Python and HTTP refuse it: whitespace, zero-width or control characters only
         raise UsageError("--query must not be empty")
     docs = read_jsonl(args.documents)
     if not docs:  # nothing to rank: answered without loading the model
@@ -351,7 +365,21 @@ def _server_config(args):
     return ServerConfig(served_names=served_names(model, name), api_key=_api_key(args),
                         strict_names=args.served_model_name is not None,
                         max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout,
+                        max_response_bytes=int(args.max_response_mb * (1 << 20)),
+                        max_pending_body_bytes=int(args.max_pending_body_mb * (1 << 20)),
+                        max_header_bytes=int(args.max_header_kb * 1024), header_timeout_s=args.header_timeout,
+                        allowed_hosts=_allowed_hosts(args))
+
+
+def _allowed_hosts(args) -> Optional[List[str]]:
+    """--allowed-hosts as a list; by default None (loopback names on a loopback address) or, bound to
+    another address, any name ("*"), also behind Ray Serve's proxy."""
+    if args.allowed_hosts is not None:
+        return [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    from engine.serving.gate import is_loopback
+
+    return None if is_loopback(args.host) or args.host == "localhost" else ["*"]
 
 
 def cmd_serve_replicas(args) -> int:
@@ -386,10 +414,12 @@ def cmd_serve(args) -> int:
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish the requests in flight (up to the graceful
     # timeout), then re-raise the signal on the handler it found. Ours makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    from engine.serving.http import uvicorn_options
+
     # --quiet: warnings only, uvicorn's INFO lines (startup, one per request) included.
     log_level = "warning" if args.quiet and args.log_level in ("debug", "trace", "info") else args.log_level
     uvicorn.run(app, host=args.host, port=args.port, log_level=log_level,
-                timeout_graceful_shutdown=args.graceful_timeout)
+                **uvicorn_options(config, args.graceful_timeout))
     return 0
 
 

@@ -6,6 +6,7 @@ and truncated to ``max_length - len(prefix) - len(suffix)``; the ids are
 prefix + pair + suffix.
 """
 import logging
+import unicodedata
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -44,6 +45,16 @@ class Template:
     def clip(self, texts: Sequence[str], max_tokens: int) -> List[str]:
         """Each text cut by characters before tokenizing (engine.prompts.truncation.clip_text)."""
         return [clip_text(self.tokenizer, t, max_tokens) for t in texts]
+
+
+_BLANK = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})  # control, format, spaces, combining marks
+
+
+def is_blank(text: str) -> bool:
+    """Whether a text holds nothing to read: empty, or only whitespace, control characters ("\\u0000"),
+    invisible format characters (zero-width space, joiners, BOM) and combining marks with nothing to
+    combine with. The one rule for an empty query or text, in Python, the CLI and over HTTP."""
+    return all(unicodedata.category(c) in _BLANK for c in text)
 
 
 def check_texts(texts, what: str) -> List[str]:

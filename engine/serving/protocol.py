@@ -117,13 +117,14 @@ _PART_SCHEMA = {"type": "object", "properties": {"type": {"enum": list(_PART_TYP
                                                  "image_url": {"type": "object",
                                                                "properties": {"url": {"type": "string"}}}},
                 "required": ["type"]}
+_PART_ITEM = {"anyOf": [{"type": "string"}, _PART_SCHEMA]}  # a bare string is a text part
 _MM_SCHEMA = {"anyOf": [
     {"type": "string"},
     {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
     {"type": "object", "properties": {"content": {"anyOf": [{"type": "string"},
-                                                            {"type": "array", "items": _PART_SCHEMA}]}},
+                                                            {"type": "array", "items": _PART_ITEM}]}},
      "required": ["content"]},
-    {"type": "array", "items": _PART_SCHEMA},
+    {"type": "array", "items": _PART_ITEM},
 ]}
 # A query or document of a model that takes images (Qwen3-VL); for text models, its text.
 MMInput = Annotated[Any, BeforeValidator(_mm_input), WithJsonSchema(_MM_SCHEMA)]
@@ -144,8 +145,11 @@ class _Body(BaseModel):
 class RerankBody(_Body):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["documents"]}, {"required": ["texts"]}]})
+
     model: Optional[str] = None
-    query: MMQuery = Field(description="must hold a non-whitespace character or an image (else 400)")
+    query: MMQuery = Field(description="must hold a visible character or an image (else 400): whitespace, "
+                                       "control, zero-width and lone combining characters do not count")
     documents: Optional[List[MMInput]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
     top_n: Optional[PositiveInt] = None
@@ -189,7 +193,9 @@ class EmbedBody(_Body):
 
 
 class EmbeddingsBody(_Body):
-    """OpenAI ``/v1/embeddings``."""
+    """OpenAI ``/v1/embeddings``: ``input`` or (vLLM) ``messages``, one of the two."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["input"]}, {"required": ["messages"]}]})
 
     model: Optional[str] = None
     input: Optional[Texts] = None
@@ -316,7 +322,8 @@ class ErrorResponse(BaseModel):
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large", 422: "invalid_request_error",
-               429: "rate_limit_error", 499: "client_closed_request"}
+               429: "rate_limit_error", 499: "client_closed_request", 415: "unsupported_media_type",
+               421: "misdirected_request", 431: "request_too_large", 503: "service_unavailable"}
 
 
 def error_body(message: str, type: str, param: Optional[str] = None) -> Dict[str, Any]:

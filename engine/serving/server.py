@@ -12,8 +12,11 @@ Errors are ``{"error": {message, type, param}}``: broken JSON 400, a body of the
 wrong shape or types 422 naming the field, an empty query 400, an unknown
 ``model`` 404, too many documents or too large a body 413, a full queue 429, a
 missing or wrong API key 401, a route of the other task (embeddings from a
-reranker) 400 ``unsupported_task``. Unknown fields are ignored. Bodies are read
-as JSON whatever their Content-Type.
+reranker) 400 ``unsupported_task``, a response larger than ``max_response_bytes`` 413, a
+server shutting down 503. Unknown fields are ignored. What is checked before routing (headers,
+Host, API key, Content-Type, body size and deadline) is in gate.py; the connection layer (h11,
+header size and deadline) in http.py. Responses are encoded with orjson in a worker thread, so a
+large one never stalls the event loop (``/health`` included).
 """
 import asyncio
 import base64
@@ -30,13 +33,15 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from engine.core.request import Cancelled
 from engine.prompts.inputs import text_part
+from engine.prompts.templates import is_blank
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
 from engine.serving.protocol import (
@@ -59,6 +64,7 @@ from engine.serving.protocol import (
 from engine.serving.service import Service, WrongTask
 
 log = logging.getLogger("engine.serving.server")
+SHUTDOWN_WAIT_S = 5.0  # after the graceful timeout, how long shutdown waits for engine steps to stop
 
 
 @dataclass
@@ -70,7 +76,12 @@ class ServerConfig:
     max_pairs: int = 100_000  # /v1/classify: inputs x labels per request; more -> 413
     strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
     max_body_bytes: int = 8 << 20
-    body_timeout_s: float = 30.0  # a body not received within this many seconds -> 408
+    body_timeout_s: float = 30.0  # the whole body not received within this many seconds -> 408
+    max_pending_body_bytes: int = 256 << 20  # all bodies being received at once; more -> 503
+    max_header_bytes: int = 64 << 10  # a request's headers; more -> 400 (h11) or 431
+    header_timeout_s: float = 10.0  # a request head not complete within this many seconds: connection closed
+    max_response_bytes: int = 256 << 20  # a response's JSON; larger -> 413
+    allowed_hosts: Optional[List[str]] = None  # Host names answered; None: loopback names on loopback, else any
     retry_after_s: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -92,6 +103,41 @@ def _finite(result) -> bool:
     if isinstance(result, (list, tuple)):
         return all(_finite(v) for v in result)
     return True
+
+
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+CHUNK_ITEMS = 256  # a long list is encoded this many items at a time, so the encoder never holds the GIL long
+JSON_BYTES_PER_NUMBER = 8  # the least an embedding's number takes in JSON ("-0.01234,"), for the early check
+
+
+class TooLarge(Exception):
+    pass
+
+
+def _fragments(x, budget: list, depth: int = 0):
+    """``x`` with its long lists (top level or one dict level down) encoded piecewise into orjson
+    Fragments; ``budget[0]``: bytes left before the response is too large."""
+    if isinstance(x, dict) and depth < 2:
+        return {k: _fragments(v, budget, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, np.ndarray)) and len(x) > CHUNK_ITEMS:
+        parts = []
+        for i in range(0, len(x), CHUNK_ITEMS):
+            part = orjson.dumps(x[i:i + CHUNK_ITEMS], option=JSON_OPTIONS)[1:-1]
+            budget[0] -= len(part) + 1
+            if budget[0] < 0:
+                raise TooLarge
+            parts.append(part)
+        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
+    return x
+
+
+def encode_json(content, max_bytes: int) -> bytes:
+    """``content`` (dicts, lists, numbers, strings, C-contiguous numpy arrays) as JSON bytes; raises
+    ``TooLarge`` past ``max_bytes``, stopping as soon as the pieces encoded so far pass it."""
+    body = orjson.dumps(_fragments(content, [max_bytes]), option=JSON_OPTIONS)
+    if len(body) > max_bytes:
+        raise TooLarge
+    return body
 
 
 class ApiError(Exception):
@@ -160,6 +206,13 @@ class Server:
         except Cancelled:
             self.metrics.cancelled.inc()
             raise ApiError(499, "the client closed the request")
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still in flight past --graceful-timeout: stop the engine work
+            # at its next step, and answer the client (the task goes on just long enough to send it).
+            cancel.set()
+            self.metrics.cancelled.inc()
+            raise ApiError(503, "the server is shutting down; retry on another replica or later",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
         except WrongTask as e:
             raise ApiError(400, str(e), type="unsupported_task")
         except (ValueError, UnicodeError) as e:  # the engine's checks of the input
@@ -175,6 +228,24 @@ class Server:
         self.metrics.request_tokens.labels(endpoint).observe(tokens)
         return result, tokens
 
+    async def respond(self, content) -> Response:
+        """``content`` as a JSON response, encoded off the event loop; larger than max_response_bytes: 413."""
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(self.pool, encode_json, content, self.config.max_response_bytes)
+        except TooLarge:
+            raise ApiError(413, f"the response would be larger than this server's limit of "
+                                f"{self.config.max_response_bytes} bytes (--max-response-mb): ask for fewer "
+                                f"inputs, fewer dimensions or encoding_format=base64")
+        return Response(body, media_type="application/json")
+
+    def check_response_size(self, numbers: int, bytes_per_number: float = JSON_BYTES_PER_NUMBER):
+        """Refuse before any work a response that cannot fit max_response_bytes."""
+        if numbers * bytes_per_number > self.config.max_response_bytes:
+            raise ApiError(413, f"the response ({numbers} numbers) would be larger than this server's limit of "
+                                f"{self.config.max_response_bytes} bytes (--max-response-mb): ask for fewer "
+                                f"inputs, fewer dimensions or encoding_format=base64")
+
     @staticmethod
     async def _watch(request: Request, cancel: threading.Event):
         while True:
@@ -187,7 +258,7 @@ class Server:
 
     async def rerank(self, body: RerankBody, request: Request):
         name = self.check_model(body.model)
-        if isinstance(body.query, str) and not body.query.strip():
+        if isinstance(body.query, str) and is_blank(body.query):
             raise ApiError(400, "query must not be empty", "query")
         if body.texts is not None and body.documents is not None:
             raise ApiError(422, "give either documents (Cohere/Jina) or texts (TEI), not both", "texts")
@@ -214,7 +285,7 @@ class Server:
                 if body.return_text:
                     item["text"] = text_part(docs[r["index"]])
                 out.append(item)
-            return JSONResponse(out)
+            return await self.respond(out)
         results = []
         for r in ranked:
             item = {"index": r["index"], "relevance_score": r["score"]}
@@ -224,12 +295,16 @@ class Server:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
             results.append(item)
-        return JSONResponse({"id": str(uuid.uuid4()), "model": name, "results": results,
+        return await self.respond({"id": str(uuid.uuid4()), "model": name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def score(self, body: ScoreBody, request: Request):
         name = self.check_model(body.model)
         q, d = body.text_1, body.text_2
+        for i, t in enumerate(q):
+            if isinstance(t, str) and is_blank(t):
+                raise ApiError(400, "text_1 must not be empty" if len(q) == 1 else f"text_1[{i}] must not be empty",
+                               "text_1")
         if len(q) == 1 and len(d) != 1:
             q = q * len(d)
         if len(q) != len(d):
@@ -239,12 +314,12 @@ class Server:
         self.check_text_only(body.text_1, "text_1")
         self.check_text_only(d, "text_2")
         scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
-        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+        return await self.respond({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                              "model": name,
                              "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def _embed(self, request: Request, texts, dimensions, **kwargs):
+    async def _embed(self, request: Request, texts, dimensions, bytes_per_number=JSON_BYTES_PER_NUMBER, **kwargs):
         self.check_count(len(texts), "input")
         if self.service.embedder is None:  # refuse before queueing
             raise ApiError(400, f"this server hosts a {self.service.task} model; embeddings need an embedding "
@@ -252,12 +327,13 @@ class Server:
         if dimensions is not None and dimensions > self.service.dimension:
             raise ApiError(400, f"dimensions={dimensions} is larger than the embedding size "
                                 f"{self.service.dimension}", "dimensions")
+        self.check_response_size(len(texts) * (dimensions or self.service.dimension), bytes_per_number)
         return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
 
     async def tei_embed(self, body: EmbedBody, request: Request):
         emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
                                    instruction=body.instruction, left=body.truncation_direction.lower() == "left")
-        return JSONResponse(emb.tolist())
+        return await self.respond(np.ascontiguousarray(emb))
 
     async def embeddings(self, body: EmbeddingsBody, request: Request):
         name = self.check_model(body.model)
@@ -273,12 +349,14 @@ class Server:
             instruction = "\n".join(system) if system else instruction
             inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
             self.check_text_only(inputs, "messages")
-        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction)
-        if body.encoding_format == "base64":
+        base64_out = body.encoding_format == "base64"
+        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction,
+                                        bytes_per_number=16 / 3 if base64_out else JSON_BYTES_PER_NUMBER)
+        if base64_out:
             vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
         else:
-            vectors = emb.tolist()
-        return JSONResponse({"object": "list", "model": name,
+            vectors = np.ascontiguousarray(emb)
+        return await self.respond({"object": "list", "model": name,
                              "data": [{"object": "embedding", "index": i, "embedding": v}
                                       for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
@@ -288,7 +366,7 @@ class Server:
         self.check_count(len(body.documents), "documents")
         out, tokens = await self.call(request, "index", self.service.index, body.documents,
                                       compression_ratio=body.compression_ratio)
-        return JSONResponse({"object": "index", "model": name, **out,
+        return await self.respond({"object": "index", "model": name, **out,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def classify(self, body: ClassifyBody, request: Request):
@@ -302,7 +380,7 @@ class Server:
         data, tokens = await self.call(request, "classify", self.service.classify, body.input, body.labels,
                                        multi_label=body.multi_label, threshold=body.threshold,
                                        instruction=body.instruction)
-        return JSONResponse({"object": "list", "model": name, "data": data,
+        return await self.respond({"object": "list", "model": name, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def models(self):
@@ -342,6 +420,26 @@ async def health():
     return {"status": "ok"}
 
 
+def _schema_limits(app: FastAPI, service: Service) -> None:
+    """The OpenAPI spec with this model's own limits: ``dimensions`` at most its embedding size."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            spec = build()
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name in ("EmbedBody", "EmbeddingsBody"):
+                dims = schemas.get(name, {}).get("properties", {}).get("dimensions")
+                if dims is not None and service.embedder is not None:
+                    for option in dims.get("anyOf", [dims]):
+                        if option.get("type") == "integer":
+                            option["maximum"] = service.dimension
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(service: Service, config: ServerConfig) -> FastAPI:
     """The ASGI app; run it with uvicorn (``rerank-engine serve``)."""
     server = Server(service, config)
@@ -351,13 +449,19 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
         log.info("API key %s", "required on every route but /health" if config.api_key
                  else "not required (no --api-key)")
         yield
-        # Past the graceful timeout, work still in flight is cancelled at its next engine step.
+        # Past the graceful timeout uvicorn cancels the requests in flight: each sets its cancel event and
+        # answers 503 (Server.call). Set any left here too; the engine stops them at its next step.
         for cancel in list(server.cancels):
             cancel.set()
-        server.pool.shutdown(wait=True)
+        await asyncio.sleep(0.05)  # let the cancelled requests send their 503
+        try:  # off the loop, bounded: a step already running is not interrupted, only waited for a while
+            await asyncio.wait_for(asyncio.to_thread(server.pool.shutdown, wait=True), SHUTDOWN_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("engine work still running %g s after shutdown began; exiting anyway", SHUTDOWN_WAIT_S)
 
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 421, 422, 429, 503)}
     app = FastAPI(title="rerank-engine", version="0.1.0", lifespan=lifespan, responses=errors)
+    app.router.redirect_slashes = False  # no redirect (it would echo the Host header): "/v1/rerank/" is 404
     app.state.server = server
     for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
         app.add_api_route(path, server.rerank, methods=["POST"], summary="Rerank (Cohere/Jina; TEI with texts)",
@@ -369,7 +473,8 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
                       responses={200: {"model": EmbeddingsResponse}})
     app.add_api_route("/v1/index", server.index, methods=["POST"],
-                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)")
+                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)",
+                      include_in_schema=bool(getattr(service.reranker, "is_encoder_decoder", False)))
     app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
                       responses={200: {"model": ClassifyResponse}})
     app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
@@ -378,11 +483,14 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                        "description": "Prometheus text exposition format"}})
     app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Liveness (no API key)")
+    _schema_limits(app, service)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _server_error)
     app.add_middleware(Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       body_timeout_s=config.body_timeout_s)
+                       body_timeout_s=config.body_timeout_s, max_header_bytes=config.max_header_bytes,
+                       max_pending_body_bytes=config.max_pending_body_bytes, allowed_hosts=config.allowed_hosts,
+                       retry_after_s=config.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, paths=[r.path for r in app.routes])
     return app

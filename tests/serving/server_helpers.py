@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from engine.serving.http import uvicorn_options
 from engine.serving.server import ServerConfig, create_app
 from engine.serving.service import Service
 
@@ -20,7 +21,7 @@ EMBED_NAME = "tiny-embedder"
 class LiveServer:
     """uvicorn serving ``create_app(service, config)`` on a free 127.0.0.1 port, in a daemon thread."""
 
-    def __init__(self, service: Service, config: ServerConfig):
+    def __init__(self, service: Service, config: ServerConfig, graceful_timeout_s: float = 5):
         self.service, self.config = service, config
         self.app = create_app(service, config)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -28,7 +29,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
+                                                     **uvicorn_options(config, graceful_timeout_s)))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> "LiveServer":

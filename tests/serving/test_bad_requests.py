@@ -89,7 +89,8 @@ VALID = [
     ("empty-documents", "/v1/rerank", ok(documents=[]), 200),
     ("huge-top-n", "/v1/rerank", ok(top_n=10**30), 200),
     ("empty-string-document", "/v1/rerank", ok(documents=[""]), 200),
-    ("form-content-type", "/v1/rerank", None, 200),  # curl -d sends application/x-www-form-urlencoded
+    # A form body (curl -d without -H) is refused: that is what a web page's cross-site form sends.
+    ("form-content-type", "/v1/rerank", None, 415),
 ]
 
 

@@ -130,15 +130,15 @@ def test_serve_stalled_client_gets_408_and_sigterm_still_exits(tmp_path, rerank_
         wait_until_healthy(proc, url, tmp_path / "serve.log", timeout=120)
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer file-key"}).status_code == 200
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer file-key\r\n"
+            sock.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer file-key\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"query\": ")
             t0 = time.monotonic()
             reply = sock.recv(4096)
             assert reply.startswith(b"HTTP/1.1 408"), reply
             assert time.monotonic() - t0 < 20
         stalled = socket.create_connection(("127.0.0.1", port), timeout=30)  # stalls again, through SIGTERM
-        stalled.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer file-key\r\n"
-                        b"Content-Length: 100\r\n\r\n{")
+        stalled.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer file-key\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
