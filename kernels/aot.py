@@ -265,7 +265,8 @@ def qwen3_5_ops(c, lens, dt):
                   cu_seqlens_p=_meta(2, dtype=i32), prefix_index=_meta(n, dtype=i32))
     attn = dict(causal=True, scale=d ** -0.5)
     # Gated DeltaNet: in_proj -> [qkv | z | b | a]; conv over qkv; q, k, v views of its output.
-    hk, hv, dk, dv, width = LINEAR["k_heads"], c["v_heads"], LINEAR["k_dim"], LINEAR["v_dim"], LINEAR["conv"]
+    lin = {**LINEAR, **c}  # a family may set its own linear-attention sizes (kernels/warmup.py does)
+    hk, hv, dk, dv, width = lin["k_heads"], c["v_heads"], lin["k_dim"], lin["v_dim"], lin["conv"]
     key_dim, value_dim = hk * dk, hv * dv
     conv_dim = 2 * key_dim + value_dim
     mixed_in = _meta(t, conv_dim + value_dim + 2 * hv, dtype=dt)[:, :conv_dim]
