@@ -495,10 +495,17 @@ def gated_delta_rule_triton(
     bv = min(block_dv, 32)
     state = initial_state if has_state else w
     s_strides = (state.stride(0), state.stride(1), state.stride(2)) if has_state else (0, 0, 0)
+    sidx = state_index.contiguous() if has_state else cu
+    if output_final_state and not has_state:
+        # A prefix being captured (a final state from none) runs the state-reading variant with every
+        # slot -1, so nothing is read: the no-state variant of it spills on sm_90 (kernels/aot.py), and
+        # one variant fewer compiles.
+        sidx = torch.full((n,), -1, dtype=torch.int32, device=q.device)
+        has_state = True
     fin = final if output_final_state else w
     f_strides = (fin.stride(0), fin.stride(1), fin.stride(2)) if output_final_state else (0, 0, 0)
     _gdr_chunk_scan_kernel[(n, hv, triton.cdiv(dv, bv))](
-        q, k, w, u, attn, gc, out, cu, state, state_index.contiguous() if has_state else cu, fin,
+        q, k, w, u, attn, gc, out, cu, state, sidx, fin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
         attn.stride(0), attn.stride(1), gc.stride(0), out.stride(0), out.stride(1), *s_strides, *f_strides,
         scale,
