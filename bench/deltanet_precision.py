@@ -10,6 +10,9 @@ see the difference. This script replays the kernels' algorithm (the same product
 in the same order: prepare = kk, w, u, attn; scan = v_new = u - w S,
 o = (q e^G) S + attn v_new, S' = e^g S + k_dec^T v_new) with each product's
 operands rounded as the GPU would, and compares with the same algorithm in fp64.
+The triangular solve runs blocked as the prepare kernel does (16 x 16 diagonal blocks by
+forward substitution, merged with fp32 products) or row by row (the kernel before), and w,
+u and A can be stored in fp16 / bf16 between the kernels, to size the intermediates.
 
     python bench/deltanet_precision.py                 # Qwen3.5 head dims, 4 x 1,024 tokens
     python bench/deltanet_precision.py --tokens 4096 --seqs 1
@@ -115,11 +118,11 @@ def main():
     # (state products, output products, solve, storage of w / u / A)
     variants = {"all ieee (fp32)": ("ieee", "ieee", "blocked", None),
                 "all tf32, row-by-row solve (before)": ("tf32", "tf32", "rows", None),
-                "all tf32, blocked solve, fp32 w/u/A": ("tf32", "tf32", "blocked", None),
+                "all tf32, blocked solve, fp32 w/u/A (the kernels)": ("tf32", "tf32", "blocked", None),
                 "all tf32, blocked solve, fp16 w/u/A": ("tf32", "tf32", "blocked", torch.float16),
                 "all tf32, blocked solve, bf16 w/u/A": ("tf32", "tf32", "blocked", torch.bfloat16),
-                "all tf32, blocked solve, fp16 w/A, fp32 u (the kernels)": ("tf32", "tf32", "blocked",
-                                                                           (torch.float16, None, torch.float16)),
+                "all tf32, blocked solve, fp16 w/A, fp32 u": ("tf32", "tf32", "blocked",
+                                                             (torch.float16, None, torch.float16)),
                 "all tf32, blocked solve, fp16 w/A, bf16 u": ("tf32", "tf32", "blocked",
                                                              (torch.float16, torch.bfloat16, torch.float16)),
                 "state ieee/tf32x3, output tf32": ("ieee", "tf32", "blocked", None)}

@@ -11,7 +11,8 @@ shared prefix's final state is read in place by all its documents.
 ``output_final_state`` returns S after each sequence's last token, ``[n, Hv, Dk, Dv]`` fp32.
 
 Chunked form (for prefill). Within a chunk of C tokens, with G = cumsum(g):
-  L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}),  T = (I + L)^-1 (forward substitution),
+  L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}),  T = (I + L)^-1 (blocked: 16 x 16 diagonal blocks
+  by forward substitution, merged with 16 x 16 products; see the prepare kernel),
   w = T (beta k e^G),  u = T (beta v),  A = tril(q_i.k_j e^{G_i - G_j}),
 and across chunks, in order:
   v' = u - w S,  o = (q e^G) S + A v',  S = e^{G_last} S + (k e^{G_last - G})^T v'.
@@ -410,6 +411,12 @@ def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dic
     prepare kernel then needs 196,608 B of shared memory on sm_80 (limit 166,912) and the scan spills
     up to 1.9 KB (kernels/aot.py). The two precisions stay separate constexprs so a GPU session
     can time the alternative. fp32 inputs run "ieee" throughout.
+
+    Intermediates (``inter_dtype``, the storage of w and A; u is always fp32): fp16 storage would cost
+    no accuracy (the emulation: 6.2e-4 output, 6.0e-4 state, the same as fp32 storage, since the scan
+    rounds w and A to TF32's 10 mantissa bits anyway; bf16 storage: 4.6e-3 / 2.4e-3, past bf16's own
+    rounding), but converting the fp16 tiles in the scan spills up to 1.3 KB on sm_90 (kernels/aot.py), so
+    fp32 it is, until a GPU session can time the trade.
     """
     if dtype == torch.float32:
         prec_state = prec_out = "ieee"

@@ -62,11 +62,14 @@ def launches(module: str, config: dict, dtype, arch: int, batches=BUCKETS):
     """The recorded launches (fn, grid, args, kwargs) of every op of the model over ``batches``,
     with the config pickers answering for a CUDA device of capability ``arch``."""
     from kernels import aot
+    from kernels.attention import USE_DESC_DEFAULT
 
     out = []
     for ops, dims in families(module, config):
         for lens in batches:
-            for _op, thunk in ops(dims, list(lens), dtype):
+            for op, thunk in ops(dims, list(lens), dtype):
+                if "TMA" in op and not USE_DESC_DEFAULT:  # tensor-descriptor attention: opt-in (ENGINE_ATTN_TMA=1)
+                    continue
                 sink = []
                 with aot.recording(arch, sink):
                     thunk()
