@@ -103,10 +103,13 @@ def row_block(n_cols: int, max_cols: int = 65536):
     return next_pow2(n_cols)
 
 
-def rows_per_program(block_cols: int, n_rows: int, target_elems: int = 4096, max_rows: int = 16) -> int:
-    """How many rows one program handles so that small rows still fill a program."""
-    rows = max(1, min(max_rows, target_elems // block_cols))
-    return min(next_pow2(rows), next_pow2(max(n_rows, 1)))
+def rows_per_program(block_cols: int, target_elems: int = 4096, max_rows: int = 16) -> int:
+    """How many rows one program handles so that small rows still fill a program.
+
+    Fixed by the row width alone, never by the number of rows: a batch of fewer rows masks
+    the rest, so every batch size runs the one compiled variant.
+    """
+    return next_pow2(max(1, min(max_rows, target_elems // block_cols)))
 
 
 def check_tensor(t: torch.Tensor, name: str, ndim: int = None, dtypes=None, device=None) -> None:

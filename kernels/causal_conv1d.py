@@ -79,7 +79,7 @@ def causal_conv1d_ref(
     return out.to(x.dtype), final
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])  # batch-dependent: one binary for every batch
 def _causal_conv1d_kernel(
     X, W, B, OUT, CU, SEQ_OF, STATE, STATE_INDEX,
     n_tokens, n_chans,

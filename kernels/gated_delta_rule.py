@@ -11,7 +11,8 @@ shared prefix's final state is read in place by all its documents.
 ``output_final_state`` returns S after each sequence's last token, ``[n, Hv, Dk, Dv]`` fp32.
 
 Chunked form (for prefill). Within a chunk of C tokens, with G = cumsum(g):
-  L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}),  T = (I + L)^-1 (forward substitution),
+  L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}),  T = (I + L)^-1 (blocked: 16 x 16 diagonal blocks
+  by forward substitution, merged with 16 x 16 products; see the prepare kernel),
   w = T (beta k e^G),  u = T (beta v),  A = tril(q_i.k_j e^{G_i - G_j}),
 and across chunks, in order:
   v' = u - w S,  o = (q e^G) S + A v',  S = e^{G_last} S + (k e^{G_last - G})^T v'.
@@ -189,6 +190,41 @@ def _load_qk(ptr, rows, n_valid, offs_d, stride_t, DK: tl.constexpr, L2NORM: tl.
 
 
 @triton.jit
+def _gdr_get16(A, start, n_valid, blk_i, blk_j, h, stride_at, stride_ah):
+    """Block (i, j), 16 x 16, of the chunk's [BT, BT] tile of A (rows past the chunk's end read 0)."""
+    r = tl.arange(0, 16)
+    rows = blk_i * 16 + r
+    return tl.load(A + (start + rows.to(tl.int64))[:, None] * stride_at + h * stride_ah + (blk_j * 16 + r)[None, :],
+                   mask=(rows < n_valid)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gdr_put16(A, start, n_valid, blk_i, blk_j, h, t, stride_at, stride_ah):
+    """``t`` into block (i, j) of the chunk's tile of A."""
+    r = tl.arange(0, 16)
+    rows = blk_i * 16 + r
+    tl.store(A + (start + rows.to(tl.int64))[:, None] * stride_at + h * stride_ah + (blk_j * 16 + r)[None, :],
+             t.to(A.dtype.element_ty), mask=(rows < n_valid)[:, None])
+
+
+@triton.jit
+def _gdr_inv16(lower):
+    """(I + L)^-1 of a strictly lower 16 x 16 block: forward substitution, T_i = e_i - sum_{j<i} L_ij T_j."""
+    r = tl.arange(0, 16)
+    t = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for i in tl.static_range(1, 16):
+        l_i = tl.sum(tl.where(r[:, None] == i, lower, 0.0), axis=0)  # row i of L, indexed by j
+        new = tl.sum(l_i[:, None] * t, axis=0)  # sum_j L_ij T_j
+        t = tl.where(r[:, None] == i, t - new[None, :], t)
+    return t
+
+
+@triton.jit
+def _gdr_mm16(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _gdr_chunk_prepare_kernel(
     Q, K, V, G, BETA, PLAN, W, U, A, GC,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_bt,
@@ -198,7 +234,14 @@ def _gdr_chunk_prepare_kernel(
     BT: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC_STATE: tl.constexpr,
     PREC_OUT: tl.constexpr,
 ):
-    # One chunk of one value head: T = (I + L)^-1, then w, u, A (token-aligned rows) and G.
+    # One chunk of one value head: T = (I + L)^-1, then w = T (beta k e^G), u = T (beta v), A and G,
+    # token-aligned rows. Three phases meet in the chunk's [BT, BT] tile of A (the program's own rows,
+    # in L1 / L2), so that no phase holds another's tiles in registers:
+    #   1. L = strict_tril(beta_i k_i.k_j e^{G_i - G_j}) as one [BT, BT] product, into the tile;
+    #   2. the blocked solve on 16 x 16 blocks: each diagonal block of (I + L) inverted by forward
+    #      substitution (15 steps; the blocks independent), then T_ij = -T_ii sum_{j<=m<i} L_im T_mj
+    #      (i > j) with fp32 16 x 16 products, each T block in place of L's (zeros above the diagonal);
+    #   3. w and u as [BT, BT] x [BT, D] products with T, and A over the tile.
     pid, h = tl.program_id(0), tl.program_id(1)
     start = tl.load(PLAN + 2 * pid).to(tl.int64)
     n_valid = tl.load(PLAN + 2 * pid + 1)
@@ -207,34 +250,93 @@ def _gdr_chunk_prepare_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     kh = h // GROUP
-    q = _load_qk(Q + start * stride_qt + kh * stride_qh, rows, n_valid, offs_dk, stride_qt, DK, L2NORM) * scale
-    k = _load_qk(K + start * stride_kt + kh * stride_kh, rows, n_valid, offs_dk, stride_kt, DK, L2NORM)
-    v = tl.load(V + (start + rows.to(tl.int64))[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                mask=r_mask[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    trow = (start + rows.to(tl.int64))[:, None]
+    a_ptrs = A + trow * stride_at + h * stride_ah + rows[None, :]
     g = tl.load(G + (start + rows) * stride_gt + h, mask=r_mask, other=0.0).to(tl.float32)
     b = tl.load(BETA + (start + rows) * stride_bt + h, mask=r_mask, other=0.0).to(tl.float32)
     gcum = tl.cumsum(g, 0)
 
-    causal = rows[:, None] >= rows[None, :]
-    decay = tl.where(causal, tl.exp(tl.where(causal, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+    # 1. L
+    k = _load_qk(K + start * stride_kt + kh * stride_kh, rows, n_valid, offs_dk, stride_kt, DK, L2NORM)
+    below = rows[:, None] > rows[None, :]
     kk = tl.dot(k, tl.trans(k), input_precision=PREC_STATE)
-    lower = tl.where(rows[:, None] > rows[None, :], kk * decay * b[:, None], 0.0)
-    # Forward substitution, row by row: T_i = e_i - sum_{j<i} L_ij T_j.
-    tinv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        l_i = tl.sum(tl.where(rows[:, None] == i, lower, 0.0), axis=0)  # row i of L, indexed by j
-        new = tl.sum(l_i[:, None] * tinv, axis=0)  # sum_j L_ij T_j
-        tinv = tl.where(rows[:, None] == i, tinv - new[None, :], tinv)
-    w = tl.dot(tinv, k * (b * tl.exp(gcum))[:, None], input_precision=PREC_STATE)
-    u = tl.dot(tinv, v * b[:, None], input_precision=PREC_STATE)
-    attn = tl.dot(q, tl.trans(k), input_precision=PREC_OUT) * decay
+    lower = tl.where(below, kk * tl.exp(tl.where(below, gcum[:, None] - gcum[None, :], 0.0)) * b[:, None], 0.0)
+    tl.store(a_ptrs, lower.to(A.dtype.element_ty), mask=r_mask[:, None])
+    tl.debug_barrier()  # L is written before any thread reads its blocks
 
-    trow = (start + rows.to(tl.int64))[:, None]
-    tl.store(W + trow * stride_wt + h * stride_wh + offs_dk[None, :], w,
+    # 2a. The diagonal blocks, independent of one another (their substitutions interleave).
+    t00 = _gdr_inv16(_gdr_get16(A, start, n_valid, 0, 0, h, stride_at, stride_ah))
+    if BT >= 32:
+        t11 = _gdr_inv16(_gdr_get16(A, start, n_valid, 1, 1, h, stride_at, stride_ah))
+    if BT == 64:
+        t22 = _gdr_inv16(_gdr_get16(A, start, n_valid, 2, 2, h, stride_at, stride_ah))
+        t33 = _gdr_inv16(_gdr_get16(A, start, n_valid, 3, 3, h, stride_at, stride_ah))
+    tl.debug_barrier()  # L_ii is read before T_ii takes its place
+    _gdr_put16(A, start, n_valid, 0, 0, h, t00, stride_at, stride_ah)
+    if BT >= 32:
+        _gdr_put16(A, start, n_valid, 1, 1, h, t11, stride_at, stride_ah)
+    if BT == 64:
+        _gdr_put16(A, start, n_valid, 2, 2, h, t22, stride_at, stride_ah)
+        _gdr_put16(A, start, n_valid, 3, 3, h, t33, stride_at, stride_ah)
+    tl.debug_barrier()
+    # 2b. Row by row of blocks, T_ij = -T_ii sum_{j<=m<i} L_im T_mj: a row reads its own L blocks and
+    # the T blocks of the rows above, all from the tile, so that few 16 x 16 blocks are live at once.
+    if BT >= 32:
+        t10 = -_gdr_mm16(_gdr_get16(A, start, n_valid, 1, 1, h, stride_at, stride_ah),
+                         _gdr_mm16(_gdr_get16(A, start, n_valid, 1, 0, h, stride_at, stride_ah),
+                                   _gdr_get16(A, start, n_valid, 0, 0, h, stride_at, stride_ah)))
+        tl.debug_barrier()
+        _gdr_put16(A, start, n_valid, 1, 0, h, t10, stride_at, stride_ah)
+        tl.debug_barrier()
+    if BT == 64:
+        l20 = _gdr_get16(A, start, n_valid, 2, 0, h, stride_at, stride_ah)
+        l21 = _gdr_get16(A, start, n_valid, 2, 1, h, stride_at, stride_ah)
+        acc0 = _gdr_mm16(l20, _gdr_get16(A, start, n_valid, 0, 0, h, stride_at, stride_ah))
+        acc0 += _gdr_mm16(l21, _gdr_get16(A, start, n_valid, 1, 0, h, stride_at, stride_ah))
+        acc1 = _gdr_mm16(l21, _gdr_get16(A, start, n_valid, 1, 1, h, stride_at, stride_ah))
+        t22 = _gdr_get16(A, start, n_valid, 2, 2, h, stride_at, stride_ah)
+        t20 = -_gdr_mm16(t22, acc0)
+        t21 = -_gdr_mm16(t22, acc1)
+        tl.debug_barrier()
+        _gdr_put16(A, start, n_valid, 2, 0, h, t20, stride_at, stride_ah)
+        _gdr_put16(A, start, n_valid, 2, 1, h, t21, stride_at, stride_ah)
+        tl.debug_barrier()
+        l30 = _gdr_get16(A, start, n_valid, 3, 0, h, stride_at, stride_ah)
+        l31 = _gdr_get16(A, start, n_valid, 3, 1, h, stride_at, stride_ah)
+        l32 = _gdr_get16(A, start, n_valid, 3, 2, h, stride_at, stride_ah)
+        t33 = _gdr_get16(A, start, n_valid, 3, 3, h, stride_at, stride_ah)
+        acc0 = _gdr_mm16(l30, _gdr_get16(A, start, n_valid, 0, 0, h, stride_at, stride_ah))
+        acc0 += _gdr_mm16(l31, _gdr_get16(A, start, n_valid, 1, 0, h, stride_at, stride_ah))
+        acc0 += _gdr_mm16(l32, _gdr_get16(A, start, n_valid, 2, 0, h, stride_at, stride_ah))
+        t30 = -_gdr_mm16(t33, acc0)
+        acc1 = _gdr_mm16(l31, _gdr_get16(A, start, n_valid, 1, 1, h, stride_at, stride_ah))
+        acc1 += _gdr_mm16(l32, _gdr_get16(A, start, n_valid, 2, 1, h, stride_at, stride_ah))
+        t31 = -_gdr_mm16(t33, acc1)
+        t32 = -_gdr_mm16(t33, _gdr_mm16(l32, _gdr_get16(A, start, n_valid, 2, 2, h, stride_at, stride_ah)))
+        tl.debug_barrier()
+        _gdr_put16(A, start, n_valid, 3, 0, h, t30, stride_at, stride_ah)
+        _gdr_put16(A, start, n_valid, 3, 1, h, t31, stride_at, stride_ah)
+        _gdr_put16(A, start, n_valid, 3, 2, h, t32, stride_at, stride_ah)
+    tl.debug_barrier()  # T is written (zeros above the diagonal: L's) before any thread reads the tile
+
+    # 3. A, w, u: T read once into registers; k, q and v reloaded (L1 / L2), each tile dead once used.
+    tinv = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0).to(tl.float32)
+    tl.debug_barrier()  # every thread has read T before A overwrites it
+    k = _load_qk(K + start * stride_kt + kh * stride_kh, rows, n_valid, offs_dk, stride_kt, DK, L2NORM)
+    w = tl.dot(tinv, k * (b * tl.exp(gcum))[:, None], input_precision=PREC_STATE)
+    tl.store(W + trow * stride_wt + h * stride_wh + offs_dk[None, :], w.to(W.dtype.element_ty),
              mask=r_mask[:, None] & (offs_dk < DK)[None, :])
-    tl.store(U + trow * stride_ut + h * stride_uh + offs_dv[None, :], u,
+    q = _load_qk(Q + start * stride_qt + kh * stride_qh, rows, n_valid, offs_dk, stride_qt, DK, L2NORM) * scale
+    causal = rows[:, None] >= rows[None, :]
+    attn = tl.dot(q, tl.trans(k), input_precision=PREC_OUT)
+    attn = tl.where(causal, attn * tl.exp(tl.where(causal, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+    tl.store(a_ptrs, attn.to(A.dtype.element_ty), mask=r_mask[:, None])
+    tl.debug_barrier()  # a fence for the schedulers: v's load is not hoisted to where k and q live
+    v = tl.load(V + trow * stride_vt + h * stride_vh + offs_dv[None, :],
+                mask=r_mask[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    u = tl.dot(tinv, v * b[:, None], input_precision=PREC_STATE)
+    tl.store(U + trow * stride_ut + h * stride_uh + offs_dv[None, :], u.to(U.dtype.element_ty),
              mask=r_mask[:, None] & (offs_dv < DV)[None, :])
-    tl.store(A + trow * stride_at + h * stride_ah + rows[None, :], attn, mask=r_mask[:, None])
     tl.store(GC + (start + rows) * stride_gct + h, gcum, mask=r_mask)
 
 
@@ -275,10 +377,11 @@ def _gdr_chunk_scan_kernel(
         gcum = tl.load(GC + (cs + rows) * stride_gct + h, mask=r_mask, other=0.0)
         g_last = tl.sum(tl.where(rows == tl.minimum(n_valid, BT) - 1, gcum, 0.0), axis=0)
         w = tl.load(W + trow * stride_wt + h * stride_wh + offs_dk[None, :],
-                    mask=r_mask[:, None] & dk_mask[None, :], other=0.0)
+                    mask=r_mask[:, None] & dk_mask[None, :], other=0.0).to(tl.float32)
         u = tl.load(U + trow * stride_ut + h * stride_uh + offs_v[None, :],
                     mask=r_mask[:, None] & v_mask[None, :], other=0.0)
-        attn = tl.load(A + trow * stride_at + h * stride_ah + rows[None, :], mask=r_mask[:, None], other=0.0)
+        attn = tl.load(A + trow * stride_at + h * stride_ah + rows[None, :], mask=r_mask[:, None],
+                       other=0.0).to(tl.float32)
         v_new = u - tl.dot(w, s, input_precision=PREC_STATE)  # [BT, BV]
         o = tl.dot(q * tl.exp(gcum)[:, None], s, input_precision=PREC_OUT)
         o = tl.dot(attn, v_new, o, input_precision=PREC_OUT)
@@ -308,6 +411,12 @@ def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dic
     prepare kernel then needs 196,608 B of shared memory on sm_80 (limit 166,912) and the scan spills
     up to 1.9 KB (kernels/aot.py). The two precisions stay separate constexprs so a GPU session
     can time the alternative. fp32 inputs run "ieee" throughout.
+
+    Intermediates (``inter_dtype``, the storage of w and A; u is always fp32): fp16 storage would cost
+    no accuracy (the emulation: 6.2e-4 output, 6.0e-4 state, the same as fp32 storage, since the scan
+    rounds w and A to TF32's 10 mantissa bits anyway; bf16 storage: 4.6e-3 / 2.4e-3, past bf16's own
+    rounding), but converting the fp16 tiles in the scan spills up to 1.3 KB on sm_90 (kernels/aot.py), so
+    fp32 it is, until a GPU session can time the trade.
     """
     if dtype == torch.float32:
         prec_state = prec_out = "ieee"
@@ -316,7 +425,7 @@ def deltanet_config(chunk: int, dtype: torch.dtype, device: torch.device) -> dic
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
     scan = {16: (8, 3), 32: (8, 3), 64: (4, 2) if major >= 9 else (8, 1)}[chunk]
     return dict(prepare_warps=8, scan_warps=scan[0], scan_stages=scan[1], prec_state=prec_state,
-                prec_out=prec_out)
+                prec_out=prec_out, inter_dtype=torch.float32)
 
 
 def gated_delta_rule_triton(
@@ -374,9 +483,12 @@ def gated_delta_rule_triton(
     small = max(block_dk, block_dv) < 128  # several [C, D] fp32 tiles live at once: 8 warps at D 128
     f32 = dict(dtype=torch.float32, device=q.device)
     # Chunk-local products, token-aligned (row t holds token t's row of its chunk).
-    w = torch.empty((n_tok, hv, dk), **f32)
+    # w and A in cfg["inter_dtype"] (fp16 under bf16 / fp16 inputs: the scan rounds them to TF32's
+    # 10 mantissa bits anyway), u in fp32 (its range follows v's, and T's growth; not bounded for fp16).
+    inter = dict(dtype=cfg["inter_dtype"], device=q.device)
+    w = torch.empty((n_tok, hv, dk), **inter)
     u = torch.empty((n_tok, hv, dv), **f32)
-    attn = torch.empty((n_tok, hv, chunk), **f32)
+    attn = torch.empty((n_tok, hv, chunk), **inter)
     gc = torch.empty((n_tok, hv), **f32)
     if plan.shape[0] > 0:
         _gdr_chunk_prepare_kernel[(plan.shape[0], hv)](
@@ -390,10 +502,17 @@ def gated_delta_rule_triton(
     bv = min(block_dv, 32)
     state = initial_state if has_state else w
     s_strides = (state.stride(0), state.stride(1), state.stride(2)) if has_state else (0, 0, 0)
+    sidx = state_index.contiguous() if has_state else cu
+    if output_final_state and not has_state:
+        # A prefix being captured (a final state from none) runs the state-reading variant with every
+        # slot -1, so nothing is read: the no-state variant of it spills on sm_90 (kernels/aot.py), and
+        # one variant fewer compiles.
+        sidx = torch.full((n,), -1, dtype=torch.int32, device=q.device)
+        has_state = True
     fin = final if output_final_state else w
     f_strides = (fin.stride(0), fin.stride(1), fin.stride(2)) if output_final_state else (0, 0, 0)
     _gdr_chunk_scan_kernel[(n, hv, triton.cdiv(dv, bv))](
-        q, k, w, u, attn, gc, out, cu, state, state_index.contiguous() if has_state else cu, fin,
+        q, k, w, u, attn, gc, out, cu, state, sidx, fin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
         attn.stride(0), attn.stride(1), gc.stride(0), out.stride(0), out.stride(1), *s_strides, *f_strides,
         scale,

@@ -134,7 +134,9 @@ def _online_softmax_step(acc, l_i, m_i, qk, v, INPUT_PRECISION: tl.constexpr):
     return acc, l_i, m_new
 
 
-@triton.jit
+# The block-table width follows the batch, and the windows differ between layers of one model:
+# one binary for all of them.
+@triton.jit(do_not_specialize=["stride_bt", "window_left", "window_right"])
 def _paged_attention_kernel(
     Q, K, V, O, KC, VC, BT, CLEN, CU, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,

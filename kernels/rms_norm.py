@@ -35,7 +35,7 @@ def rms_norm_ref(
     return out, residual
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one binary for every batch
 def _rms_norm_kernel(
     X, R, W, Y, S,  # x, residual, weight, out, x + residual (out)
     n_rows, n_cols,
@@ -92,7 +92,7 @@ def rms_norm_triton(
         res_out = torch.empty_like(out)
     if n_rows > 0 and hidden > 0:
         block_n = row_block(hidden)
-        block_m = rows_per_program(block_n, n_rows)
+        block_m = rows_per_program(block_n)
         has_res = residual is not None
         _rms_norm_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2 if has_res else x2, unit_stride_last(weight), out, res_out if has_res else out,

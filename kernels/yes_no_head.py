@@ -38,7 +38,7 @@ def yes_no_head_ref(
     return logit, torch.sigmoid(logit)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])  # batch-dependent: one binary for every batch
 def _yes_no_head_kernel(
     H, R, IDX, NW, W, LOGIT, SCORE,
     n_tokens, n_cols,

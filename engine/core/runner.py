@@ -100,6 +100,9 @@ class ModelRunner:
         self.last_only = self.head.reads_last_token and self.model.supports_last_only
         self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders
         self.cache_kv = False
+        if device.type == "cuda":  # compile every Triton variant the batches will launch now, not in a request
+            from kernels.warmup import warm_up
+            warm_up(spec.module, config_dict, dtype, device)
 
     @staticmethod
     def packs_linears(device: torch.device, dtype: torch.dtype, compile: bool) -> bool:

@@ -80,3 +80,14 @@ def test_every_kernel_compiled_for_both_archs(report):
     missing = {k: sorted(set(ARCHS) - compiled.get(k, set())) for k in kernels}
     missing = {f"{k} ({kernels[k]})": archs for k, archs in missing.items() if archs}
     assert not missing, f"kernels never compiled (add a case to kernels/aot.py): {missing}"
+
+
+def test_spills_within_the_limits(report):
+    """No spill on sm_90 at any family's shape, at most 256 B on sm_80 (kernels.aot.SPILL_LIMIT)."""
+    _, data = report
+    limit = {90: 0, 80: 256}
+    over = sorted({f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['family']} {r['op']}/{r['batch']}: "
+                   f"{r['spill_stores']}/{r['spill_loads']} B" for r in data["rows"]
+                   if r["spill_stores"] is not None
+                   and max(r["spill_stores"], r["spill_loads"]) > limit[r["arch"]]})
+    assert not over, f"{len(over)} launches spill past the limit:\n" + "\n".join(over[:40])

@@ -43,6 +43,24 @@ def test_chunked_kernel_matches_recurrence(dtype, poison, close):
     close(final, ref_final, TOL[dtype], name="final state")
 
 
+@pytest.mark.parametrize("chunk", [32, 64])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+def test_blocked_solve_every_chunk_fp32(chunk, with_state, poison, close):
+    # The prepare kernel's blocked triangular solve (16 x 16 diagonal blocks merged by dots) at both
+    # multi-block chunk sizes: ragged lengths ending inside every 16-row block of a chunk (and on its
+    # edges), at fp32, so that the only error is the arithmetic's. Poisoned outputs catch unwritten rows.
+    lens = [chunk + 17, 3, 16, chunk - 1, 2 * chunk + 33, 48, 1]
+    args, extra = make_inputs(lens, 1, 2, 32, 16, torch.float32, n_states=2 if with_state else 0)
+    if with_state:
+        extra["state_index"] = torch.tensor([1, -1, 0, 0, 1, -1, 0], dtype=torch.int32, device=DEVICE)
+    plan = chunk_plan(lens, DEVICE, chunk)
+    out, final = gated_delta_rule_triton(*args, output_final_state=True, plan=plan, **extra)
+    ref, ref_final = gated_delta_rule_ref(*args, output_final_state=True, **extra)
+    assert not out.isnan().any() and not final.isnan().any()
+    close(out, ref, TOL[torch.float32], name="o")
+    close(final, ref_final, TOL[torch.float32], name="final state")
+
+
 def test_short_sequences_small_chunk_no_state(poison, close):
     # Decode-like batches (every sequence <= 16 tokens) run 16-token chunks.
     lens = [1, 1, 5, 16]
