@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from kernels.host import to_device
+
 
 @dataclass
 class BatchContext:
@@ -103,23 +105,22 @@ def build_context(seqs: Sequence[Sequence[int]], device: torch.device,
     else:
         starts = [0] * len(lens)
     positions = torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(starts, lens)])
-    cu_t = torch.tensor(cu, dtype=torch.int32)
     ctx = BatchContext(
-        cu_seqlens=cu_t.to(device, non_blocking=True),
+        cu_seqlens=to_device(cu, torch.int32, device),
         max_seqlen=max(lens),
-        positions=positions.to(device, non_blocking=True),
-        last_index=(cu_t[1:].long() - 1).to(device, non_blocking=True),
+        positions=to_device(positions, torch.int64, device),
+        last_index=to_device([c - 1 for c in cu[1:]], torch.int64, device),
         seq_lens=lens,
     )
     if token_types is not None:
         assert [len(t) for t in token_types] == lens, "token_types must match the sequences"
-        ctx.token_type_ids = torch.tensor([t for s in token_types for t in s], dtype=torch.int64).to(device)
+        ctx.token_type_ids = to_device([t for s in token_types for t in s], torch.int64, device)
     if prefixes:
         assert prefix_index is not None and len(prefix_index) == len(lens)
         plens = [p.num_tokens for p in prefixes]
         ctx.prefixes = list(prefixes)
-        ctx.prefix_index = torch.tensor(list(prefix_index), dtype=torch.int32).to(device)
-        ctx.cu_seqlens_p = torch.tensor(_cumsum(plens), dtype=torch.int32).to(device)
+        ctx.prefix_index = to_device(list(prefix_index), torch.int32, device)
+        ctx.cu_seqlens_p = to_device(_cumsum(plens), torch.int32, device)
         ctx.max_seqlen_p = max(plens)
-    ids = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+    ids = to_device(flat, torch.int64, device)
     return ids, ctx

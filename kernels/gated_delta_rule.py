@@ -27,6 +27,7 @@ import torch
 
 from ._library import engine_op
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_pow2, require_triton
+from .host import to_device
 
 try:
     import triton
@@ -109,7 +110,7 @@ def chunk_plan(seq_lens: Sequence[int], device=None, chunk: Optional[int] = None
         for s in range(0, n, chunk):
             rows.append((off + s, min(chunk, n - s)))
         off += n
-    return ChunkPlan(torch.tensor(rows, dtype=torch.int32).reshape(-1, 2).to(device), chunk)
+    return ChunkPlan(to_device(rows, torch.int32, device).reshape(-1, 2), chunk)
 
 
 def _chunked_torch(q, k, v, g, beta, cu_seqlens, *, scale=None, initial_state=None, state_index=None,

@@ -132,7 +132,7 @@ def prefill(model, lm_head: torch.Tensor, seqs, prefix, capacity: int, device: t
     hidden, residual = model(ids, ctx)
     first = next_tokens(model, lm_head, hidden, residual, ctx.last_index)
     p = prefix.num_tokens if prefix is not None else 0
-    lens = torch.tensor(ctx.seq_lens, dtype=torch.int64, device=device)
+    lens = kernels.to_device(ctx.seq_lens, torch.int64, device)
     seq_of = torch.repeat_interleave(torch.arange(n, device=device), lens)
     cols = ctx.positions  # a token's slot in the cache is its position (after the prefix)
     keys, values = [], []

@@ -5,6 +5,8 @@ runner and caches, and starts one thread that repeats:
     step = scheduler.schedule()      # what to run next (never runs anything)
     out = runner.run(step)           # step.kind.run: plan, forward, head (never schedules)
     scheduler.postprocess(step, out) # results back to the requests
+(engine/core/loop.py: on CUDA a scoring step's results come back through an event while
+the next step is planned and launched).
 Callers on any thread build requests (engine.core.request), ``submit`` them and wait.
 Every model call (scoring and embedding batches, shared prefixes, KaLM passage
 encoding and decoding, evidence prefill and decode) is a step of this loop.
@@ -22,6 +24,7 @@ import kernels
 from engine.config import EngineConfig
 from engine.core import decode, passages
 from engine.core.cache import PrefixCache
+from engine.core.loop import Loop
 from engine.core.request import Request
 from engine.core.runner import ModelRunner, pick_device, pick_dtype
 from engine.core.scheduler import Scheduler
@@ -145,8 +148,8 @@ class Engine:
         a one-text forward then takes markedly longer (figures in bench/RESULTS.md).
         """
         self._jobs: "queue.Queue" = queue.Queue()
-        self._thread = threading.Thread(target=Engine._main, args=(weakref.ref(self), self._jobs), name="engine",
-                                        daemon=True)
+        self._thread = threading.Thread(target=Engine._main, args=(weakref.ref(self), self._jobs, self.device),
+                                        name="engine", daemon=True)
         self._thread.start()
         _LOOPS.add(self._thread)
         try:
@@ -166,9 +169,17 @@ class Engine:
         return box["value"]
 
     @staticmethod
-    def _main(ref, jobs) -> None:
+    def _main(ref, jobs, device) -> None:
         """The loop thread. It holds the engine only through the weak reference ``ref``: once its
-        users drop the engine, the loop ends within a scheduling timeout and frees the model."""
+        users drop the engine, the loop ends within a scheduling timeout and frees the model.
+        On CUDA it first makes ``device`` its own (current device, Triton's TMA allocator there)."""
+        try:
+            kernels.bind_device(device)
+        except BaseException as e:  # every set-up job then reports it
+            while (job := jobs.get()) not in (None, False):
+                job[1]["error"] = e
+                job[2].set()
+            return
         while True:
             job = jobs.get()
             if job is None:
@@ -189,8 +200,10 @@ class Engine:
         scheduler, runner = engine.scheduler, engine.runner
         del engine
         _SCHEDULERS.add(scheduler)
+        loop = Loop(scheduler, runner)
         while ref() is not None and not _STOPPING.is_set():
-            Engine._step(scheduler, runner)
+            loop.turn(timeout=1.0)
+        loop.drain()
 
     def submit(self, req: Request) -> Request:
         """Queue a request on the engine loop; wait on the returned request."""
@@ -198,25 +211,3 @@ class Engine:
             return req
         self.scheduler.add(req)
         return req
-
-    @staticmethod
-    def _step(scheduler: Scheduler, runner: ModelRunner) -> None:
-        """One turn of the loop: schedule (waiting up to a second), run, hand back."""
-        try:
-            step = scheduler.schedule(timeout=1.0)
-        except BaseException:  # a scheduling bug must not kill the thread that owns the model
-            log.exception("scheduling failed")
-            return
-        if step is None:
-            return
-        try:
-            out = runner.run(step)
-        except Exception as e:  # e.g. out of memory: fail this step's requests only
-            log.exception("engine step %s failed", step.kind.name)
-            scheduler.fail(step, e)
-            return
-        try:
-            scheduler.postprocess(step, out)
-        except Exception as e:
-            log.exception("handing back the results of a %s step failed", step.kind.name)
-            scheduler.fail(step, e)

@@ -24,6 +24,7 @@ import torch
 
 from engine.context import build_context
 from engine.core.cache import PassageCache, PassageEntry
+from kernels.host import to_device
 
 RATIOS = (1, 2, 4, 8, 16, 32)
 DEFAULT_RATIO = 4
@@ -43,7 +44,7 @@ def matryoshka_pool(states: torch.Tensor, positions: torch.Tensor, seq_lens: Seq
     if ratio == 1:
         return states
     dev = states.device
-    lens = torch.tensor(list(seq_lens), device=dev)
+    lens = to_device(list(seq_lens), torch.int64, dev)
     groups = (lens + ratio - 1) // ratio
     first = torch.cumsum(groups, 0) - groups  # first group of each sequence
     seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), lens, output_size=states.shape[0])
@@ -82,7 +83,7 @@ def _rows(cache: PassageCache, entries: Sequence[PassageEntry], device):
     bs = cache.block_size
     blk = [e.blocks[r // bs] for e in entries for r in range(e.num_tokens)]
     slot = [r % bs for e in entries for r in range(e.num_tokens)]
-    return tuple(torch.tensor(x, dtype=torch.int64).to(device) for x in (blk, slot))
+    return tuple(to_device(x, torch.int64, device) for x in (blk, slot))
 
 
 def _write(model, cache: PassageCache, entries: Sequence[PassageEntry], pooled: torch.Tensor, cache_kv: bool) -> None:

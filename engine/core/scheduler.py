@@ -10,7 +10,7 @@ A request's result never depends on the other sequences of its batch.
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence
+from typing import Collection, List, Optional, Sequence
 
 from engine.core.cache import PassageCache, PrefixCache
 from engine.core.request import Cancelled, Request
@@ -55,16 +55,19 @@ class Scheduler:
             return len(self._active)
 
     # -- engine thread --------------------------------------------------------------------------
-    def schedule(self, timeout: Optional[float] = None):
+    def schedule(self, timeout: Optional[float] = None, settling: Collection[Request] = ()):
         """The next step (its ``kind`` set), or None when there is nothing to do (after waiting up to
-        ``timeout``)."""
+        ``timeout``). ``settling``: requests a step in flight will complete; they count as done."""
         kinds = self.kinds
+        settled = {id(r) for r in settling}
         with self._cond:
             if not self._active and not any(k.busy() for k in kinds):
                 self._cond.wait(timeout)
             reqs = sorted(self._active, key=Request.sort_key)
         live = []
         for r in reqs:
+            if id(r) in settled:
+                continue
             if not r.done.is_set() and r.cancelled:
                 r.fail(Cancelled("request cancelled"))
             if not r.done.is_set():
@@ -85,7 +88,7 @@ class Scheduler:
                 self._turn = i + 1
                 step.kind = turns[i]
                 return step
-        if live:  # requests waiting on something else (none today): do not spin
+        if live and timeout != 0:  # requests waiting on something else (none today): do not spin
             with self._cond:
                 self._cond.wait(0.005)
         return None

@@ -269,7 +269,7 @@ class Qwen3_5Model(EngineModel):
         the torch references)."""
         if not kernels.use_triton(device):
             return {}
-        lens = torch.tensor(ctx.seq_lens, dtype=torch.int64).to(device)
+        lens = kernels.to_device(ctx.seq_lens, torch.int64, device)
         seq_of = torch.repeat_interleave(torch.arange(len(ctx.seq_lens), dtype=torch.int32, device=device), lens,
                                          output_size=ctx.num_tokens)
         return {"chunks": kernels.chunk_plan(ctx.seq_lens, device), "seq_of": seq_of}

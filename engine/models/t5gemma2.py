@@ -30,6 +30,7 @@ from torch import nn
 
 import kernels
 from engine.context import BatchContext
+from kernels.host import to_device
 from engine.models.base import EngineModel
 from engine.models.layers import (
     Attention,
@@ -260,15 +261,15 @@ def cross_plan(per_pair: Sequence, cache, cache_kv: bool, device) -> CrossKV:
     """The cross K/V a decoder batch reads: each pair's block table into the pool. ``per_pair``: the
     PassageEntry of each pair; ``cache``: the PassageCache (its pool and block size)."""
     width = max(len(e.blocks) for e in per_pair)
-    lens = torch.tensor([e.num_tokens for e in per_pair], dtype=torch.int32)
+    lens = to_device([e.num_tokens for e in per_pair], torch.int32, device)
     if cache_kv:
         table = [e.blocks + [0] * (width - len(e.blocks)) for e in per_pair]
-        return CrossKV(torch.tensor(table, dtype=torch.int32).to(device), lens.to(device), None, kv_pool=cache.pool)
+        return CrossKV(to_device(table, torch.int32, device), lens, None, kv_pool=cache.pool)
     # States mode: gather the batch's distinct blocks once; tables index that gathered set.
     local: Dict[int, int] = {}
     for e in per_pair:
         for b in e.blocks:
             local.setdefault(b, len(local))
     table = [[local[b] for b in e.blocks] + [0] * (width - len(e.blocks)) for e in per_pair]
-    pages = cache.pool[torch.tensor(list(local), dtype=torch.int64).to(device)]  # [nb, page, H]
-    return CrossKV(torch.tensor(table, dtype=torch.int32).to(device), lens.to(device), pages)
+    pages = cache.pool[to_device(list(local), torch.int64, device)]  # [nb, page, H]
+    return CrossKV(to_device(table, torch.int32, device), lens, pages)

@@ -1,10 +1,10 @@
 """``StepKind``: what every kind of engine work provides to the loop.
 
 The loop asks each kind in turn for a step (``schedule``), runs the one it gets
-(``run``) and hands its output back (``finish``). A kind that raises in ``run`` or
-``finish`` gets ``fail``: it names the requests that fail with it and drops whatever
-state the step left half-made; the engine and every other request go on. All four
-run on the engine thread only.
+(``run``; it may return a ``Pending``, engine/core/pending.py) and hands its output back
+(``finish``). A kind that raises in ``run`` or ``finish`` gets ``fail``: it names the
+requests that fail with it and drops whatever state the step left half-made; the engine
+and every other request go on. All of them run on the engine thread only.
 """
 from typing import Iterable, List, Optional
 
@@ -27,6 +27,12 @@ class StepKind:
     def run(self, runner, step):
         """Execute the step on ``runner`` (the model, its head, the device); returns its output."""
         raise NotImplementedError
+
+    def settles(self, step) -> Optional[list]:
+        """The requests ``step``'s ``finish`` will complete, when nothing else it changes is read by
+        ``schedule``: the loop may then plan the next step while this one's results are still on
+        the way (engine/core/loop.py). None (the default): the next step waits for its ``finish``."""
+        return None
 
     def finish(self, sched, step, out) -> None:
         """Hand the output back to the step's requests and count it."""

@@ -14,6 +14,7 @@ from engine.core.decode import DecodeCache, decode_step, load_lm_head, prefill
 from engine.core.request import Cancelled, Request, pair_items
 from engine.core.steps.base import StepKind
 from engine.sequence import Seq, Seqs
+from kernels.host import to_device
 
 
 class GenerateRequest(Request):
@@ -119,7 +120,7 @@ class Generation:
         if not keep:
             self.cache = None
         else:
-            self.cache.keep(torch.tensor(keep, dtype=torch.int64, device=device))
+            self.cache.keep(to_device(keep, torch.int64, device))
 
     def take_tokens(self, rows, tokens: List[int]) -> None:
         self.next_tokens = list(tokens)
@@ -223,7 +224,7 @@ class DecodeKind(StepKind):
         gen.keep(step.keep, runner.device)
         if not step.tokens:
             return []
-        tokens = torch.tensor(step.tokens, dtype=torch.int64, device=runner.device)
+        tokens = to_device(step.tokens, torch.int64, runner.device)
         return decode_step(runner.model, gen.lm_head(runner), gen.cache, tokens).tolist()
 
     def finish(self, sched, step: DecodeStep, tokens: List[int]) -> None:

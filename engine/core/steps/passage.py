@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.core.cache import PassageEntry
 from engine.core.passages import encode_passages
+from engine.core.pending import Readback
 from engine.core.request import Request, pair_items
 from engine.core.steps.base import StepKind, step_requests
 from engine.sequence import Seq, Seqs
@@ -120,7 +121,11 @@ class PassageKind(StepKind):
                                      passage_cache=runner.passage_cache, cache_kv=runner.cache_kv)
         hidden, residual = runner.forward(ids, ctx)
         logit, score = runner.head(hidden, residual, ctx, runner.model)
-        return logit.float().cpu().numpy(), score.float().cpu().numpy(), t1 - t0, time.perf_counter() - t1
+
+        def host(out):  # forward_s: until the results are on the host
+            return out[0].numpy(), out[1].numpy(), t1 - t0, time.perf_counter() - t1
+
+        return Readback([logit.float(), score.float()], host)
 
     def finish(self, sched, step: PassageStep, out) -> None:
         sched.passage_cache.release(step.entries.values())

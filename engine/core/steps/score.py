@@ -6,7 +6,7 @@ longest first. A request's result never depends on the other sequences of its ba
 """
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Deque, List, Optional, Sequence, Tuple
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from engine.core.cache import PrefixKV
+from engine.core.pending import Readback
 from engine.core.request import Request, pair_items
-from engine.core.steps.base import StepKind
+from engine.core.steps.base import StepKind, step_requests
 from engine.sequence import Seq, Seqs
 
 
@@ -180,9 +181,17 @@ class ScoreKind(StepKind):
             ctx.last_index = torch.arange(ctx.num_seqs, device=device)
         t1 = time.perf_counter()
         logit, value = runner.head(hidden, residual, ctx, model)
-        value = value.float().cpu().numpy()  # .cpu() syncs the device
-        logit = None if logit is None else logit.float().cpu().numpy()
-        return logit, value, t1 - t0, time.perf_counter() - t1
+
+        def host(out):  # head_s: until the results are on the host
+            value, logit = out[0].numpy(), None if out[1] is None else out[1].numpy()
+            return logit, value, t1 - t0, time.perf_counter() - t1
+
+        return Readback([value.float(), None if logit is None else logit.float()], host)
+
+    def settles(self, step: ScoreStep) -> list:
+        """The requests whose last sequences this step scores (their ``deliver`` completes them)."""
+        n = Counter(id(r) for r, _ in step.items)
+        return [r for r in step_requests(step) if not r.done.is_set() and r.remaining == n[id(r)]]
 
     def finish(self, sched, step: ScoreStep, out) -> None:
         logits, values, forward_s, head_s = out
