@@ -1,0 +1,175 @@
+"""``rerank-engine index``: encode a corpus once into a KaLM-Reranker passage store (engine/core/store.py).
+
+    run_index("corpus.jsonl", "store/", model=M, compression_ratio=4)
+    rerank-engine index MODEL --input corpus.{jsonl,parquet} --store DIR [--compression-ratio R]
+
+Rows are ``{"id", "text"}`` (an integer id is taken as its decimal string). A bad row (not an
+object, an id that is not a string or integer, an empty or non-string text, an id seen before
+with another text, here or in the store) goes to the errors file, ``{"row", "id", "reason"}`` per
+line; the rest go on. Passages are encoded in packed batches of the engine's token budget and each
+batch is committed to the store at once, so a job killed at any point and run again encodes only
+the ids the store lacks. ``verify``: read every stored entry first and encode again those whose
+bytes fail their checksum.
+"""
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+from engine.config import EngineConfig
+from engine.core.store import PassageStore, encode_rows, engine_identity, text_digest
+
+log = logging.getLogger("engine.index")
+
+
+@dataclass
+class IndexReport:
+    rows: int  # in the input
+    encoded: int  # written to the store by this job
+    already_stored: int  # skipped: the store had them (a resumed job)
+    duplicates: int  # repeated rows with the same id and text
+    errors: int  # rows in the errors file
+    repaired: int  # damaged entries encoded again (verify)
+    seconds: float
+    errors_path: str
+    store: dict  # PassageStore.stats() at the end
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def read_corpus(path: str) -> Iterator[Tuple[int, object]]:
+    """(row number, row) of a JSONL or parquet corpus; a JSONL line that is not JSON yields its error text."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = {"id", "text"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(sorted(missing))} column (rows are {{id, text}})")
+        for i, row in enumerate(table.select(["id", "text"]).to_pylist()):
+            yield i, row
+        return
+    if not path.endswith(".jsonl"):
+        raise ValueError(f"{path}: the corpus must be .jsonl or .parquet")
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, ValueError(f"not JSON ({e.msg})")
+
+
+def _check(row) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(id, text, reason): reason is None for a good row."""
+    if isinstance(row, Exception):
+        return None, None, str(row)
+    if not isinstance(row, dict):
+        return None, None, f"a row must be an object {{id, text}}, got {type(row).__name__}"
+    pid = row.get("id")
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        pid = str(pid)
+    if not isinstance(pid, str) or not pid:
+        return None, None, f"id must be a non-empty string or an integer, got {pid!r}"
+    text = row.get("text")
+    if not isinstance(text, str):
+        return pid, None, f"text must be a string, got {type(text).__name__}"
+    if not text.strip():
+        return pid, None, "text is empty"
+    return pid, text, None
+
+
+def run_index(input: str, store_dir: str, model: Optional[str] = None, *, compression_ratio: Optional[int] = None,
+              errors_path: Optional[str] = None, progress: bool = True, verify: bool = False,
+              config: Optional[EngineConfig] = None) -> IndexReport:
+    from tqdm import tqdm
+
+    from engine.api import Reranker
+    from engine.core.passages import check_ratio
+
+    t0 = time.perf_counter()
+    config = EngineConfig.build(config, model=model).replace(passage_store=None)
+    rows = list(read_corpus(input))  # read before loading the model: a bad path fails fast
+    errors_path = errors_path or str(Path(store_dir) / "index-errors.jsonl")
+    rr = Reranker(config=config)
+    eng = rr.engine
+    if not rr.is_encoder_decoder:
+        raise ValueError(f"index needs an encoder-decoder reranker (KaLM-Reranker); {eng.arch} is not one")
+    identity = engine_identity(eng)
+    exists = (Path(store_dir) / "store.sqlite").is_file()
+    if exists and compression_ratio is None:
+        store = PassageStore(store_dir, identity=identity, writer=True)
+    else:
+        store = PassageStore(store_dir, identity=identity, ratio=check_ratio(compression_ratio), create=True,
+                             writer=True)
+    ratio = store.ratio
+    try:
+        repaired = 0
+        if verify:
+            bad = store.verify()
+            if bad:
+                log.warning("%d damaged entries in %s: encoding them again", len(bad), store_dir)
+                store.remove(bad)
+                repaired = len(bad)
+        errors: List[dict] = []
+        seen = {}
+        good: List[Tuple[str, str]] = []
+        duplicates = 0
+        for i, row in rows:
+            pid, text, reason = _check(row)
+            if reason is None and pid in seen:
+                if seen[pid] != text_digest(text):
+                    reason = "duplicate id with a different text"
+                else:
+                    duplicates += 1
+                    continue
+            if reason is not None:
+                errors.append({"row": i, "id": pid, "reason": reason})
+                continue
+            seen[pid] = text_digest(text)
+            good.append((pid, text))
+        stored = {}
+        for s in range(0, len(good), 1000):
+            stored.update(store.text_digests(p for p, _ in good[s:s + 1000]))
+        todo = []
+        for pid, text in good:
+            if pid in stored:
+                if stored[pid] != seen[pid]:
+                    errors.append({"row": None, "id": pid, "reason": "duplicate id with a different text "
+                                                                     "(the store holds another)"})
+                continue
+            todo.append((pid, text))
+        already = len(good) - len(todo) - sum(1 for e in errors if e["row"] is None)
+        budget = eng.max_batch_tokens
+        bar = tqdm(total=len(todo), desc="index", unit="passage", disable=not progress, file=sys.stderr)
+        encoded = 0
+        for s in range(0, len(todo), 256):
+            chunk = todo[s:s + 256]
+            tokens = eng.template.encode_documents([t for _, t in chunk])
+            batch: List[int] = []
+            n = 0
+            for k in range(len(chunk) + 1):
+                if k == len(chunk) or (batch and n + len(tokens[k]) > budget):
+                    seqs = [tokens[j] for j in batch]
+                    out = encode_rows(eng.model, seqs, ratio, eng.device, eng.config.cache_cross_kv)
+                    encoded += store.append([(chunk[j][0], chunk[j][1], tokens[j], r) for j, r in zip(batch, out)])
+                    bar.update(len(batch))
+                    batch, n = [], 0
+                if k < len(chunk):
+                    batch.append(k)
+                    n += len(tokens[k])
+        bar.close()
+        if errors or Path(errors_path).exists():
+            with open(errors_path, "w", encoding="utf-8") as f:
+                for e in errors:
+                    f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        return IndexReport(len(rows), encoded, already, duplicates, len(errors), repaired,
+                           time.perf_counter() - t0, errors_path, store.stats())
+    finally:
+        store.close()
