@@ -204,7 +204,8 @@ class Reranker:
                 queries.append(normalize_input(p[0], f"pairs[{i}] query", opts, counted))
                 docs.append(normalize_input(p[1], f"pairs[{i}] document", opts, counted))
                 continue
-            if self.is_encoder_decoder and isinstance(p[0], str) and isinstance(p[1], dict):  # {"id", "text"?}
+            by_id = isinstance(p[1], (dict, stored_docs.DocRef))  # KaLM-Reranker: {"id", "text"?}
+            if self.is_encoder_decoder and isinstance(p[0], str) and by_id:
                 queries.append(p[0])
                 docs.append(stored_docs.check_documents([p[1]], f"pairs[{i}] document")[0])
                 continue

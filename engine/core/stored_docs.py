@@ -115,3 +115,33 @@ def pair_seqs(engine, queries: Sequence[str], docs: Sequence, instruction: Optio
     prompts = {q: tpl.encode_query(q, instruction) for q in dict.fromkeys(queries)}
     seqs = Seqs(Seq(prompts[q], passage=t) for q, t in zip(queries, tokens))
     return seqs, (stored if any(r is not None for r in stored) else None)
+
+
+def doc_echo(d):
+    """A document as a response echoes it: ``{"text"}``, or ``{"id", "text"?}`` for one given by id."""
+    if isinstance(d, DocRef):
+        return {"id": d.id, **({"text": d.text} if d.text is not None else {})}
+    from engine.prompts.inputs import text_part
+
+    return {"text": text_part(d)}
+
+
+def check_by_id(reranker, documents) -> None:
+    """Documents given by id need an encoder-decoder reranker with a passage store (a ValueError naming it)."""
+    if not has_refs(documents):
+        return
+    if not reranker.is_encoder_decoder or reranker.engine.passage_store is None:
+        raise ValueError("documents given by id need a KaLM-Reranker served with a passage store (--passage-store)")
+
+
+def fit_documents(budget, reranker, documents, query, instruction, max_tokens, left) -> list:
+    """``budget.documents`` (engine.prompts.truncation.TokenBudget) over the documents given as text;
+    those given by id pass as they are (their stored passages were cut at index time)."""
+    check_by_id(reranker, documents)
+    at = [i for i, d in enumerate(documents) if not isinstance(d, DocRef)]
+    if len(at) == len(documents):
+        return budget.documents(documents, query, instruction, max_tokens, left)
+    out = list(documents)
+    for i, d in zip(at, budget.documents([documents[i] for i in at], query, instruction, max_tokens, left)):
+        out[i] = d
+    return out

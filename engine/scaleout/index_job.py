@@ -13,6 +13,7 @@ bytes fail their checksum.
 """
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from engine.config import EngineConfig
 from engine.core.store import PassageStore, encode_rows, engine_identity, text_digest
 
 log = logging.getLogger("engine.index")
+# Test hook: "N" makes the job SIGKILL itself in its Nth store write, after the passages' bytes are on
+# disk and before their rows are committed (the worst moment), so a test kills it mid-job.
+CRASH_ENV = "RERANK_ENGINE_INDEX_CRASH"
 
 
 @dataclass
@@ -148,7 +152,8 @@ def run_index(input: str, store_dir: str, model: Optional[str] = None, *, compre
         already = len(good) - len(todo) - sum(1 for e in errors if e["row"] is None)
         budget = eng.max_batch_tokens
         bar = tqdm(total=len(todo), desc="index", unit="passage", disable=not progress, file=sys.stderr)
-        encoded = 0
+        encoded = writes = 0
+        crash = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
         for s in range(0, len(todo), 256):
             chunk = todo[s:s + 256]
             tokens = eng.template.encode_documents([t for _, t in chunk])
@@ -158,6 +163,9 @@ def run_index(input: str, store_dir: str, model: Optional[str] = None, *, compre
                 if k == len(chunk) or (batch and n + len(tokens[k]) > budget):
                     seqs = [tokens[j] for j in batch]
                     out = encode_rows(eng.model, seqs, ratio, eng.device, eng.config.cache_cross_kv)
+                    writes += 1
+                    if crash == writes:
+                        store.crash_before_commit = True
                     encoded += store.append([(chunk[j][0], chunk[j][1], tokens[j], r) for j, r in zip(batch, out)])
                     bar.update(len(batch))
                     batch, n = [], 0
