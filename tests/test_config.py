@@ -17,6 +17,7 @@ REQUEST_OPTIONS = {
     "embed": {"input", "output", "dimensions", "instruction"},
     "classify": {"labels", "input", "multi_label", "threshold", "instruction"},
     "batch": {"input", "output", "errors"},
+    "index": {"input", "store", "compression_ratio", "errors", "verify"},
     "serve": set(),
 }
 PROCESS_OPTIONS = {

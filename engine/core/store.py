@@ -6,8 +6,8 @@ The encoder of an encoder-decoder reranker sees only the passage, so a passage's
 
 Layout of a store folder:
   store.sqlite       SQLite (WAL journal): the store's identity (``meta``) and one row per
-                     passage id (``passages``): its text digest, its encoder tokens, where its
-                     rows lie and their checksum.
+                     passage id (``passages``): its text digest, its encoder tokens (int32), where
+                     its rows lie and their checksum.
   shard-NNNNN.bin    append-only files of raw tensor bytes, rotated at ``SHARD_BYTES``.
   writer.lock        held (flock) by the one writer; readers never take it.
 
@@ -56,10 +56,6 @@ class StoreError(ValueError):
 
 class CorruptEntry(RuntimeError):
     """An entry whose bytes are missing or fail their checksum; it is never served."""
-
-
-def token_digest(tokens: Sequence[int]) -> bytes:
-    return hashlib.blake2b(array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 def text_digest(text: str) -> bytes:
@@ -194,7 +190,7 @@ class PassageStore:
                 q = ("SELECT id, tokens, rows, shard, offset, nbytes, checksum FROM passages WHERE id IN (%s)"
                      % ",".join("?" * len(chunk)))
                 for pid, tok, rows, shard, offset, nbytes, checksum in self._db.execute(q, chunk):
-                    out[pid] = StoredRef(self, pid, list(array("q", tok)), rows, shard, offset, nbytes, checksum)
+                    out[pid] = StoredRef(self, pid, list(array("i", tok)), rows, shard, offset, nbytes, checksum)
         return out
 
     def text_digests(self, ids: Iterable[str]) -> Dict[str, bytes]:
@@ -282,7 +278,7 @@ class PassageStore:
                                      f"({self.row_shape} {self.dtype})")
                 data = rows.detach().contiguous().cpu().numpy().tobytes()
                 f.write(data)
-                fresh.append((pid, text_digest(text), array("q", tokens).tobytes(), rows.shape[0], shard, offset,
+                fresh.append((pid, text_digest(text), array("i", tokens).tobytes(), rows.shape[0], shard, offset,
                               len(data), hashlib.blake2b(data, digest_size=16).digest()))
                 offset += len(data)
             f.flush()
