@@ -176,7 +176,7 @@ def store_mode(args, folder, query, query2, docs, device, dtype, rng):
         rr_plain.engine.passage_cache.clear()
         st = {}
         _, t_enc = timed(lambda: rr_plain.rank(query, docs, compression_ratio=args.ratio, stats=st), device)
-        del rr_plain
+        rr_plain = None  # one model in memory at a time
         rr = Reranker(config=config.replace(passage_store=str(store)))
         rr.rank(words(rng, 5), [words(rng, 70)] * 2, compression_ratio=args.ratio)  # warm-up (text, not stored)
         sc = {}
@@ -197,12 +197,13 @@ def store_mode(args, folder, query, query2, docs, device, dtype, rng):
                "encoder_pairs_per_s": n / st["encode_s"] if st["encode_s"] else None}
         out[mode] = row
         print(f"store [{mode:6s}] index {n} passages in {rep.seconds:.1f} s incl. model load "
-              f"(encoding alone: {n / st['encode_s']:.1f} passages/s); store {rep.store['disk_bytes'] / 2**20:.1f} MiB, "
+              f"(encoding alone: {n / st['encode_s']:.1f} passages/s); "
+              f"store {rep.store['disk_bytes'] / 2**20:.1f} MiB, "
               f"{rep.store['data_bytes'] / n / 1024:.0f} KiB/passage of tensors")
         print(f"  {n}-doc rerank: cold encoding {t_enc * 1000:.0f} ms ({n / t_enc:.1f} pairs/s)  from the store "
               f"{t_cold * 1000:.0f} ms ({n / t_cold:.1f} pairs/s, {t_enc / t_cold:.2f}x)  pool in front "
               f"{t_warm * 1000:.0f} ms ({n / t_warm:.1f} pairs/s, {t_enc / t_warm:.2f}x)")
-        del rr
+        rr = None
     return out
 
 

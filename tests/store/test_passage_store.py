@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from textgen import random_text
@@ -209,7 +208,7 @@ def test_readers_beside_readers_and_a_writer(folder, tmp_path):
     docs = corpus(tmp_path / "c.jsonl", 10, seed=5)
     store = tmp_path / "s"
     index(path, tmp_path / "c.jsonl", store)
-    more = corpus(tmp_path / "more.jsonl", 80, seed=6, start=10)
+    more = corpus(tmp_path / "more.jsonl", 40, seed=6, start=10)
     a = Reranker(str(path), device="cpu", passage_store=str(store))
     b = Reranker(str(path), device="cpu", passage_store=str(store))
     want = ref.scores([(QUERY, d) for d in docs.values()])
@@ -242,8 +241,8 @@ def test_readers_beside_readers_and_a_writer(folder, tmp_path):
     assert not errors, errors
     stats = {}
     got = a.rank(QUERY, [{"id": k} for k in more], stats=stats)
-    assert len(got) == 80 and stats["passages_encoded"] == 0
-    assert _count(store) == (90, 90)
+    assert len(got) == 40 and stats["passages_encoded"] == 0
+    assert _count(store) == (50, 50)
 
 
 def _count(store):
