@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--errors", default=None,
                    help="bad rows, {row, id, reason} per line (default: STORE/index-errors.jsonl)")
     x.add_argument("--verify", action="store_true", help="check every stored entry first and encode damaged ones again")
+    x.add_argument("--ray-address", default=None,
+                   help="shard the encoding over Ray Data actors of this cluster (\"local\": a local instance; "
+                        "the ray extra); this process stays the store's one writer")
+    x.add_argument("--concurrency", type=_positive_int, default=1, help="with --ray-address: actors (default 1)")
 
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r, "rank")
@@ -367,7 +371,8 @@ def cmd_index(args) -> int:
     from engine.scaleout.index_job import run_index
 
     r = run_index(args.input, args.store, compression_ratio=args.compression_ratio, errors_path=args.errors,
-                  progress=not args.quiet, verify=args.verify, config=_config(args, "rerank"))
+                  progress=not args.quiet, verify=args.verify, ray_address=args.ray_address,
+                  concurrency=args.concurrency, config=_config(args, "rerank"))
     st = r.store
     print(f"index: {r.encoded} passages encoded in {r.seconds:.1f} s ({r.passages_per_s:.1f} passages/s); "
           f"{r.already_stored} already stored, {r.duplicates} duplicate rows, {r.errors} bad rows"

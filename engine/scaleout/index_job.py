@@ -89,9 +89,86 @@ def _check(row) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     return pid, text, None
 
 
+def _batches(tokens: List[List[int]], budget: int) -> Iterator[List[int]]:
+    """Indices of ``tokens`` in packed batches of at most ``budget`` tokens (one passage at least)."""
+    batch: List[int] = []
+    n = 0
+    for k, t in enumerate(tokens):
+        if batch and n + len(t) > budget:
+            yield batch
+            batch, n = [], 0
+        batch.append(k)
+        n += len(t)
+    if batch:
+        yield batch
+
+
+class _Encoder:
+    """One engine per Ray actor: encodes a batch of ``{id, text}`` rows into stored rows (bytes)."""
+
+    def __init__(self, config, ratio: int):
+        from engine.scaleout.local import scrub_env
+
+        scrub_env()
+        from engine.api import Reranker
+
+        self.rr, self.ratio = Reranker(config=config), ratio
+
+    def __call__(self, batch):
+        from array import array
+
+        import pyarrow as pa
+
+        eng = self.rr.engine
+        texts = batch["text"].to_pylist()
+        tokens = eng.template.encode_documents(texts)
+        rows: List[bytes] = [b""] * len(texts)
+        for b in _batches(tokens, eng.max_batch_tokens):
+            for j, r in zip(b, encode_rows(eng.model, [tokens[j] for j in b], self.ratio, eng.device,
+                                           eng.config.cache_cross_kv)):
+                rows[j] = r.contiguous().numpy().tobytes()
+        return pa.table({"id": batch["id"], "text": batch["text"],
+                         "tokens": pa.array([array("i", t).tobytes() for t in tokens], pa.binary()),
+                         "rows": pa.array(rows, pa.binary())})
+
+
+def _encode_on_ray(todo, store, config, ratio, ray_address, concurrency, write, batch_size: int = 256) -> None:
+    """Ray Data actors encode, this process writes (engine/scaleout/data.py's actor-pool pattern). A batch
+    that runs twice (an actor lost and its task retried) writes nothing twice: stored ids are skipped."""
+    from array import array
+
+    import pyarrow as pa
+    import torch
+
+    from engine.scaleout.local import init
+
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    ray = init(None if ray_address == "local" else ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    table = pa.table({"id": [p for p, _ in todo], "text": [t for _, t in todo]})
+    # Blocks of at most batch_size rows, at least 4 per actor: every actor gets work, a lost one loses little.
+    batch_size = max(1, min(batch_size, -(-table.num_rows // (4 * concurrency))))
+    blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _Encoder, batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=1, fn_constructor_kwargs={"config": config, "ratio": ratio}, max_restarts=-1, max_task_retries=-1)
+    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        cols = out.to_pydict()
+        entries = []
+        for pid, text, tok, data in zip(cols["id"], cols["text"], cols["tokens"], cols["rows"]):
+            rows = torch.frombuffer(bytearray(data), dtype=store.dtype).view(-1, *store.row_shape)
+            entries.append((pid, text, list(array("i", tok)), rows))
+        write(entries)
+
+
 def run_index(input: str, store_dir: str, model: Optional[str] = None, *, compression_ratio: Optional[int] = None,
               errors_path: Optional[str] = None, progress: bool = True, verify: bool = False,
+              ray_address: Optional[str] = None, concurrency: int = 1,
               config: Optional[EngineConfig] = None) -> IndexReport:
+    """Encode the passages of ``input`` the store at ``store_dir`` lacks (creating it at ``compression_ratio``,
+    default 4). ``ray_address``: shard the encoding over ``concurrency`` Ray Data actors (a local Ray
+    instance for "local"); this process stays the store's one writer."""
     from tqdm import tqdm
 
     from engine.api import Reranker
@@ -150,28 +227,28 @@ def run_index(input: str, store_dir: str, model: Optional[str] = None, *, compre
                 continue
             todo.append((pid, text))
         already = len(good) - len(todo) - sum(1 for e in errors if e["row"] is None)
-        budget = eng.max_batch_tokens
         bar = tqdm(total=len(todo), desc="index", unit="passage", disable=not progress, file=sys.stderr)
         encoded = writes = 0
         crash = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
-        for s in range(0, len(todo), 256):
-            chunk = todo[s:s + 256]
-            tokens = eng.template.encode_documents([t for _, t in chunk])
-            batch: List[int] = []
-            n = 0
-            for k in range(len(chunk) + 1):
-                if k == len(chunk) or (batch and n + len(tokens[k]) > budget):
-                    seqs = [tokens[j] for j in batch]
-                    out = encode_rows(eng.model, seqs, ratio, eng.device, eng.config.cache_cross_kv)
-                    writes += 1
-                    if crash == writes:
-                        store.crash_before_commit = True
-                    encoded += store.append([(chunk[j][0], chunk[j][1], tokens[j], r) for j, r in zip(batch, out)])
-                    bar.update(len(batch))
-                    batch, n = [], 0
-                if k < len(chunk):
-                    batch.append(k)
-                    n += len(tokens[k])
+
+        def write(entries):
+            nonlocal encoded, writes
+            writes += 1
+            if crash == writes:
+                store.crash_before_commit = True
+            encoded += store.append(entries)
+            bar.update(len(entries))
+
+        if ray_address is not None and todo:
+            _encode_on_ray(todo, store, config, ratio, ray_address, concurrency, write)
+        else:
+            for s in range(0, len(todo), 256):
+                chunk = todo[s:s + 256]
+                tokens = eng.template.encode_documents([t for _, t in chunk])
+                for batch in _batches(tokens, eng.max_batch_tokens):
+                    out = encode_rows(eng.model, [tokens[j] for j in batch], ratio, eng.device,
+                                      eng.config.cache_cross_kv)
+                    write([(chunk[j][0], chunk[j][1], tokens[j], r) for j, r in zip(batch, out)])
         bar.close()
         if errors or Path(errors_path).exists():
             with open(errors_path, "w", encoding="utf-8") as f:
