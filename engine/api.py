@@ -254,10 +254,10 @@ class Reranker:
         elif not query.strip():  # as the HTTP API refuses it: an empty query ranks nothing meaningful
             raise ValueError("query must not be empty")
         elif self.is_encoder_decoder:  # KaLM-Reranker: strings or {"id", "text"?} (a passage store)
+            if not isinstance(documents, (str, dict)):
+                documents = list(documents)  # once: a generator is read here only
             docs = stored_docs.check_documents(documents, "documents")
             given = list(documents)
-            if not stored_docs.has_refs(docs):
-                docs = given = check_texts(documents, "documents")
         else:
             docs = given = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)

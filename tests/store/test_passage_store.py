@@ -199,6 +199,13 @@ def test_refusals(folder, tmp_path):
     with pytest.raises(ValueError, match="ratio 4"):
         rr.rank(QUERY, [{"id": "doc-0"}], compression_ratio=8)
     assert len(rr.rank(QUERY, [{"id": "doc-0"}, {"id": "nope", "text": "given its text"}])) == 2
+    # {"text"} objects and a generator of documents: as strings
+    texts = ["the river", "a city"]
+    plain = rr.rank(QUERY, texts)
+    assert rr.rank(QUERY, ({"text": t} for t in texts), return_documents=False) == \
+        [{k: v for k, v in r.items() if k != "document"} for r in plain]
+    with pytest.raises(TypeError, match=r"documents\[0\]"):
+        rr.rank(QUERY, [{"id": "doc-0", "url": "x"}])
     with pytest.raises(ValueError, match="passage store"):
         Reranker(str(path), device="cpu").rank(QUERY, [{"id": "doc-0"}])
 
