@@ -4,6 +4,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.core import stored_docs
 from engine.core.cache import PassageCache
 from engine.core.engine import Engine
 from engine.core.passages import check_ratio
@@ -58,7 +59,7 @@ class Reranker:
                  template_prefix: Optional[str] = None, template_suffix: Optional[str] = None,
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
                  cache_cross_kv: Optional[bool] = None, compile: Optional[bool] = None,
-                 quantize: Optional[str] = None, config: Optional[EngineConfig] = None):
+                 quantize: Optional[str] = None, passage_store=None, config: Optional[EngineConfig] = None):
         # Every option is a field of EngineConfig, where its default and meaning are written down;
         # a keyword argument left at None keeps the value of ``config`` (or the default).
         # ``model=None`` (and no config.model): the bundled all-MiniLM-L6-v2, ranking by cosine.
@@ -67,7 +68,7 @@ class Reranker:
             max_batch_tokens=max_batch_tokens, share_prefix=share_prefix, template=template,
             template_prefix=template_prefix, template_suffix=template_suffix, label_tokens=label_tokens,
             passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv, compile=compile,
-            quantize=quantize)
+            quantize=quantize, passage_store=passage_store)
         self.engine = Engine(self.config, task_default="rerank")
         self.share_prefix = self.config.share_prefix
         self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
@@ -125,9 +126,10 @@ class Reranker:
         """Scores of the pairs in order; ``raw_scores``: the exact logits (cosines for bi-encoders)."""
         eng, tpl = self.engine, self.engine.template
         if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/core/passages.py)
-            ratio = check_ratio(compression_ratio)
-            seqs = tpl.encode(queries, docs, instruction)
-            req = PassageRequest(seqs, self._passage_keys(seqs, ratio), ratio, priority=priority, cancel=cancel)
+            ratio = stored_docs.request_ratio(eng.passage_store, compression_ratio)
+            seqs, stored = stored_docs.pair_seqs(eng, queries, docs, instruction, ratio)  # documents by id: the store
+            req = PassageRequest(seqs, self._passage_keys(seqs, ratio), ratio, priority=priority, cancel=cancel,
+                                 stored=stored)
             scores = self._submit(req, stats)
             return req.logits if raw_scores else scores
         if compression_ratio is not None:
@@ -204,6 +206,11 @@ class Reranker:
                 queries.append(normalize_input(p[0], f"pairs[{i}] query", opts, counted))
                 docs.append(normalize_input(p[1], f"pairs[{i}] document", opts, counted))
                 continue
+            by_id = isinstance(p[1], (dict, stored_docs.DocRef))  # KaLM-Reranker: {"id", "text"?}
+            if self.is_encoder_decoder and isinstance(p[0], str) and by_id:
+                queries.append(p[0])
+                docs.append(stored_docs.check_documents([p[1]], f"pairs[{i}] document")[0])
+                continue
             if not isinstance(p[0], str) or not isinstance(p[1], str):
                 raise TypeError(f"pairs[{i}] must hold two strings, got ({type(p[0]).__name__}, {type(p[1]).__name__})")
             queries.append(p[0])
@@ -248,6 +255,11 @@ class Reranker:
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         elif is_blank(query):  # as the HTTP API refuses it: an empty query ranks nothing meaningful
             raise ValueError("query must not be empty")
+        elif self.is_encoder_decoder:  # KaLM-Reranker: strings or {"id", "text"?} (a passage store)
+            if not isinstance(documents, (str, dict)):
+                documents = list(documents)  # once: a generator is read here only
+            docs = stored_docs.check_documents(documents, "documents")
+            given = list(documents)
         else:
             docs = given = check_texts(documents, "documents")
         top_n = _check_top_n(top_n)

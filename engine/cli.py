@@ -149,6 +149,22 @@ def _parser() -> argparse.ArgumentParser:
     # The image options of Qwen3-VL (--allow-url-images, --max-images, --image-max-pixels) come with the
     # engine options: EngineConfig's fields marked for serve.
 
+    x = sub.add_parser("index",
+                       help="encode a corpus once into a KaLM-Reranker passage store (serve --passage-store)")
+    _model_args(x, "index", positional=True)
+    x.add_argument("--input", required=True, help="JSONL or parquet: rows {\"id\", \"text\"}")
+    x.add_argument("--store", required=True,
+                   help="the store folder (created, or resumed: only missing ids are encoded)")
+    x.add_argument("--compression-ratio", type=int, default=None, choices=(1, 2, 4, 8, 16, 32),
+                   help="Matryoshka pooling ratio of a new store (default 4; an existing store keeps its own)")
+    x.add_argument("--errors", default=None,
+                   help="bad rows, {row, id, reason} per line (default: STORE/index-errors.jsonl)")
+    x.add_argument("--verify", action="store_true", help="check every stored entry first and encode damaged ones again")
+    x.add_argument("--ray-address", default=None,
+                   help="shard the encoding over Ray Data actors of this cluster (\"local\": a local instance; "
+                        "the ray extra); this process stays the store's one writer")
+    x.add_argument("--concurrency", type=_positive_int, default=1, help="with --ray-address: actors (default 1)")
+
     r = sub.add_parser("rank", help="rank the documents of a JSONL file against a query; prints JSON")
     _model_args(r, "rank")
     r.add_argument("--query", required=True, help="the query the documents are ranked against")
@@ -441,12 +457,28 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from engine.scaleout.index_job import run_index
+
+    r = run_index(args.input, args.store, compression_ratio=args.compression_ratio, errors_path=args.errors,
+                  progress=not args.quiet, verify=args.verify, ray_address=args.ray_address,
+                  concurrency=args.concurrency, config=_config(args, "rerank"))
+    st = r.store
+    print(f"index: {r.encoded} passages encoded in {r.seconds:.1f} s ({r.passages_per_s:.1f} passages/s); "
+          f"{r.already_stored} already stored, {r.duplicates} duplicate rows, {r.errors} bad rows"
+          + (f" in {r.errors_path}" if r.errors else "")
+          + (f", {r.repaired} damaged entries re-encoded" if r.repaired else "")
+          + f"; store {args.store}: {st['entries']} entries, {st['disk_bytes']} bytes "
+          f"({st['bytes_per_passage']:.0f} per passage, ratio {st['ratio']}, {st['layout']})", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify,
-               "batch": cmd_batch}[args.command]
+               "batch": cmd_batch, "index": cmd_index}[args.command]
     if args.debug:
         return command(args)
     try:

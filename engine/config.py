@@ -60,6 +60,9 @@ class EngineConfig:
                                                     "1 GiB on CUDA, 256 MiB on CPU)", kind=int)
     cache_cross_kv: bool = _opt(False, "KaLM-Reranker: cache every decoder layer's cross K/V instead of the pooled "
                                        "encoder states (more memory, less work per batch)", kind="bool")
+    passage_store: Optional[str] = _opt(None, "KaLM-Reranker: a passage store folder built by `rerank-engine index`; "
+                                              "documents given as {\"id\": ...} are scored from it with no "
+                                              "encoder work", metavar="DIR", commands="serve")
     decode_cache_bytes: int = _opt(2 << 30, "bytes of the KV cache of the running decode batch (evidence)",
                                    kind=int)
     # -- prompts ------------------------------------------------------------------------------------
@@ -85,6 +88,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.model is not None and not isinstance(self.model, str):
             object.__setattr__(self, "model", str(self.model))  # a pathlib.Path
+        if self.passage_store is not None and not isinstance(self.passage_store, str):
+            object.__setattr__(self, "passage_store", str(self.passage_store))
         if self.label_tokens is not None:
             if isinstance(self.label_tokens, str):
                 raise TypeError("label_tokens must be a sequence of strings such as ('yes', 'no'), not a string")

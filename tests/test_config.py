@@ -17,6 +17,7 @@ REQUEST_OPTIONS = {
     "embed": {"input", "output", "dimensions", "instruction"},
     "classify": {"labels", "input", "multi_label", "threshold", "instruction"},
     "batch": {"input", "output", "errors"},
+    "index": {"input", "store", "compression_ratio", "errors", "verify"},
     "serve": set(),
 }
 PROCESS_OPTIONS = {
@@ -25,6 +26,7 @@ PROCESS_OPTIONS = {
               "max_pairs", "max_body_mb", "body_timeout", "graceful_timeout", "log_level", "replicas",
               "max_replicas", "target_queue", "replica_cpus", "ray_address"},
     "batch": {"ray_address", "concurrency", "batch_size", "num_cpus", "num_gpus"},
+    "index": {"ray_address", "concurrency"},
 }
 FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 

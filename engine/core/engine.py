@@ -119,6 +119,14 @@ class Engine:
                     self.template.document_max_length))
                 self.runner.passage_cache, self.runner.cache_kv = self.passage_cache, config.cache_cross_kv
                 self.model_id += "|kv" if config.cache_cross_kv else "|states"
+            self.passage_store = None
+            if config.passage_store is not None:
+                if not model_.is_encoder_decoder:
+                    raise ValueError(f"passage_store needs an encoder-decoder reranker (KaLM-Reranker); "
+                                     f"{self.arch} is not one")
+                from engine.core.store import PassageStore, engine_identity
+
+                self.passage_store = PassageStore(config.passage_store, identity=engine_identity(self))
             kv_bytes = decode.kv_bytes(model_) if model_.supports_decode else (0, 0)
             self.scheduler = Scheduler(self.max_batch_tokens, self.prefix_cache,
                                        default_kinds(config.decode_cache_bytes, kv_bytes), self.passage_cache)

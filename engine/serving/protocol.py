@@ -83,12 +83,27 @@ def _parts(parts: list) -> Any:
     return parts if has_image else "".join(texts)
 
 
+def _doc_ref(v: dict) -> Any:
+    from engine.core.stored_docs import DocRef
+
+    pid, text = v["id"], v.get("text")
+    if not isinstance(pid, str) or not pid:
+        raise ValueError("'id' must be a non-empty string")
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError("'text' must be a string")
+        _unicode(text)
+    return DocRef(pid, text)
+
+
 def _mm_input(v: Any) -> Any:
     """A query or document: a string, ``{"text"}``, vLLM's ``{"content": str | [parts]}`` or a list of
     parts (SGLang). Text-only inputs reach the handler as their string; inputs with images as a list
     of parts."""
     if isinstance(v, dict) and "content" in v:
         v = v["content"]
+    elif isinstance(v, dict) and "id" in v:  # KaLM-Reranker with a passage store: a document by id
+        return _doc_ref(v)
     elif isinstance(v, dict):
         v = _doc_text(v)
         if not isinstance(v, str):

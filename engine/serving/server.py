@@ -40,6 +40,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from engine.core.request import Cancelled
+from engine.core.stored_docs import DocRef, UnknownDocument, doc_echo
 from engine.prompts.inputs import text_part
 from engine.prompts.templates import is_blank
 from engine.serving.gate import Gate
@@ -180,7 +181,7 @@ class Server:
         if self.service.multimodal:
             return
         for i, x in enumerate(items):
-            if not isinstance(x, str):
+            if not isinstance(x, (str, DocRef)):
                 raise ApiError(400, f"{param}[{i}] holds an image; this server's model takes text only",
                                f"{param}[{i}]")
 
@@ -215,6 +216,8 @@ class Server:
                            headers={"Retry-After": str(self.config.retry_after_s)})
         except WrongTask as e:
             raise ApiError(400, str(e), type="unsupported_task")
+        except UnknownDocument as e:  # a document given by id that the passage store lacks
+            raise ApiError(404, str(e), "documents")
         except (ValueError, UnicodeError) as e:  # the engine's checks of the input
             raise ApiError(400, str(e))
         finally:
@@ -290,7 +293,7 @@ class Server:
         for r in ranked:
             item = {"index": r["index"], "relevance_score": r["score"]}
             if body.return_documents:
-                item["document"] = {"text": text_part(docs[r["index"]])}  # an image document: its text part
+                item["document"] = doc_echo(docs[r["index"]])  # an image document: its text part
             if body.return_evidence:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)

@@ -19,6 +19,7 @@ import numpy as np
 from engine.api import Embedder, Reranker
 from engine.classifier import Classifier
 from engine.config import EngineConfig
+from engine.core import stored_docs
 from engine.core.request import Cancelled
 from engine.prompts.truncation import TokenBudget
 
@@ -83,7 +84,8 @@ class Service:
         """
         if not documents:
             return [], 0
-        docs = self.budget.documents(documents, query, instruction, max_tokens_per_doc, left)
+        docs = stored_docs.fit_documents(self.budget, self.reranker, documents, query, instruction,
+                                         max_tokens_per_doc, left)  # documents given by id pass as they are
         call: dict = {}
         ranked = self.reranker.rank(query, docs, top_n=top_n, instruction=instruction, return_documents=False,
                                     cancel=cancel, raw_scores=raw_scores, min_score=min_score, stats=call,
@@ -95,6 +97,7 @@ class Service:
         """(scores of the pairs in order, or their exact logits with ``raw_scores``; prompt tokens)."""
         if not queries:
             return [], 0
+        stored_docs.check_by_id(self.reranker, documents)
         call: dict = {}
         scores = self.reranker.predict(list(zip(queries, documents)), instruction=instruction, cancel=cancel,
                                        raw_scores=raw_scores, stats=call)

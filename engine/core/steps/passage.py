@@ -5,10 +5,11 @@ Each PassageStep pins its passages in the pool (the missing ones allocated there
 by this step), then runs the decoder on its prompts; decoder tokens, newly encoded tokens and
 pinned blocks stay within their budgets.
 """
+import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -17,8 +18,11 @@ from engine.core.cache import PassageEntry
 from engine.core.passages import encode_passages
 from engine.core.pending import Readback
 from engine.core.request import Request, pair_items
+from engine.core.store import CorruptEntry, load_rows
 from engine.core.steps.base import StepKind, step_requests
 from engine.sequence import Seq, Seqs
+
+log = logging.getLogger("engine.store")
 
 
 class PassageRequest(Request):
@@ -27,9 +31,12 @@ class PassageRequest(Request):
     passages, score nothing."""
 
     def __init__(self, seqs: Seqs, keys: List[bytes], ratio: int, index_only: bool = False, priority: int = 0,
-                 cancel: Optional[threading.Event] = None):
+                 cancel: Optional[threading.Event] = None, stored: Optional[list] = None):
         super().__init__(priority, cancel)
         self.seqs, self.keys, self.ratio, self.index_only = list(seqs), keys, ratio, index_only
+        # Per sequence: its passage's entry in the on-disk store (engine/core/store.py), or None.
+        # A miss in the pool reads the entry instead of encoding it.
+        self.stored = stored
         for i, s in enumerate(self.seqs):
             s.index = i
         self.pending: Deque[int] = deque(range(len(self.seqs)))
@@ -37,7 +44,7 @@ class PassageRequest(Request):
         self.logits = np.zeros(len(self.seqs), dtype=np.float32)
         self.remaining = len(self.seqs)
         self.stats.update(sequences=len(self.seqs), passages_encoded=0, passage_cache_hits=0, encoder_tokens=0,
-                          decoder_tokens=0, encode_s=0.0)
+                          decoder_tokens=0, encode_s=0.0, store_reads=0, store_errors=0)
         if not self.seqs:
             self.done.set()
 
@@ -57,6 +64,18 @@ class PassageStep:
     entries: Dict[bytes, PassageEntry]  # pinned for this step, by passage key
     encode: List[Tuple[bytes, List[int], int]]  # (key, encoder ids, ratio) of the passages this step encodes
     keys: List[bytes]  # per scored item: its passage key
+    load: List[Tuple[bytes, object]] = field(default_factory=list)  # (key, stored rows) read from the store
+
+
+def _read_stored(ref, req: PassageRequest):
+    """The stored rows of ``ref``, or None (counted, logged) when the entry is damaged: then the passage
+    is encoded from its stored tokens instead, and the damaged bytes are never served."""
+    try:
+        return ref.read()
+    except CorruptEntry as e:
+        req.stats["store_errors"] += 1
+        log.warning("passage store: %s; encoding it instead", e)
+        return None
 
 
 class PassageKind(StepKind):
@@ -76,7 +95,8 @@ class PassageKind(StepKind):
                 rows = -(-len(s.passage) // r.ratio)  # pooled vectors of the passage
                 known = key in step.entries
                 need = 0 if known else cache.blocks_for(rows)
-                new_enc = 0 if known or cache.contains(key) else len(s.passage)
+                ref = r.stored[s.index] if r.stored is not None else None
+                new_enc = 0 if known or cache.contains(key) or ref is not None else len(s.passage)
                 # Decoder tokens, newly encoded tokens and pinned blocks stay within their budgets; the
                 # first item always fits (the pool holds at least one longest passage).
                 if (step.items or step.index_items) and (
@@ -90,9 +110,14 @@ class PassageKind(StepKind):
                         e = cache.put(key, rows)
                         if e is None:
                             raise RuntimeError("passage cache has no room for one step's passages (planning bug)")
-                        step.encode.append((key, s.passage, r.ratio))
-                        r.stats["passages_encoded"] += 1
-                        r.stats["encoder_tokens"] += len(s.passage)
+                        loaded = _read_stored(ref, r) if ref is not None else None
+                        if loaded is not None:
+                            step.load.append((key, loaded))
+                            r.stats["store_reads"] += 1
+                        else:
+                            step.encode.append((key, s.passage, r.ratio))
+                            r.stats["passages_encoded"] += 1
+                            r.stats["encoder_tokens"] += len(s.passage)
                     else:
                         r.stats["passage_cache_hits"] += 1
                     step.entries[key] = e
@@ -110,6 +135,9 @@ class PassageKind(StepKind):
         """Encode the step's missing passages into the pool, then decode its prompts against their
         cached passages: (logits [n], scores [n], encode s, forward s), or None with nothing to score."""
         t0 = time.perf_counter()
+        if step.load:
+            load_rows(runner.passage_cache, [step.entries[k] for k, _ in step.load], [x for _, x in step.load],
+                      runner.cache_kv)
         if step.encode:
             todo = [(step.entries[k], ids, r) for k, ids, r in step.encode]
             encode_passages(runner.model, runner.passage_cache, todo, runner.device, cache_kv=runner.cache_kv)
@@ -150,7 +178,8 @@ class PassageKind(StepKind):
             r.finish_items(len(seqs))
 
     def fail(self, sched, step: PassageStep, err):
-        new = {k for k, _, _ in step.encode}  # their rows were never written: nobody may find them
+        # Their rows were never written: nobody may find them.
+        new = {k for k, _, _ in step.encode} | {k for k, _ in step.load}
         sched.passage_cache.discard([step.entries[k] for k in new])
         sched.passage_cache.release([e for k, e in step.entries.items() if k not in new])
         return step_requests(step) + [r for r, _ in step.index_items]
