@@ -11,6 +11,7 @@ from engine.core.request import merge_stats
 from engine.core.steps.passage import PassageRequest
 from engine.core.steps.score import ScoreRequest
 from engine.models.heads import YesNoHead, matryoshka
+from engine.prompts.chunking import Chunking, check_room, collect, expand
 from engine.prompts.templates import check_texts
 from engine.sequence import Seq, Seqs
 
@@ -215,8 +216,15 @@ class Reranker:
              instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
              raw_scores: bool = False, stats: Optional[dict] = None,
              min_score: Optional[float] = None, return_evidence: bool = False, evidence_threshold: float = 0.5,
-             max_new_tokens: int = 512, compression_ratio: Optional[int] = None, priority: int = 0) -> List[dict]:
+             max_new_tokens: int = 512, compression_ratio: Optional[int] = None, priority: int = 0,
+             chunking: Optional[dict] = None) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
+
+        ``chunking``: ``{"tokens": 256, "overlap": 32, "aggregate": "max"|"mean"|"first",
+        "return_chunks": False}`` scores each document by its chunks (engine/prompts/chunking.py):
+        each is scored as the text ``document[start:end]``, batched and sharing the query prefix
+        like documents; every result gains ``chunk`` ``{start, end, score}`` (the deciding chunk,
+        character offsets into the document as given) and, with ``return_chunks``, ``chunks``.
 
         ``min_score`` drops results scoring below it (after ``top_n``), for calibrated models.
 
@@ -255,8 +263,15 @@ class Reranker:
             self._check_evidence_args(evidence_threshold, max_new_tokens)
         if not docs:
             return []
-        scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
-                              compression_ratio=compression_ratio, priority=priority)
+        spec, chunk_fields = Chunking.parse(chunking), None
+        if spec is not None:
+            texts, owners, spans = self._chunks(query, docs, instruction, spec)
+            scores = self._scores([query] * len(texts), texts, instruction, cancel, raw_scores, stats,
+                                  compression_ratio=compression_ratio, priority=priority)
+            scores, chunk_fields = collect(len(docs), scores, owners, spans, spec)
+        else:
+            scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
+                                  compression_ratio=compression_ratio, priority=priority)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         if min_score is not None:
             order = [i for i in order if scores[i] >= min_score]
@@ -265,10 +280,22 @@ class Reranker:
             r = {"index": i, "score": float(scores[i])}
             if return_documents:
                 r["document"] = given[i]
+            if chunk_fields is not None:
+                r.update(chunk_fields[i])
             out.append(r)
         if return_evidence:
             self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
         return out
+
+    def _chunks(self, query, docs, instruction, spec):
+        """The chunk texts of ``docs`` (checked to fit with the query under max_length), owners, spans."""
+        tpl = self.engine.template
+        if self.engine.task == "embed":
+            overhead = len(tpl.encode([""]).ids[0])
+        else:
+            overhead = len(tpl.encode([query], [""], instruction).ids[0])
+        check_room(spec, overhead, int(tpl.max_length))
+        return expand(tpl.tokenizer, docs, spec)
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
         eng = self.engine
