@@ -265,10 +265,8 @@ class Reranker:
             return []
         spec, chunk_fields = Chunking.parse(chunking), None
         if spec is not None:
-            texts, owners, spans = self._chunks(query, docs, instruction, spec)
-            scores = self._scores([query] * len(texts), texts, instruction, cancel, raw_scores, stats,
-                                  compression_ratio=compression_ratio, priority=priority)
-            scores, chunk_fields = collect(len(docs), scores, owners, spans, spec)
+            scores, chunk_fields = self._chunked([query] * len(docs), docs, instruction, spec, cancel, raw_scores,
+                                                 stats, compression_ratio, priority)
         else:
             scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
                                   compression_ratio=compression_ratio, priority=priority)
@@ -287,15 +285,34 @@ class Reranker:
             self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
         return out
 
-    def _chunks(self, query, docs, instruction, spec):
-        """The chunk texts of ``docs`` (checked to fit with the query under max_length), owners, spans."""
+    def _chunked(self, queries, docs, instruction, spec, cancel=None, raw_scores=False, stats=None,
+                 compression_ratio=None, priority=0):
+        """(aggregated scores, per-pair ``chunk``/``chunks`` fields) of pairs whose documents are chunked
+        by ``spec``: every chunk is a pair of its own, so chunks batch and share the query prefix."""
         tpl = self.engine.template
-        if self.engine.task == "embed":
-            overhead = len(tpl.encode([""]).ids[0])
-        else:
-            overhead = len(tpl.encode([query], [""], instruction).ids[0])
-        check_room(spec, overhead, int(tpl.max_length))
-        return expand(tpl.tokenizer, docs, spec)
+        for q in dict.fromkeys(queries):  # each query (and the template) must leave room for a chunk
+            if self.engine.task == "embed":
+                overhead = len(tpl.encode([""]).ids[0])
+            else:
+                overhead = len(tpl.encode([q], [""], instruction).ids[0])
+            check_room(spec, overhead, int(tpl.max_length))
+        texts, owners, spans = expand(tpl.tokenizer, docs, spec)
+        scores = self._scores([queries[d] for d in owners], texts, instruction, cancel, raw_scores, stats,
+                              compression_ratio=compression_ratio, priority=priority)
+        return collect(len(docs), scores, owners, spans, spec)
+
+    def score_chunks(self, pairs: Sequence[Tuple[str, str]], chunking, instruction: Optional[str] = None,
+                     cancel=None, raw_scores: bool = False, stats: Optional[dict] = None,
+                     compression_ratio: Optional[int] = None, priority: int = 0) -> List[dict]:
+        """``predict`` with each document scored by its chunks (``chunking`` as in ``rank``): per pair
+        ``{score, chunk}`` (and ``chunks``)."""
+        spec = Chunking.parse(chunking)
+        queries, docs = [p[0] for p in pairs], check_texts([p[1] for p in pairs], "documents")
+        if not docs:
+            return []
+        scores, fields = self._chunked(queries, docs, instruction, spec, cancel, raw_scores, stats,
+                                       compression_ratio, priority)
+        return [{"score": float(s), **f} for s, f in zip(scores, fields)]
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
         eng = self.engine

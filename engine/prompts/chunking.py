@@ -16,12 +16,17 @@ AGGREGATES = ("max", "mean", "first")
 _KEYS = ("tokens", "overlap", "aggregate", "return_chunks")
 
 
+class TooManyChunks(ValueError):
+    """A request expanding to more chunks than the server allows (HTTP 413)."""
+
+
 @dataclass(frozen=True)
 class Chunking:
     tokens: int = 256
     overlap: int = 32
     aggregate: str = "max"
     return_chunks: bool = False
+    max_chunks: Optional[int] = None  # a server's budget (--max-documents): more chunks are TooManyChunks
 
     @classmethod
     def parse(cls, value, what: str = "chunking") -> Optional["Chunking"]:
@@ -127,6 +132,9 @@ def expand(tokenizer, documents: Sequence[str], spec: Chunking):
             texts.append(doc[s:e])
             owners.append(d)
             spans.append((s, e))
+        if spec.max_chunks is not None and len(texts) > spec.max_chunks:
+            raise TooManyChunks(f"the documents expand to more than {spec.max_chunks} chunks, this server's limit "
+                                f"per request (--max-documents); use larger chunking.tokens or fewer documents")
     return texts, owners, spans
 
 
@@ -153,3 +161,8 @@ def check_room(spec: Chunking, overhead: int, max_length: int) -> None:
     if spec.tokens + overhead > max_length:
         raise ValueError(f"chunking.tokens={spec.tokens} leaves no room: the query and template take {overhead} "
                          f"tokens and max_length is {max_length} (use at most {max(0, max_length - overhead)})")
+
+
+def chunk_fields(result: dict) -> dict:
+    """The chunking fields of a result (none when it was not chunked)."""
+    return {k: result[k] for k in ("chunk", "chunks") if k in result}

@@ -1,0 +1,65 @@
+"""``chunking`` over HTTP: /v1/rerank (Cohere/Jina), /rerank (TEI) and /v1/score give the Python API's chunks."""
+import random
+
+import pytest
+
+from engine import Reranker
+from textgen import random_text
+
+QUERY = "capital of china"
+CHUNKING = {"tokens": 32, "overlap": 4, "return_chunks": True}
+
+
+@pytest.fixture(scope="module")
+def docs():
+    rng = random.Random(7)
+    return [random_text(rng, 60) + " The capital of China is Beijing. " + random_text(rng, 30), "Short."]
+
+
+@pytest.fixture(scope="module")
+def chunk_server(start_server, rerank_service):
+    return start_server(rerank_service, "tiny-chunks", max_documents=6)
+
+
+def test_rerank_and_score_with_chunking_match_python(chunk_server, rerank_folder, docs):
+    want = Reranker(str(rerank_folder), device="cpu").rank(QUERY, docs, chunking=CHUNKING)
+    with chunk_server.client() as c:
+        r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": CHUNKING})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [g["index"] for g in got] == [w["index"] for w in want]
+        for g, w in zip(got, want):
+            assert g["relevance_score"] == pytest.approx(w["score"], abs=1e-5)
+            assert g["chunk"]["start"] == w["chunk"]["start"] and g["chunk"]["end"] == w["chunk"]["end"]
+            assert [(x["start"], x["end"]) for x in g["chunks"]] == [(x["start"], x["end"]) for x in w["chunks"]]
+        tei = c.post("/rerank", json={"query": QUERY, "texts": docs, "chunking": {"tokens": 32, "overlap": 4}})
+        assert tei.status_code == 200, tei.text
+        assert [(t["index"], t["chunk"]["start"], t["chunk"]["end"]) for t in tei.json()] == \
+            [(w["index"], w["chunk"]["start"], w["chunk"]["end"]) for w in want]
+        assert all("chunks" not in t for t in tei.json())
+        score = c.post("/v1/score", json={"text_1": QUERY, "text_2": docs, "chunking": CHUNKING})
+        assert score.status_code == 200, score.text
+        by = {w["index"]: w for w in want}
+        for d in score.json()["data"]:
+            assert d["score"] == pytest.approx(by[d["index"]]["score"], abs=1e-5)
+            assert d["chunk"]["end"] == by[d["index"]]["chunk"]["end"]
+        plain = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()["results"]
+        assert all("chunk" not in p for p in plain)
+
+
+def test_bad_chunking_is_422_naming_the_field_and_budgets_count_chunks(chunk_server, docs):
+    with chunk_server.client() as c:
+        for bad, field in (({"tokens": 0}, "tokens"), ({"tokens": 8, "overlap": 8}, "overlap"),
+                           ({"aggregate": "sum"}, "aggregate"), ({"size": 3}, "size"),
+                           ({"tokens": "32"}, "tokens"), (32, "chunking")):
+            r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": bad})
+            assert r.status_code == 422, (bad, r.text)
+            assert field in r.text, (bad, r.text)
+        # Two documents are within --max-documents 6, their 8-token chunks are not.
+        r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": {"tokens": 8, "overlap": 0}})
+        assert r.status_code == 413, r.text
+        assert "chunks" in r.json()["error"]["message"] if "error" in r.json() else "chunks" in r.text
+        # A chunk with no room next to the query is a clear 400; the server keeps serving.
+        r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": {"tokens": 100000}})
+        assert r.status_code == 400 and "chunking.tokens" in r.text, r.text
+        assert c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).status_code == 200
