@@ -380,8 +380,12 @@ class Embedder:
 
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
               instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
-              cancel=None, stats: Optional[dict] = None) -> np.ndarray:
+              cancel=None, stats: Optional[dict] = None, chunking: Optional[dict] = None):
         """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``).
+
+        ``chunking`` (``{"tokens", "overlap", "return_chunks"}`` as in ``Reranker.rank``): each text
+        is embedded as its chunks, and its embedding is their mean (normalized when ``normalize``);
+        with ``return_chunks``, a list of ``{"embedding", "chunks": [{start, end, embedding}]}``.
 
         Models that take images (Qwen3-VL): each input is a string, a dict ``{"text", "image"}`` or a
         list of parts (one input; a single dict gives ``[1, d]``); ``instruction`` is the system
@@ -395,6 +399,9 @@ class Embedder:
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         tpl = self.engine.template
+        spec = Chunking.parse(chunking)
+        if spec is not None:
+            return self._embed_chunks(texts, spec, dimensions, instruction, is_query, normalize, cancel, stats)
         # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread; a few texts are
         # tokenized here instead (one fixed truncation setting, so calls from any thread agree).
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
@@ -405,3 +412,23 @@ class Embedder:
             merge_stats(self.stats, req.stats)
             merge_stats(stats, req.stats)
         return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
+
+    def _embed_chunks(self, texts, spec, dimensions, instruction, is_query, normalize, cancel, stats):
+        tpl = self.engine.template
+        check_room(spec, len(tpl.encode([""], is_query=is_query, instruction=instruction).ids[0]),
+                   int(tpl.max_length))
+        chunk_texts, owners, spans = expand(tpl.tokenizer, texts, spec)
+        emb = self.embed(chunk_texts, dimensions=dimensions, instruction=instruction, is_query=is_query,
+                         normalize=normalize, cancel=cancel, stats=stats)
+        owners = np.asarray(owners)
+        out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
+        np.add.at(out, owners, emb)
+        out /= np.bincount(owners, minlength=len(texts))[:, None]
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if not spec.return_chunks:
+            return out
+        per = [[] for _ in texts]
+        for c, d in enumerate(owners):
+            per[d].append({"start": spans[c][0], "end": spans[c][1], "embedding": emb[c]})
+        return [{"embedding": out[i], "chunks": per[i]} for i in range(len(texts))]

@@ -124,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers (default: the model's)")
     r.add_argument("--raw-scores", action="store_true",
                    help="the exact logits (l_yes - l_no for yes/no rerankers) instead of the scores")
+    r.add_argument("--chunk-tokens", type=int, default=None,
+                   help="score each document by its chunks of at most N tokens (results gain \"chunk\")")
+    r.add_argument("--chunk-overlap", type=int, default=32, help="tokens shared by consecutive chunks (default 32)")
+    r.add_argument("--chunk-aggregate", choices=("max", "mean", "first"), default="max",
+                   help="a document's score from its chunks' (default max)")
 
     e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
     _model_args(e, "embed")
@@ -214,14 +219,28 @@ def cmd_rank(args) -> int:
     docs = read_jsonl(args.documents)
     if not docs:
         logging.getLogger("engine").warning("%s holds no documents: the result is empty", args.documents)
+    chunking = None
+    if args.chunk_tokens is not None:
+        from engine.prompts.chunking import Chunking
+
+        try:
+            chunking = Chunking.parse({"tokens": args.chunk_tokens, "overlap": args.chunk_overlap,
+                                       "aggregate": args.chunk_aggregate})
+        except ValueError as e:
+            raise UsageError(str(e).replace("chunking.", "--chunk-")) from None
     service = _service(args)
     scores: List[float] = []
+    fields: List[dict] = []
     for a, b in _chunks(len(docs), "rank", args.quiet):
         s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction,
-                             raw_scores=args.raw_scores)
+                             raw_scores=args.raw_scores, **({"chunking": chunking} if chunking else {}))
+        if chunking is not None:
+            fields.extend({"chunk": x["chunk"]} for x in s)
+            s = [x["score"] for x in s]
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": text_part(docs[i])}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": text_part(docs[i])},
+                **(fields[i] if fields else {})} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)

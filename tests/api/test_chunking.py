@@ -179,3 +179,43 @@ def test_qwen3_vl_text_chunks(tmp_path_factory, qwen3_backend):
     docs = [_long_doc(6, words=80)]
     chunking = {"tokens": 32, "overlap": 4, "return_chunks": True}
     _check_results(rr, rr.rank(QUERY, docs, chunking=chunking), docs, _own_reference(rr), chunking)
+
+
+def test_embedder_chunks_are_each_text_embedded(make_qwen3):
+    from engine import Embedder
+
+    emb = Embedder(str(make_qwen3(name="Qwen3-Embedding-tiny", embed_tokenizer=True)), device="cpu", dtype="float32")
+    texts = [_long_doc(8, words=80), "short text"]
+    got = emb.embed(texts, chunking={"tokens": 24, "overlap": 4, "return_chunks": True})
+    mean = emb.embed(texts, chunking={"tokens": 24, "overlap": 4})
+    assert mean.shape == (2, emb.dimension) and len(got[0]["chunks"]) > 2 and len(got[1]["chunks"]) == 1
+    for i, g in enumerate(got):
+        pieces = [texts[i][c["start"]:c["end"]] for c in g["chunks"]]
+        want = emb.embed(pieces)
+        np.testing.assert_allclose(np.stack([c["embedding"] for c in g["chunks"]]), want, atol=ATOL)
+        m = want.mean(0)
+        np.testing.assert_allclose(mean[i], m / np.linalg.norm(m), atol=ATOL)
+        np.testing.assert_allclose(g["embedding"], mean[i], atol=1e-6)
+    np.testing.assert_allclose(mean[1], emb.embed(["short text"])[0], atol=ATOL)
+
+
+def test_cli_rank_with_chunks(make_qwen3, tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    folder = make_qwen3()
+    docs = [_long_doc(9, words=60), "Beijing."]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert main(["rank", "--model", str(folder), "--device", "cpu", "--query", QUERY, "--documents", str(f),
+                 "--chunk-tokens", "24", "--chunk-overlap", "4", "--chunk-aggregate", "mean"]) == 0
+    out = json.loads(capsys.readouterr().out)["results"]
+    want = Reranker(str(folder), device="cpu").rank(QUERY, docs, chunking={"tokens": 24, "overlap": 4,
+                                                                           "aggregate": "mean"})
+    assert [r["index"] for r in out] == [w["index"] for w in want]
+    for r, w in zip(out, want):
+        assert r["relevance_score"] == pytest.approx(w["score"], abs=1e-5) and r["chunk"] == w["chunk"]
+    assert main(["rank", "--model", str(folder), "--device", "cpu", "--query", QUERY, "--documents", str(f),
+                 "--chunk-tokens", "8", "--chunk-overlap", "8"]) == 2
+    assert "--chunk-overlap" in capsys.readouterr().err
