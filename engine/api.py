@@ -5,6 +5,7 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.core.cache import PassageCache
+from engine.core.calibration import Calibration
 from engine.core.engine import Engine
 from engine.core.passages import check_ratio
 from engine.core.request import merge_stats
@@ -59,7 +60,8 @@ class Reranker:
                  template_prefix: Optional[str] = None, template_suffix: Optional[str] = None,
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
                  cache_cross_kv: Optional[bool] = None, compile: Optional[bool] = None,
-                 quantize: Optional[str] = None, config: Optional[EngineConfig] = None):
+                 quantize: Optional[str] = None, config: Optional[EngineConfig] = None,
+                 calibration: Optional[str] = None):
         # Every option is a field of EngineConfig, where its default and meaning are written down;
         # a keyword argument left at None keeps the value of ``config`` (or the default).
         # ``model=None`` (and no config.model): the bundled all-MiniLM-L6-v2, ranking by cosine.
@@ -68,9 +70,12 @@ class Reranker:
             max_batch_tokens=max_batch_tokens, share_prefix=share_prefix, template=template,
             template_prefix=template_prefix, template_suffix=template_suffix, label_tokens=label_tokens,
             passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv, compile=compile,
-            quantize=quantize)
+            quantize=quantize, calibration=calibration)
         self.engine = Engine(self.config, task_default="rerank")
         self.share_prefix = self.config.share_prefix
+        # scores become calibrated probabilities (engine/core/calibration.py); refused if fitted for another model
+        self.calibration = Calibration.load(self.config.calibration, self.engine.folder) \
+            if self.config.calibration else None
         self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
@@ -122,6 +127,9 @@ class Reranker:
                 raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None,
                 priority: int = 0) -> np.ndarray:
         """Scores of the pairs in order; ``raw_scores``: the exact logits (cosines for bi-encoders)."""
+        if getattr(self, "calibration", None) is not None and not raw_scores:
+            return self.calibration(self._scores(queries, docs, instruction, cancel, True, stats,
+                                                 compression_ratio=compression_ratio, priority=priority))
         eng, tpl = self.engine, self.engine.template
         if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/core/passages.py)
             ratio = check_ratio(compression_ratio)

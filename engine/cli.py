@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk-aggregate", choices=("max", "mean", "first"), default="max",
                    help="a document's score from its chunks' (default max)")
 
+    k = sub.add_parser("calibrate", help="fit a score calibration (Platt or isotonic) on labelled pairs")
+    _model_args(k, "calibrate", positional=True)
+    k.add_argument("--pairs", required=True, help="JSONL: {\"query\", \"document\", \"label\": 0|1} "
+                                                 "(+ \"instruction\") per line")
+    k.add_argument("--output", required=True, help="the calibration file to write (JSON)")
+    k.add_argument("--method", choices=("platt", "isotonic"), default="platt", help="default platt")
+    k.add_argument("--holdout", type=float, default=0.2, help="share of pairs held out to report (default 0.2)")
+
     e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
     _model_args(e, "embed")
     e.add_argument("--input", required=True, help="JSONL: one string or {\"text\": ...} per line")
@@ -245,6 +253,51 @@ def cmd_rank(args) -> int:
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from engine.core.calibration import fit, metrics, model_identity
+
+    rows = []
+    with open(args.pairs, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                x = json.loads(line)
+                q, d, y = x["query"], x["document"], x["label"]
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{args.pairs}:{n}: expected {{\"query\", \"document\", \"label\": 0|1}}") from None
+            if y not in (0, 1) or isinstance(y, bool) or not isinstance(q, str) or not isinstance(d, str):
+                raise UsageError(f"{args.pairs}:{n}: query and document must be strings and label 0 or 1")
+            rows.append((q, d, int(y), x.get("instruction")))
+    if not 0.0 <= args.holdout < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    service = _service(args)
+    logits = []
+    for inst in dict.fromkeys(r[3] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r[3] == inst]
+        s, _ = service.score([rows[i][0] for i in idx], [rows[i][1] for i in idx], instruction=inst,
+                             raw_scores=True)
+        logits.extend(zip(idx, s))
+    x = [v for _, v in sorted(logits)]
+    y = [r[2] for r in rows]
+    import numpy as np
+
+    order = np.random.RandomState(0).permutation(len(rows))
+    n_test = int(round(len(rows) * args.holdout))
+    test, train = order[:n_test], order[n_test:]
+    cal = fit([x[i] for i in train], [y[i] for i in train], args.method, model_identity(service.engine.folder))
+    cal.save(args.output)
+    if n_test:
+        xt, yt = np.array([x[i] for i in test]), np.array([y[i] for i in test])
+        raw = 1.0 / (1.0 + np.exp(-xt))  # the model's own probability, sigmoid of its logit
+        for name, p in (("before", raw), ("after", cal(xt))):
+            m = metrics(p, yt)
+            sys.stderr.write(f"{name}: log_loss={m['log_loss']:.4f} brier={m['brier']:.4f} ece={m['ece']:.4f} "
+                             f"({n_test} held-out pairs)\n")
+    sys.stderr.write(f"wrote {args.output} ({args.method}, fitted on {len(train)} pairs)\n")
     return 0
 
 
@@ -374,7 +427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify,
+    command = {"serve": cmd_serve, "rank": cmd_rank, "calibrate": cmd_calibrate, "embed": cmd_embed,
+               "classify": cmd_classify,
                "batch": cmd_batch}[args.command]
     if args.debug:
         return command(args)

@@ -1,6 +1,7 @@
 """``chunking`` over HTTP: /v1/rerank (Cohere/Jina), /rerank (TEI) and /v1/score give the Python API's chunks."""
 import random
 
+import numpy as np
 import pytest
 
 from engine import Reranker
@@ -63,3 +64,23 @@ def test_bad_chunking_is_422_naming_the_field_and_budgets_count_chunks(chunk_ser
         r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": {"tokens": 100000}})
         assert r.status_code == 400 and "chunking.tokens" in r.text, r.text
         assert c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).status_code == 200
+
+
+def test_calibrated_server_answers_calibrated_probabilities(start_server, rerank_folder, tmp_path_factory, docs):
+    from engine.core.calibration import Calibration, model_identity
+    from engine.serving.service import Service
+
+    path = tmp_path_factory.mktemp("cal") / "m.calibration.json"
+    Calibration("platt", {"a": 2.0, "b": -1.0}, model_identity(rerank_folder)).save(path)
+    server = start_server(Service(str(rerank_folder), device="cpu", calibration=str(path)), "tiny-calibrated")
+    logits = Reranker(str(rerank_folder), device="cpu").predict([(QUERY, d) for d in docs], raw_scores=True)
+    want = 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(logits) - 1.0)))
+    with server.client() as c:
+        got = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()["results"]
+        np.testing.assert_allclose([g["relevance_score"] for g in sorted(got, key=lambda g: g["index"])], want,
+                                   atol=1e-5)
+        raw = c.post("/rerank", json={"query": QUERY, "texts": docs, "raw_scores": True}).json()
+        np.testing.assert_allclose([r["score"] for r in sorted(raw, key=lambda r: r["index"])], logits, atol=1e-5)
+        cut = float(want.max())
+        kept = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "min_score": cut}).json()["results"]
+        assert [k["index"] for k in kept] == [int(np.argmax(want))]
