@@ -84,3 +84,16 @@ def test_calibrated_server_answers_calibrated_probabilities(start_server, rerank
         cut = float(want.max())
         kept = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "min_score": cut}).json()["results"]
         assert [k["index"] for k in kept] == [int(np.argmax(want))]
+
+
+def test_cohere_client_passes_chunking_and_reads_chunks(chunk_server, rerank_folder, docs):
+    cohere = pytest.importorskip("cohere")  # in the test extra; skipped where the SDK is not installed
+    want = Reranker(str(rerank_folder), device="cpu").rank(QUERY, docs, chunking=CHUNKING)
+    co = cohere.ClientV2(api_key="unused", base_url=chunk_server.url)
+    res = co.rerank(model="tiny-chunks", query=QUERY, documents=docs,
+                    request_options={"additional_body_parameters": {"chunking": CHUNKING}})
+    assert [r.index for r in res.results] == [w["index"] for w in want]
+    for r, w in zip(res.results, want):
+        assert r.relevance_score == pytest.approx(w["score"], abs=1e-5)
+        chunk = getattr(r, "chunk", None) or (r.model_extra or {}).get("chunk")
+        assert chunk is not None and chunk["start"] == w["chunk"]["start"] and chunk["end"] == w["chunk"]["end"]
