@@ -43,8 +43,8 @@ def main():
         rr = Reranker(str(folder), device=args.device, share_prefix=share)
         rr.rank(query, docs[:1], chunking=chunking)  # warm-up
         stats: dict = {}
-        res, secs = timed(lambda: rr.rank(query, docs, chunking=dict(chunking, return_chunks=True), stats=stats),
-                          args.device)
+        res, secs = timed(lambda rr=rr: rr.rank(query, docs, chunking=dict(chunking, return_chunks=True),
+                                                stats=stats), args.device)
         chunks = sum(len(r["chunks"]) for r in res)
         computed, saved = stats.get("tokens_computed", 0), stats.get("tokens_saved", 0)
         out["shared" if share else "unshared"] = {
