@@ -127,7 +127,7 @@ def expand(tokenizer, documents: Sequence[str], spec: Chunking):
     texts, owners, spans = [], [], []
     for d, doc in enumerate(documents):
         if not isinstance(doc, str):
-            raise TypeError(f"chunking applies to text documents; documents[{d}] is a {type(doc).__name__}")
+            raise ValueError(f"chunking applies to text documents; documents[{d}] is a {type(doc).__name__}")
         for s, e in chunk_spans(tokenizer, doc, spec.tokens, spec.overlap):
             texts.append(doc[s:e])
             owners.append(d)
