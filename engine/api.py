@@ -6,12 +6,14 @@ import numpy as np
 from engine.config import EngineConfig
 from engine.core import stored_docs
 from engine.core.cache import PassageCache
+from engine.core.calibration import Calibration
 from engine.core.engine import Engine
 from engine.core.passages import check_ratio
 from engine.core.request import merge_stats
 from engine.core.steps.passage import PassageRequest
 from engine.core.steps.score import ScoreRequest
 from engine.models.heads import YesNoHead, matryoshka
+from engine.prompts.chunking import Chunking, check_room, collect, expand
 from engine.prompts.templates import check_texts, is_blank
 from engine.sequence import Seq, Seqs
 
@@ -59,7 +61,8 @@ class Reranker:
                  template_prefix: Optional[str] = None, template_suffix: Optional[str] = None,
                  label_tokens: Optional[Sequence[str]] = None, passage_cache_bytes: Optional[int] = None,
                  cache_cross_kv: Optional[bool] = None, compile: Optional[bool] = None,
-                 quantize: Optional[str] = None, passage_store=None, config: Optional[EngineConfig] = None):
+                 quantize: Optional[str] = None, passage_store=None, config: Optional[EngineConfig] = None,
+                 calibration: Optional[str] = None):
         # Every option is a field of EngineConfig, where its default and meaning are written down;
         # a keyword argument left at None keeps the value of ``config`` (or the default).
         # ``model=None`` (and no config.model): the bundled all-MiniLM-L6-v2, ranking by cosine.
@@ -68,9 +71,12 @@ class Reranker:
             max_batch_tokens=max_batch_tokens, share_prefix=share_prefix, template=template,
             template_prefix=template_prefix, template_suffix=template_suffix, label_tokens=label_tokens,
             passage_cache_bytes=passage_cache_bytes, cache_cross_kv=cache_cross_kv, compile=compile,
-            quantize=quantize, passage_store=passage_store)
+            quantize=quantize, passage_store=passage_store, calibration=calibration)
         self.engine = Engine(self.config, task_default="rerank")
         self.share_prefix = self.config.share_prefix
+        # scores become calibrated probabilities (engine/core/calibration.py); refused if fitted for another model
+        self.calibration = Calibration.load(self.config.calibration, self.engine.folder) \
+            if self.config.calibration else None
         self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
@@ -124,6 +130,9 @@ class Reranker:
                 raw_scores: bool = False, stats: Optional[dict] = None, compression_ratio: Optional[int] = None,
                 priority: int = 0) -> np.ndarray:
         """Scores of the pairs in order; ``raw_scores``: the exact logits (cosines for bi-encoders)."""
+        if getattr(self, "calibration", None) is not None and not raw_scores:
+            return self.calibration(self._scores(queries, docs, instruction, cancel, True, stats,
+                                                 compression_ratio=compression_ratio, priority=priority))
         eng, tpl = self.engine, self.engine.template
         if self.is_encoder_decoder:  # KaLM-Reranker: cached passage encodings + decoder (engine/core/passages.py)
             ratio = stored_docs.request_ratio(eng.passage_store, compression_ratio)
@@ -224,8 +233,15 @@ class Reranker:
              instruction: Optional[str] = None, return_documents: bool = True, cancel=None,
              raw_scores: bool = False, stats: Optional[dict] = None,
              min_score: Optional[float] = None, return_evidence: bool = False, evidence_threshold: float = 0.5,
-             max_new_tokens: int = 512, compression_ratio: Optional[int] = None, priority: int = 0) -> List[dict]:
+             max_new_tokens: int = 512, compression_ratio: Optional[int] = None, priority: int = 0,
+             chunking: Optional[dict] = None) -> List[dict]:
         """Documents sorted by relevance: ``[{index, score, document}]``.
+
+        ``chunking``: ``{"tokens": 256, "overlap": 32, "aggregate": "max"|"mean"|"first",
+        "return_chunks": False}`` scores each document by its chunks (engine/prompts/chunking.py):
+        each is scored as the text ``document[start:end]``, batched and sharing the query prefix
+        like documents; every result gains ``chunk`` ``{start, end, score}`` (the deciding chunk,
+        character offsets into the document as given) and, with ``return_chunks``, ``chunks``.
 
         ``min_score`` drops results scoring below it (after ``top_n``), for calibrated models.
 
@@ -269,8 +285,13 @@ class Reranker:
             self._check_evidence_args(evidence_threshold, max_new_tokens)
         if not docs:
             return []
-        scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
-                              compression_ratio=compression_ratio, priority=priority)
+        spec, chunk_fields = Chunking.parse(chunking), None
+        if spec is not None:
+            scores, chunk_fields = self._chunked([query] * len(docs), docs, instruction, spec, cancel, raw_scores,
+                                                 stats, compression_ratio, priority)
+        else:
+            scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
+                                  compression_ratio=compression_ratio, priority=priority)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         if min_score is not None:
             order = [i for i in order if scores[i] >= min_score]
@@ -279,10 +300,41 @@ class Reranker:
             r = {"index": i, "score": float(scores[i])}
             if return_documents:
                 r["document"] = given[i]
+            if chunk_fields is not None:
+                r.update(chunk_fields[i])
             out.append(r)
         if return_evidence:
             self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
         return out
+
+    def _chunked(self, queries, docs, instruction, spec, cancel=None, raw_scores=False, stats=None,
+                 compression_ratio=None, priority=0):
+        """(aggregated scores, per-pair ``chunk``/``chunks`` fields) of pairs whose documents are chunked
+        by ``spec``: every chunk is a pair of its own, so chunks batch and share the query prefix."""
+        tpl = self.engine.template
+        for q in dict.fromkeys(queries):  # each query (and the template) must leave room for a chunk
+            if self.engine.task == "embed":
+                overhead = len(tpl.encode([""]).ids[0])
+            else:
+                overhead = len(tpl.encode([q], [""], instruction).ids[0])
+            check_room(spec, overhead, int(tpl.max_length))
+        texts, owners, spans = expand(tpl.tokenizer, docs, spec)
+        scores = self._scores([queries[d] for d in owners], texts, instruction, cancel, raw_scores, stats,
+                              compression_ratio=compression_ratio, priority=priority)
+        return collect(len(docs), scores, owners, spans, spec)
+
+    def score_chunks(self, pairs: Sequence[Tuple[str, str]], chunking, instruction: Optional[str] = None,
+                     cancel=None, raw_scores: bool = False, stats: Optional[dict] = None,
+                     compression_ratio: Optional[int] = None, priority: int = 0) -> List[dict]:
+        """``predict`` with each document scored by its chunks (``chunking`` as in ``rank``): per pair
+        ``{score, chunk}`` (and ``chunks``)."""
+        spec = Chunking.parse(chunking)
+        queries, docs = [p[0] for p in pairs], check_texts([p[1] for p in pairs], "documents")
+        if not docs:
+            return []
+        scores, fields = self._chunked(queries, docs, instruction, spec, cancel, raw_scores, stats,
+                                       compression_ratio, priority)
+        return [{"score": float(s), **f} for s, f in zip(scores, fields)]
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
         eng = self.engine
@@ -350,8 +402,12 @@ class Embedder:
 
     def embed(self, texts: Union[str, Sequence[str]], dimensions: Optional[int] = None,
               instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
-              cancel=None, stats: Optional[dict] = None) -> np.ndarray:
+              cancel=None, stats: Optional[dict] = None, chunking: Optional[dict] = None):
         """``[n, d]`` float32 embeddings (a single string gives ``[1, d]``).
+
+        ``chunking`` (``{"tokens", "overlap", "return_chunks"}`` as in ``Reranker.rank``): each text
+        is embedded as its chunks, and its embedding is their mean (normalized when ``normalize``);
+        with ``return_chunks``, a list of ``{"embedding", "chunks": [{start, end, embedding}]}``.
 
         Models that take images (Qwen3-VL): each input is a string, a dict ``{"text", "image"}`` or a
         list of parts (one input; a single dict gives ``[1, d]``); ``instruction`` is the system
@@ -365,6 +421,9 @@ class Embedder:
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         tpl = self.engine.template
+        spec = Chunking.parse(chunking)
+        if spec is not None:
+            return self._embed_chunks(texts, spec, dimensions, instruction, is_query, normalize, cancel, stats)
         # Tokenized lazily, chunk by chunk, on the scheduler's tokenizer thread; a few texts are
         # tokenized here instead (one fixed truncation setting, so calls from any thread agree).
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
@@ -375,3 +434,23 @@ class Embedder:
             merge_stats(self.stats, req.stats)
             merge_stats(stats, req.stats)
         return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
+
+    def _embed_chunks(self, texts, spec, dimensions, instruction, is_query, normalize, cancel, stats):
+        tpl = self.engine.template
+        check_room(spec, len(tpl.encode([""], is_query=is_query, instruction=instruction).ids[0]),
+                   int(tpl.max_length))
+        chunk_texts, owners, spans = expand(tpl.tokenizer, texts, spec)
+        emb = self.embed(chunk_texts, dimensions=dimensions, instruction=instruction, is_query=is_query,
+                         normalize=normalize, cancel=cancel, stats=stats)
+        owners = np.asarray(owners)
+        out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
+        np.add.at(out, owners, emb)
+        out /= np.bincount(owners, minlength=len(texts))[:, None]
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if not spec.return_chunks:
+            return out
+        per = [[] for _ in texts]
+        for c, d in enumerate(owners):
+            per[d].append({"start": spans[c][0], "end": spans[c][1], "embedding": emb[c]})
+        return [{"embedding": out[i], "chunks": per[i]} for i in range(len(texts))]

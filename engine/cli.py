@@ -173,6 +173,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--instruction", default=None, help="the task instruction of LLM rerankers (default: the model's)")
     r.add_argument("--raw-scores", action="store_true",
                    help="the exact logits (l_yes - l_no for yes/no rerankers) instead of the scores")
+    r.add_argument("--chunk-tokens", type=int, default=None,
+                   help="score each document by its chunks of at most N tokens (results gain \"chunk\")")
+    r.add_argument("--chunk-overlap", type=int, default=32, help="tokens shared by consecutive chunks (default 32)")
+    r.add_argument("--chunk-aggregate", choices=("max", "mean", "first"), default="max",
+                   help="a document's score from its chunks' (default max)")
+
+    k = sub.add_parser("calibrate", help="fit a score calibration (Platt or isotonic) on labelled pairs")
+    _model_args(k, "calibrate", positional=True)
+    k.add_argument("--pairs", required=True, help="JSONL: {\"query\", \"document\", \"label\": 0|1} "
+                                                 "(+ \"instruction\") per line")
+    k.add_argument("--output", required=True, help="the calibration file to write (JSON)")
+    k.add_argument("--method", choices=("platt", "isotonic"), default="platt", help="default platt")
+    k.add_argument("--holdout", type=float, default=0.2, help="share of pairs held out to report (default 0.2)")
 
     e = sub.add_parser("embed", help="embed the texts of a JSONL file into .npy or .jsonl")
     _model_args(e, "embed")
@@ -270,18 +283,77 @@ def cmd_rank(args) -> int:
         logging.getLogger("engine").warning("%s holds no documents: the result is empty", args.documents)
         sys.stdout.write(json.dumps({"query": args.query, "results": []}, ensure_ascii=False) + "\n")
         return 0
+    chunking = None
+    if args.chunk_tokens is not None:
+        from engine.prompts.chunking import Chunking
+
+        try:
+            chunking = Chunking.parse({"tokens": args.chunk_tokens, "overlap": args.chunk_overlap,
+                                       "aggregate": args.chunk_aggregate})
+        except ValueError as e:
+            raise UsageError(str(e).replace("chunking.", "--chunk-")) from None
     service = _service(args)
     scores: List[float] = []
+    fields: List[dict] = []
     for a, b in _chunks(len(docs), "rank", args.quiet):
         s, _ = service.score([args.query] * (b - a), docs[a:b], instruction=args.instruction,
-                             raw_scores=args.raw_scores)
+                             raw_scores=args.raw_scores, **({"chunking": chunking} if chunking else {}))
+        if chunking is not None:
+            fields.extend({"chunk": x["chunk"]} for x in s)
+            s = [x["score"] for x in s]
         scores.extend(s)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])[:args.top_n]
-    results = [{"index": i, "relevance_score": scores[i], "document": {"text": text_part(docs[i])}} for i in order]
+    results = [{"index": i, "relevance_score": scores[i], "document": {"text": text_part(docs[i])},
+                **(fields[i] if fields else {})} for i in order]
     # allow_nan=False: a non-finite score is an error (exit 2), never invalid JSON on stdout.
     out = json.dumps({"query": args.query, "results": results}, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(out)
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from engine.core.calibration import fit, metrics, model_identity
+
+    rows = []
+    with open(args.pairs, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                x = json.loads(line)
+                q, d, y = x["query"], x["document"], x["label"]
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{args.pairs}:{n}: expected {{\"query\", \"document\", \"label\": 0|1}}") from None
+            if y not in (0, 1) or isinstance(y, bool) or not isinstance(q, str) or not isinstance(d, str):
+                raise UsageError(f"{args.pairs}:{n}: query and document must be strings and label 0 or 1")
+            rows.append((q, d, int(y), x.get("instruction")))
+    if not 0.0 <= args.holdout < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    service = _service(args)
+    logits = []
+    for inst in dict.fromkeys(r[3] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r[3] == inst]
+        s, _ = service.score([rows[i][0] for i in idx], [rows[i][1] for i in idx], instruction=inst,
+                             raw_scores=True)
+        logits.extend(zip(idx, s))
+    x = [v for _, v in sorted(logits)]
+    y = [r[2] for r in rows]
+    import numpy as np
+
+    order = np.random.RandomState(0).permutation(len(rows))
+    n_test = int(round(len(rows) * args.holdout))
+    test, train = order[:n_test], order[n_test:]
+    cal = fit([x[i] for i in train], [y[i] for i in train], args.method, model_identity(service.engine.folder))
+    cal.save(args.output)
+    if n_test:
+        xt, yt = np.array([x[i] for i in test]), np.array([y[i] for i in test])
+        raw = 1.0 / (1.0 + np.exp(-xt))  # the model's own probability, sigmoid of its logit
+        for name, p in (("before", raw), ("after", cal(xt))):
+            m = metrics(p, yt)
+            sys.stderr.write(f"{name}: log_loss={m['log_loss']:.4f} brier={m['brier']:.4f} ece={m['ece']:.4f} "
+                             f"({n_test} held-out pairs)\n")
+    sys.stderr.write(f"wrote {args.output} ({args.method}, fitted on {len(train)} pairs)\n")
     return 0
 
 
@@ -477,8 +549,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = {"serve": cmd_serve, "rank": cmd_rank, "embed": cmd_embed, "classify": cmd_classify,
-               "batch": cmd_batch, "index": cmd_index}[args.command]
+    command = {"serve": cmd_serve, "rank": cmd_rank, "calibrate": cmd_calibrate, "embed": cmd_embed,
+               "classify": cmd_classify, "batch": cmd_batch, "index": cmd_index}[args.command]
     if args.debug:
         return command(args)
     try:

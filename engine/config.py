@@ -74,6 +74,9 @@ class EngineConfig:
     template_suffix: str = _opt("", "literal text after a format-string --template")
     label_tokens: Optional[Tuple[str, ...]] = _opt(None, "the yes/no answers of a yes/no reranker, comma-separated "
                                                          "(default: yes,no)", kind="csv")
+    calibration: Optional[str] = _opt(None, "rerankers: a calibration file (rerank-engine calibrate) making scores "
+                                            "calibrated probabilities; min_score and evidence_threshold apply to "
+                                            "them, raw_scores stays the exact logit", metavar="FILE")
     # -- images (Qwen3-VL) --------------------------------------------------------------------------
     allow_url_images: bool = _opt(False, "fetch http(s) image URLs (off: any client could make the server fetch any "
                                          "URL); with a 32 MiB cap, a 10 s timeout and 3 redirects at most",
@@ -107,6 +110,8 @@ class EngineConfig:
         for name in ("compile", "share_prefix", "cache_cross_kv", "allow_url_images"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            object.__setattr__(self, "calibration", str(self.calibration))  # a pathlib.Path
         for name in ("template_prefix", "template_suffix"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")

@@ -13,7 +13,9 @@ from engine.config import cli_fields
 # Flags that are not engine options: the request options of each command (what one call asks
 # for), and the options of the process around the engine (logging, the HTTP server, Ray, files).
 REQUEST_OPTIONS = {
-    "rank": {"query", "documents", "top_n", "instruction", "raw_scores"},
+    "rank": {"query", "documents", "top_n", "instruction", "raw_scores", "chunk_tokens", "chunk_overlap",
+             "chunk_aggregate"},
+    "calibrate": {"pairs", "output", "method", "holdout"},
     "embed": {"input", "output", "dimensions", "instruction"},
     "classify": {"labels", "input", "multi_label", "threshold", "instruction"},
     "batch": {"input", "output", "errors"},

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
 )
 from typing_extensions import Annotated
 
@@ -157,6 +158,24 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+class ChunkingBody(BaseModel):
+    """Score each document by its chunks: at most ``tokens`` tokens each, overlapping by ``overlap``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tokens: PositiveInt = 256
+    overlap: Annotated[int, Field(ge=0)] = 32
+    aggregate: Literal["max", "mean", "first"] = "max"
+    return_chunks: bool = False
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_below_tokens(cls, v, info):
+        tokens = info.data.get("tokens")
+        if tokens is not None and v >= tokens:
+            raise ValueError(f"overlap ({v}) must be smaller than tokens ({tokens})")
+        return v
+
+
 class RerankBody(_Body):
     """Cohere v1/v2 and Jina rerank; TEI rerank when ``texts`` is given instead of ``documents``."""
 
@@ -180,6 +199,7 @@ class RerankBody(_Body):
     return_evidence: bool = False
     evidence_threshold: float = 0.5
     max_new_tokens: PositiveInt = 512
+    chunking: Optional[ChunkingBody] = None
     # TEI
     return_text: bool = False
     raw_scores: bool = False
@@ -194,6 +214,7 @@ class ScoreBody(_Body):
     text_1: MMInputs
     text_2: MMInputs
     instruction: Optional[Text] = None
+    chunking: Optional[ChunkingBody] = None
 
 
 class EmbedBody(_Body):

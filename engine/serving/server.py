@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 
 from engine.core.request import Cancelled
 from engine.core.stored_docs import DocRef, UnknownDocument, doc_echo
+from engine.prompts.chunking import Chunking, TooManyChunks, chunk_fields
 from engine.prompts.inputs import text_part
 from engine.prompts.templates import is_blank
 from engine.serving.gate import Gate
@@ -190,6 +191,11 @@ class Server:
             raise ApiError(413, f"{n} {param} is more than this server's limit of {self.config.max_documents} "
                                 f"per request (--max-documents)", param)
 
+    def chunking(self, body) -> Chunking:
+        """A request's ``chunking`` object, its chunks counted against --max-documents."""
+        return Chunking(body.tokens, body.overlap, body.aggregate, body.return_chunks,
+                        max_chunks=self.config.max_documents)
+
     async def call(self, request: Request, endpoint: str, fn, *args, **kwargs):
         """Run ``fn(*args, cancel=event, **kwargs)`` in a worker thread; cancel it if the client leaves."""
         if self.in_flight >= self.config.max_queue:
@@ -214,6 +220,8 @@ class Server:
             self.metrics.cancelled.inc()
             raise ApiError(503, "the server is shutting down; retry on another replica or later",
                            headers={"Retry-After": str(self.config.retry_after_s)})
+        except TooManyChunks as e:
+            raise ApiError(413, str(e), "chunking")
         except WrongTask as e:
             raise ApiError(400, str(e), type="unsupported_task")
         except UnknownDocument as e:  # a document given by id that the passage store lacks
@@ -280,13 +288,15 @@ class Server:
             raw_scores=tei and body.raw_scores, min_score=body.min_score,
             **({"compression_ratio": body.compression_ratio} if body.compression_ratio is not None else {}),
             **({"return_evidence": True, "evidence_threshold": body.evidence_threshold,
-                "max_new_tokens": body.max_new_tokens} if body.return_evidence else {}))
+                "max_new_tokens": body.max_new_tokens} if body.return_evidence else {}),
+            **({"chunking": self.chunking(body.chunking)} if body.chunking is not None else {}))
         if tei:
             out = []
             for r in ranked:
                 item = {"index": r["index"], "score": r["score"]}
                 if body.return_text:
                     item["text"] = text_part(docs[r["index"]])
+                item.update(chunk_fields(r))
                 out.append(item)
             return await self.respond(out)
         results = []
@@ -297,6 +307,7 @@ class Server:
             if body.return_evidence:
                 for key in ("contribution", "evidence", "raw_output"):
                     item[key] = r.get(key)
+            item.update(chunk_fields(r))
             results.append(item)
         return await self.respond({"id": str(uuid.uuid4()), "model": name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
@@ -316,10 +327,18 @@ class Server:
         self.check_count(len(d), "text_2")
         self.check_text_only(body.text_1, "text_1")
         self.check_text_only(d, "text_2")
-        scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
+        if body.chunking is not None:
+            self.check_text_only(d, "text_2")
+            got, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction,
+                                          chunking=self.chunking(body.chunking))
+            data = [{"index": i, "object": "score", "score": g["score"], **chunk_fields(g)} for i, g in enumerate(got)]
+        else:
+            scores, tokens = await self.call(request, "score", self.service.score, q, d,
+                                             instruction=body.instruction)
+            data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
         return await self.respond({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                              "model": name,
-                             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                             "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def _embed(self, request: Request, texts, dimensions, bytes_per_number=JSON_BYTES_PER_NUMBER, **kwargs):

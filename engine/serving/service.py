@@ -93,12 +93,17 @@ class Service:
         return ranked, int(call.get("prompt_tokens", 0))
 
     def score(self, queries: Sequence[str], documents: Sequence[str], instruction: Optional[str] = None,
-              cancel=None, raw_scores: bool = False) -> Tuple[List[float], int]:
-        """(scores of the pairs in order, or their exact logits with ``raw_scores``; prompt tokens)."""
+              cancel=None, raw_scores: bool = False, chunking=None) -> Tuple[List[float], int]:
+        """(scores of the pairs in order, or their exact logits with ``raw_scores``; prompt tokens).
+        With ``chunking``: ``{score, chunk[, chunks]}`` per pair instead of scores."""
         if not queries:
             return [], 0
         stored_docs.check_by_id(self.reranker, documents)
         call: dict = {}
+        if chunking is not None:
+            out = self.reranker.score_chunks(list(zip(queries, documents)), chunking, instruction=instruction,
+                                             cancel=cancel, raw_scores=raw_scores, stats=call)
+            return out, int(call.get("prompt_tokens", 0))
         scores = self.reranker.predict(list(zip(queries, documents)), instruction=instruction, cancel=cancel,
                                        raw_scores=raw_scores, stats=call)
         return scores, int(call.get("prompt_tokens", 0))
