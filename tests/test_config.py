@@ -26,7 +26,8 @@ PROCESS_OPTIONS = {
     "all": {"help", "model", "quiet", "debug"},
     "serve": {"host", "port", "api_key", "api_key_file", "served_model_name", "max_queue", "max_documents",
               "max_pairs", "max_body_mb", "body_timeout", "graceful_timeout", "log_level", "replicas",
-              "max_replicas", "target_queue", "replica_cpus", "ray_address"},
+              "max_replicas", "target_queue", "replica_cpus", "ray_address", "max_response_mb",
+              "max_pending_body_mb", "max_header_kb", "header_timeout", "allowed_hosts"},
     "batch": {"ray_address", "concurrency", "batch_size", "num_cpus", "num_gpus"},
     "index": {"ray_address", "concurrency"},
 }
