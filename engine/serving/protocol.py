@@ -168,44 +168,9 @@ class RerankBody(_Body):
     truncation_direction: Direction = "right"
 
 
-class ScoreBody(_Body):
-    """vLLM ``/v1/score``: one ``text_1`` against many ``text_2``, or two lists of equal length (else 400)."""
-
-    model: Optional[str] = None
-    text_1: MMInputs
-    text_2: MMInputs
-    instruction: Optional[Text] = None
-
-
-class EmbedBody(_Body):
-    """TEI ``/embed``; ``instruction`` (an extension) embeds the inputs as queries with that task."""
-
-    inputs: Texts
-    normalize: bool = True
-    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
-    truncation_direction: Direction = "right"
-    dimensions: Optional[PositiveInt] = None
-    instruction: Optional[Text] = None
-
-
-class EmbeddingsBody(_Body):
-    """OpenAI ``/v1/embeddings``."""
-
-    model: Optional[str] = None
-    input: Optional[Texts] = None
-    messages: Optional[List["ChatMessage"]] = Field(
-        None, description="vLLM chat embeddings: system text is the instruction, user content the one input")
-    dimensions: Optional[PositiveInt] = None
-    encoding_format: Literal["float", "base64"] = "float"
-    instruction: Optional[Text] = None
-
-
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: MMInput
-
-
-EmbeddingsBody.model_rebuild()
 
 
 class IndexBody(_Body):

@@ -16,7 +16,6 @@ reranker) 400 ``unsupported_task``. Unknown fields are ignored. Bodies are read
 as JSON whatever their Content-Type.
 """
 import asyncio
-import base64
 import logging
 import math
 import threading
@@ -27,7 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,22 +36,15 @@ from starlette.exceptions import HTTPException
 
 from engine.core.request import Cancelled
 from engine.prompts.inputs import text_part
+from engine.serving.compat import register_routes
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
 from engine.serving.protocol import (
     ERROR_TYPES,
     ClassifyBody,
-    ClassifyResponse,
-    EmbedBody,
-    EmbeddingsBody,
-    EmbeddingsResponse,
     ErrorResponse,
     IndexBody,
     RerankBody,
-    RerankResponse,
-    ScoreBody,
-    ScoreResponse,
-    TEIRank,
     error_param,
     error_response,
 )
@@ -227,23 +219,6 @@ class Server:
         return JSONResponse({"id": str(uuid.uuid4()), "model": name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def score(self, body: ScoreBody, request: Request):
-        name = self.check_model(body.model)
-        q, d = body.text_1, body.text_2
-        if len(q) == 1 and len(d) != 1:
-            q = q * len(d)
-        if len(q) != len(d):
-            raise ApiError(400, f"text_1 has {len(q)} texts and text_2 {len(d)}: give one text_1, "
-                                f"or lists of equal length", "text_2")
-        self.check_count(len(d), "text_2")
-        self.check_text_only(body.text_1, "text_1")
-        self.check_text_only(d, "text_2")
-        scores, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction)
-        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                             "model": name,
-                             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
     async def _embed(self, request: Request, texts, dimensions, **kwargs):
         self.check_count(len(texts), "input")
         if self.service.embedder is None:  # refuse before queueing
@@ -253,35 +228,6 @@ class Server:
             raise ApiError(400, f"dimensions={dimensions} is larger than the embedding size "
                                 f"{self.service.dimension}", "dimensions")
         return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
-
-    async def tei_embed(self, body: EmbedBody, request: Request):
-        emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
-                                   instruction=body.instruction, left=body.truncation_direction.lower() == "left")
-        return JSONResponse(emb.tolist())
-
-    async def embeddings(self, body: EmbeddingsBody, request: Request):
-        name = self.check_model(body.model)
-        inputs, instruction = body.input, body.instruction
-        if (inputs is None) == (body.messages is None):
-            raise ApiError(422, "give either input or messages", "input")
-        if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
-            system = [text_part(m.content) for m in body.messages if m.role == "system"]
-            parts = []
-            for m in body.messages:
-                if m.role != "system":
-                    parts += [m.content] if isinstance(m.content, str) else list(m.content)
-            instruction = "\n".join(system) if system else instruction
-            inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
-            self.check_text_only(inputs, "messages")
-        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction)
-        if body.encoding_format == "base64":
-            vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
-        else:
-            vectors = emb.tolist()
-        return JSONResponse({"object": "list", "model": name,
-                             "data": [{"object": "embedding", "index": i, "embedding": v}
-                                      for i, v in enumerate(vectors)],
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def index(self, body: IndexBody, request: Request):
         name = self.check_model(body.model)
@@ -359,20 +305,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
     app = FastAPI(title="rerank-engine", version="0.1.0", lifespan=lifespan, responses=errors)
     app.state.server = server
-    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
-        app.add_api_route(path, server.rerank, methods=["POST"], summary="Rerank (Cohere/Jina; TEI with texts)",
-                          responses={200: {"model": Union[RerankResponse, List[TEIRank]]}})
-    app.add_api_route("/v1/score", server.score, methods=["POST"], summary="Score pairs (vLLM)",
-                      responses={200: {"model": ScoreResponse}})
-    app.add_api_route("/embed", server.tei_embed, methods=["POST"], summary="Embed (TEI)",
-                      responses={200: {"model": List[List[float]]}})
-    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
-                      responses={200: {"model": EmbeddingsResponse}})
-    app.add_api_route("/v1/index", server.index, methods=["POST"],
-                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)")
-    app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
-                      responses={200: {"model": ClassifyResponse}})
-    app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
+    register_routes(app, server)  # engine.serving.compat.ROUTES: the compatibility map
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics",
                       response_class=Response,
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -104,9 +104,13 @@ def test_malformed_request(servers, case_id, server, method, path, kwargs, statu
     with servers[server].client() as c:
         r = c.request(method, path, **kwargs)
         assert r.status_code == status, r.text
-        err = r.json()["error"]
-        assert set(err) == {"message", "type", "param"} and err["message"]
-        assert err["param"] == param, err
+        if path == "/embed":  # a TEI route: TEI's error body, naming the field
+            err = r.json()
+            assert set(err) == {"error", "error_type"} and param in err["error"], err
+        else:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param"} and err["message"]
+            assert err["param"] == param, err
         # ... and the server keeps answering
         assert c.post("/v1/rerank", json=ok()).status_code == 200
 
