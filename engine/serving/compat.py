@@ -110,6 +110,16 @@ class TEISimilarityBody(_Body):
     parameters: Optional[Dict[str, Any]] = None  # huggingface_hub: {prompt_name, truncate, ...}
 
 
+class TEIPredictBody(_Body):
+    """TEI ``/predict``: a (query, document) pair ``[q, d]`` or a list of pairs, on a reranker."""
+
+    inputs: Union[Text, List[Text], List[List[Text]]]
+    raw_scores: bool = False
+    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncation_direction: Literal["right", "Right"] = Field(
+        "right", description="left truncation is not supported by /predict (422)")
+
+
 class TEITokenizeBody(_Body):
     """TEI ``/tokenize`` (``inputs``) or vLLM ``/tokenize`` (``prompt``)."""
 
@@ -397,6 +407,24 @@ class Compat:
             raise self._error(422, "POST / on a reranker takes TEI's rerank body {query, texts}", "texts")
         return await self.server.rerank(body, request)
 
+    async def tei_predict(self, body: TEIPredictBody, request: Request):
+        if self.service.task != "rerank":
+            raise self._error(400, f"/predict scores (query, document) pairs with a reranker; this server hosts a "
+                                   f"{self.service.task} model", "inputs", type="unsupported_task")
+        x = body.inputs
+        single = isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) for t in x)
+        pairs = [x] if single else x
+        if isinstance(x, str) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise self._error(422, "a reranker's /predict takes pairs [query, document]: [q, d] or [[q, d], ...]",
+                              "inputs")
+        if not pairs:
+            raise self._error(400, "Batch is empty", "inputs", type="empty")
+        self.server.check_count(len(pairs), "inputs")
+        scores, _ = await self.server.call(request, "predict", self.service.score, [p[0] for p in pairs],
+                                           [p[1] for p in pairs], raw_scores=body.raw_scores)
+        out = [[{"score": float(s), "label": "LABEL_0"}] for s in scores]
+        return JSONResponse(out[0] if single else out)
+
     async def tei_info(self):
         tpl = self.service.engine.template
         kind = ({"embedding": {"pooling": "last_token" if tpl.default_instruction else "mean"}}
@@ -554,6 +582,8 @@ ROUTES: List[Route] = [
           "inputs {source_sentence, sentences}, truncation_direction, prompt_name", tei=True),
     Route("/tokenize", "compat.tokenize", "TEI (inputs), vLLM (prompt)",
           "inputs, add_special_tokens (TEI); prompt, add_special_tokens, model (vLLM)", tei=True),
+    Route("/predict", "compat.tei_predict", "TEI (a reranker as a one-label classifier)",
+          "inputs ([q, d] or a list of pairs), raw_scores, truncate", tei=True),
     Route("/decode", "compat.tei_decode", "TEI", "ids, skip_special_tokens", tei=True),
     Route("/info", "compat.tei_info", "TEI", "", ("GET",), tei=True),
     Route("/", "compat.tei_info", "TEI", "", ("GET",), tei=True),
@@ -562,6 +592,7 @@ ROUTES: List[Route] = [
           response=ClassifyResponse),
     Route("/v1/models", "compat.models", "OpenAI, vLLM, infinity (stats)", "", ("GET",)),
     Route("/models", "compat.models", "infinity, vLLM", "", ("GET",)),
+    Route("/health", "compat.health", "all (liveness, no API key; infinity's unix time)", "", ("GET", "HEAD")),
 ]
 
 

@@ -148,8 +148,8 @@ class RerankBody(_Body):
     query: MMQuery = Field(description="must hold a non-whitespace character or an image (else 400)")
     documents: Optional[List[MMInput]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
-    top_n: Optional[PositiveInt] = None
-    top_k: Optional[PositiveInt] = Field(None, description="alias of top_n")
+    top_n: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="0: all (vLLM)")
+    top_k: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="alias of top_n")
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None

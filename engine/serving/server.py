@@ -191,6 +191,7 @@ class Server:
         self.check_text_only([body.query], "query")
         self.check_text_only(docs, "documents")
         top_n = body.top_n if body.top_n is not None else body.top_k
+        top_n = top_n or None  # vLLM: top_n 0 means all
         ranked, tokens = await self.call(
             request, "rerank", self.service.rank, body.query, docs, top_n=top_n,
             instruction=body.instruction if body.instruction is not None else body.instruct,
@@ -284,10 +285,6 @@ def _server_error(request: Request, exc: Exception):
     return error_response(500, f"internal error: {type(exc).__name__}")
 
 
-async def health():
-    return {"status": "ok"}
-
-
 def create_app(service: Service, config: ServerConfig) -> FastAPI:
     """The ASGI app; run it with uvicorn (``rerank-engine serve``)."""
     server = Server(service, config)
@@ -310,7 +307,6 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
                       response_class=Response,
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                        "description": "Prometheus text exposition format"}})
-    app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Liveness (no API key)")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)

@@ -203,7 +203,7 @@ def test_usage_is_close_to_the_engine_count(rerank_server, py_reranker, docs):
 
 def test_ops_endpoints(rerank_server):
     with rerank_server.client() as c:
-        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/health").json()["status"] == "ok"  # with infinity's unix time
         models = c.get("/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["id"] == RERANK_NAME
         assert models["data"][0]["task"] == "rerank"

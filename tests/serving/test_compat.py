@@ -293,3 +293,29 @@ def test_the_table_is_the_route_table(embed_server):
         readme = f.read()
     for r in ROUTES:  # the README mirrors the map
         assert f"`{r.path}`" in readme, r.path
+
+
+def test_tei_predict_on_a_reranker(rerank_server):
+    with rerank_server.client() as c:
+        want = c.post("/v1/score", json={"text_1": ["q1", "q2"], "text_2": TEXTS[:2]}).json()["data"]
+        raw = c.post("/v1/score", json={"text_1": "q1", "text_2": TEXTS[0]}).json()["data"][0]["score"]
+        one = c.post("/predict", json={"inputs": ["q1", TEXTS[0]]}).json()
+        many = c.post("/predict", json={"inputs": [["q1", TEXTS[0]], ["q2", TEXTS[1]]]}).json()
+        logit = c.post("/predict", json={"inputs": ["q1", TEXTS[0]], "raw_scores": True}).json()
+        bad = c.post("/predict", json={"inputs": "just one text"})
+        left = c.post("/predict", json={"inputs": ["q", "d"], "truncation_direction": "left"})
+    assert one[0]["label"] == "LABEL_0" and abs(one[0]["score"] - raw) <= ATOL
+    np.testing.assert_allclose([p[0]["score"] for p in many], [d["score"] for d in want], atol=ATOL)
+    assert abs(1 / (1 + np.exp(-logit[0]["score"])) - raw) <= 1e-4  # the logit before the sigmoid
+    assert bad.status_code == 422 and "pairs" in tei("ErrorResponse", bad.json())["error"]
+    assert left.status_code == 422 and "truncation_direction" in left.json()["error"]
+
+
+def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
+    with rerank_server.client() as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS, "top_n": 0})
+        assert r.status_code == 200 and len(r.json()["results"]) == len(TEXTS), r.text
+        assert c.post("/v1/rerank", json={"query": "q", "documents": TEXTS, "top_n": -1}).status_code == 422
+        h = c.get("/health").json()
+        assert h["status"] == "ok" and isinstance(h["unix"], float)
+        assert c.head("/health").status_code == 200
