@@ -39,6 +39,7 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from engine.prompts.inputs import text_part
+from engine.serving.errors import ApiError
 from engine.serving.protocol import (
     ChatMessage,
     ClassifyResponse,
@@ -228,8 +229,6 @@ class TEIRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            from engine.serving.server import ApiError
-
             try:
                 return await handler(request)
             except RequestValidationError as exc:
@@ -254,8 +253,6 @@ class Compat:
         self.service = server.service
 
     def _error(self, *args, **kwargs):
-        from engine.serving.server import ApiError
-
         return ApiError(*args, **kwargs)
 
     def ids_to_texts(self, inputs, param: str) -> list:
@@ -323,6 +320,9 @@ class Compat:
         given = [f for f in ("text_1", "text_2", "data_1", "data_2", "queries", "documents", "items")
                  if getattr(body, f) is not None]
         pair = next((p for p in _SCORE_PAIRS if set(given) == set(p)), None)
+        if pair is None and len(given) == 1:
+            other = next(b if a == given[0] else a for a, b in _SCORE_PAIRS if given[0] in (a, b))
+            raise self._error(422, f"{other} is required with {given[0]}", other)
         if pair is None:
             raise self._error(422, "give one pair of text_1/text_2, data_1/data_2, queries/documents or "
                                    f"queries/items (got {', '.join(given) or 'none'})", given[0] if given else "text_1")

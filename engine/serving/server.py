@@ -37,10 +37,10 @@ from starlette.exceptions import HTTPException
 from engine.core.request import Cancelled
 from engine.prompts.inputs import text_part
 from engine.serving.compat import register_routes
+from engine.serving.errors import ApiError
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
 from engine.serving.protocol import (
-    ERROR_TYPES,
     ClassifyBody,
     ErrorResponse,
     IndexBody,
@@ -84,14 +84,6 @@ def _finite(result) -> bool:
     if isinstance(result, (list, tuple)):
         return all(_finite(v) for v in result)
     return True
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.type = type or ERROR_TYPES.get(status, "server_error")
 
 
 class Server:

@@ -319,3 +319,38 @@ def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
         h = c.get("/health").json()
         assert h["status"] == "ok" and isinstance(h["unix"], float)
         assert c.head("/health").status_code == 200
+
+
+# Clients too heavy for the test extra (LangChain, LlamaIndex and Haystack pull large dependency trees):
+# their requests (model set to the served name), as their sources build them (langchain-openai 0.3 / langchain-cohere 0.4, llama-index
+# TextEmbeddingsInference 0.3, haystack-ai 2.x HuggingFaceAPITextEmbedder), replayed on the wire.
+RECORDED = [
+    # LangChain OpenAIEmbeddings(check_embedding_ctx_length=False), through the openai SDK (base64 by default)
+    ("langchain-openai", "/v1/embeddings", {"input": TEXTS, "model": EMBED_NAME,
+                                            "encoding_format": "base64"}, "openai-b64", {}),
+    # LangChain CohereEmbeddings, through cohere.ClientV2.embed
+    ("langchain-cohere", "/v2/embed", {"model": EMBED_NAME, "texts": TEXTS, "input_type": "search_document",
+                                       "embedding_types": ["float"]}, "cohere-v2", {}),
+    # LlamaIndex TextEmbeddingsInference(base_url=...): {base_url}/embed, truncate_text=True
+    ("llama-index-tei", "/embed", {"inputs": TEXTS, "truncate": True}, "tei", {}),
+    # Haystack HuggingFaceAPITextEmbedder(api_type="text_embeddings_inference", api_params={"url": bare URL}):
+    # InferenceClient(url).feature_extraction(text, truncate=True, normalize=False)
+    ("haystack", "/", {"inputs": TEXTS[0], "truncate": True, "normalize": False}, "tei", {"normalize": False}),
+]
+
+
+@pytest.mark.parametrize("client,path,body,shape,opts", RECORDED, ids=[r[0] for r in RECORDED])
+def test_recorded_client_requests(embed_server, py_embedder, client, path, body, shape, opts):
+    with embed_server.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    texts = TEXTS[:1] if isinstance(body.get("inputs"), str) else TEXTS
+    want = py_embedder.embed(texts, **opts)
+    if shape == "openai-b64":
+        got = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in out["data"]]
+    elif shape == "cohere-v2":
+        got = out["embeddings"]["float"]
+    else:
+        got = tei("EmbedResponse", out)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4 if opts else ATOL, rtol=1e-5)
