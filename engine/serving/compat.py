@@ -24,6 +24,7 @@ components (sentence-transformers' ``quantize_embeddings`` with ranges [[-1]*d, 
 ``binary`` = ubinary - 128 as int8 (Cohere's and sentence-transformers' definition).
 """
 import base64
+import json
 import sys
 import time
 import uuid
@@ -88,7 +89,7 @@ class EmbedBody(_Body):
 
     inputs: TextOrIds
     normalize: bool = True
-    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncate: Optional[bool] = Field(None, description="false: an input over the model's context is 413")
     truncation_direction: Direction = "right"
     dimensions: Optional[PositiveInt] = None
     prompt_name: Optional[str] = None
@@ -116,7 +117,7 @@ class TEIPredictBody(_Body):
 
     inputs: Union[Text, List[Text], List[List[Text]]]
     raw_scores: bool = False
-    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncate: Optional[Literal[True]] = Field(None, description="pairs are always truncated: false is 422")
     truncation_direction: Literal["right", "Right"] = Field(
         "right", description="left truncation is not supported by /predict (422)")
 
@@ -365,11 +366,24 @@ class Compat:
         raise self._error(422, f"prompt_name {prompt_name!r} is not known to this model (it has 'query')",
                           "prompt_name")
 
+    def check_fits(self, texts, truncate: Optional[bool], instruction: Optional[str], param: str = "inputs"):
+        """TEI ``truncate: false``: an input longer than the model's context is refused (413), not cut."""
+        if truncate is not False or self.service.task != "embed":
+            return
+        budget = self.service.budget
+        overhead = budget.overhead[1] if instruction is None else budget.overhead[0] + budget.count(instruction)
+        for i, t in enumerate(texts):
+            n = budget.count(t) + overhead
+            if n > self.service.max_length:
+                raise self._error(413, f"{param}[{i}] must have less than {self.service.max_length} tokens with "
+                                       f"truncate=false. Given: {n}", param)
+
     async def tei_embed(self, body: EmbedBody, request: Request):
         texts = self.ids_to_texts(body.inputs, "inputs")
         if not texts:
             raise self._error(400, "Batch is empty", "inputs", type="empty")
         instruction = body.instruction if body.instruction is not None else self._tei_prompt(body.prompt_name)
+        self.check_fits(texts, body.truncate, instruction)
         emb, _ = await self.server._embed(request, texts, body.dimensions, normalize=body.normalize,
                                           instruction=instruction,
                                           left=body.truncation_direction.lower() == "left")
@@ -378,8 +392,10 @@ class Compat:
     async def tei_similarity(self, body: TEISimilarityBody, request: Request):
         params = dict(body.parameters or {})
         prompt_name = params.pop("prompt_name", body.prompt_name)
-        for k in ("truncate", "truncation_direction"):
-            params.pop(k, None)
+        truncate = params.pop("truncate", body.truncate)
+        direction = params.pop("truncation_direction", body.truncation_direction)
+        if direction not in ("right", "left", "Right", "Left"):
+            raise self._error(422, "truncation_direction must be right or left", "truncation_direction")
         if params:
             raise self._error(422, f"parameters.{min(params)} is not supported by /similarity",
                               f"parameters.{min(params)}")
@@ -387,9 +403,9 @@ class Compat:
         if not sents:
             raise self._error(400, "Batch is empty", "inputs.sentences", type="empty")
         instruction = self._tei_prompt(prompt_name)
+        self.check_fits([body.inputs.source_sentence] + list(sents), truncate, instruction, "inputs.sentences")
         emb, _ = await self.server._embed(request, [body.inputs.source_sentence] + list(sents), None,
-                                          instruction=instruction,
-                                          left=body.truncation_direction.lower() == "left")
+                                          instruction=instruction, left=direction.lower() == "left")
         return JSONResponse([float(s) for s in emb[1:] @ emb[0]])
 
     async def tei_root(self, request: Request):
@@ -397,7 +413,10 @@ class Compat:
         rerank (``query`` + ``texts``) on a reranker."""
         from engine.serving.protocol import RerankBody
 
-        raw = await request.json()
+        try:
+            raw = json.loads(await request.body())
+        except ValueError as e:  # also a body that is not UTF-8
+            raise self._error(400, f"invalid JSON: {e}") from None
         if self.service.task == "embed":
             if isinstance(raw, dict) and isinstance(raw.get("inputs"), dict):
                 return await self.tei_similarity(_validate(TEISimilarityBody, raw), request)

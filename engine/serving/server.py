@@ -1,7 +1,7 @@
 """The HTTP server: the rerank and embedding APIs clients already speak, over one loaded model.
 
-Routes (listed in ARCHITECTURE.md, "HTTP routes"): Cohere/Jina and TEI rerank, vLLM score, TEI and
-OpenAI embeddings, health, models, Prometheus metrics and the OpenAPI spec.
+Routes: the compatibility map ``engine.serving.compat.ROUTES`` (Cohere/Jina/TEI/vLLM rerank and score,
+OpenAI/Cohere/TEI embeddings, TEI's root routes, health, models), Prometheus metrics and the OpenAPI spec.
 
 The event loop never runs the model: each request runs in a worker thread, so
 concurrent requests reach the engine together and share its batches. At most

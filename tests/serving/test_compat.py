@@ -237,7 +237,7 @@ def test_tei_routes_and_schemas(embed_server, rerank_server, py_embedder, tok):
         assert c.get("/").json() == info
         got = tei("EmbedResponse", c.post("/embed", json={"inputs": ids(tok, TEXTS[0])}).json())
         np.testing.assert_allclose(got, py_embedder.embed(TEXTS[:1]), atol=ATOL)
-        got = tei("EmbedResponse", c.post("/", json={"inputs": TEXTS}).json())
+        got = tei("EmbedResponse", c.post("/", json={"inputs": TEXTS, "truncate": False}).json())  # they fit
         np.testing.assert_allclose(got, py_embedder.embed(TEXTS), atol=ATOL)
         got = tei("EmbedResponse", c.post("/invocations", json={"inputs": TEXTS, "prompt_name": "query"}).json())
         np.testing.assert_allclose(got, py_embedder.embed(TEXTS, is_query=True), atol=ATOL)
@@ -273,10 +273,11 @@ def test_tei_routes_and_schemas(embed_server, rerank_server, py_embedder, tok):
     ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 422, "Validation", "prompt_name"),
     ("/decode", {"ids": [10**9]}, 400, "Validation", "ids"),
     ("/decode", {"ids": []}, 400, "Empty", "Batch is empty"),
+    ("/", None, 400, "Validation", "invalid JSON"),
 ])
 def test_tei_errors(embed_server, path, body, status, error_type, names):
     with embed_server.client() as c:
-        r = c.post(path, json=body)
+        r = c.post(path, json=body) if body is not None else c.post(path, content=b"")
         assert r.status_code == status, r.text
         err = tei("ErrorResponse", r.json())
         assert err["error_type"] == error_type and names in err["error"], err
@@ -304,11 +305,13 @@ def test_tei_predict_on_a_reranker(rerank_server):
         logit = c.post("/predict", json={"inputs": ["q1", TEXTS[0]], "raw_scores": True}).json()
         bad = c.post("/predict", json={"inputs": "just one text"})
         left = c.post("/predict", json={"inputs": ["q", "d"], "truncation_direction": "left"})
+        strict = c.post("/predict", json={"inputs": ["q", "d"], "truncate": False})
     assert one[0]["label"] == "LABEL_0" and abs(one[0]["score"] - raw) <= ATOL
     np.testing.assert_allclose([p[0]["score"] for p in many], [d["score"] for d in want], atol=ATOL)
     assert abs(1 / (1 + np.exp(-logit[0]["score"])) - raw) <= 1e-4  # the logit before the sigmoid
     assert bad.status_code == 422 and "pairs" in tei("ErrorResponse", bad.json())["error"]
     assert left.status_code == 422 and "truncation_direction" in left.json()["error"]
+    assert strict.status_code == 422 and "truncate" in strict.json()["error"]
 
 
 def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
@@ -354,3 +357,14 @@ def test_recorded_client_requests(embed_server, py_embedder, client, path, body,
     else:
         got = tei("EmbedResponse", out)
     np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4 if opts else ATOL, rtol=1e-5)
+
+
+def test_tei_truncate_false_refuses_long_inputs(embed_server, embed_service):
+    long = "word " * (embed_service.max_length + 8)
+    with embed_server.client() as c:
+        r = c.post("/embed", json={"inputs": ["short", long], "truncate": False})
+        assert r.status_code == 413 and "inputs[1] must have less than" in tei("ErrorResponse", r.json())["error"]
+        assert c.post("/embed", json={"inputs": ["short", long], "truncate": True}).status_code == 200
+        r = c.post("/similarity", json={"inputs": {"source_sentence": "a", "sentences": [long]},
+                                        "parameters": {"truncate": False}})
+        assert r.status_code == 413, r.text
