@@ -8,8 +8,8 @@ concurrent requests reach the engine together and share its batches. At most
 ``max_queue`` requests are admitted at once; beyond that the answer is 429 with
 ``Retry-After``. A client that disconnects has its remaining batches cancelled.
 
-Errors are ``{"error": {message, type, param}}``: broken JSON 400, a body of the
-wrong shape or types 422 naming the field, an empty query 400, an unknown
+Errors are ``{"error": {message, type, param}}`` (on TEI's routes TEI's ``{"error", "error_type"}``):
+broken JSON 400, a body of the wrong shape or types 422 naming the field, an empty query 400, an unknown
 ``model`` 404, too many documents or too large a body 413, a full queue 429, a
 missing or wrong API key 401, a route of the other task (embeddings from a
 reranker) 400 ``unsupported_task``. Unknown fields are ignored. Bodies are read

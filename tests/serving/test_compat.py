@@ -368,3 +368,17 @@ def test_tei_truncate_false_refuses_long_inputs(embed_server, embed_service):
         r = c.post("/similarity", json={"inputs": {"source_sentence": "a", "sentences": [long]},
                                         "parameters": {"truncate": False}})
         assert r.status_code == 413, r.text
+
+
+def test_rerankers_jina_provider(rerank_server):
+    # rerankers' other API providers: cohere and text-embeddings-inference are in test_clients.py; voyage,
+    # mixedbread.ai, pinecone and isaacus read results under "data" (or "score"), which no route here answers.
+    from rerankers import Reranker as RerankersReranker
+
+    ranker = RerankersReranker("tiny-reranker", model_type="jina", api_key="unused",
+                               url=f"{rerank_server.url}/v1/rerank", verbose=0)
+    out = ranker.rank("q", TEXTS)
+    with rerank_server.client() as c:
+        want = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS}).json()["results"]
+    assert [r.document.doc_id for r in out.results] == [w["index"] for w in want]
+    np.testing.assert_allclose([r.score for r in out.results], [w["relevance_score"] for w in want], atol=ATOL)
