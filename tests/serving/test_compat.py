@@ -279,7 +279,8 @@ def test_tei_routes_and_schemas(embed_server, rerank_server, py_embedder, tok):
 ])
 def test_tei_errors(embed_server, path, body, status, error_type, names):
     with embed_server.client() as c:
-        r = c.post(path, json=body) if body is not None else c.post(path, content=b"")
+        r = c.post(path, json=body) if body is not None else \
+            c.post(path, content=b"", headers={"Content-Type": "application/json"})
         assert r.status_code == status, r.text
         err = tei("ErrorResponse", r.json())
         assert err["error_type"] == error_type and names in err["error"], err
@@ -288,7 +289,10 @@ def test_tei_errors(embed_server, path, body, status, error_type, names):
 
 def test_the_table_is_the_route_table(embed_server):
     spec = embed_server.app.openapi()
+    hidden = {getattr(r, "path", None) for r in embed_server.app.routes if not getattr(r, "include_in_schema", True)}
     for r in ROUTES:
+        if r.path in hidden:  # /v1/index is listed only on a KaLM-Reranker, where it works
+            continue
         for m in r.methods:
             assert m.lower() in spec["paths"][r.path], (r.path, m)
         assert f"`{r.path}`" in markdown_table()
