@@ -186,8 +186,8 @@ class RerankBody(_Body):
                                        "control, zero-width and lone combining characters do not count")
     documents: Optional[List[MMInput]] = None
     texts: Optional[List[Text]] = Field(None, description="TEI shape: answer [{index, score, text?}]")
-    top_n: Optional[PositiveInt] = None
-    top_k: Optional[PositiveInt] = Field(None, description="alias of top_n")
+    top_n: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="0: all (vLLM)")
+    top_k: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="alias of top_n")
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
     instruction: Optional[Text] = None
@@ -207,47 +207,9 @@ class RerankBody(_Body):
     truncation_direction: Direction = "right"
 
 
-class ScoreBody(_Body):
-    """vLLM ``/v1/score``: one ``text_1`` against many ``text_2``, or two lists of equal length (else 400)."""
-
-    model: Optional[str] = None
-    text_1: MMInputs
-    text_2: MMInputs
-    instruction: Optional[Text] = None
-    chunking: Optional[ChunkingBody] = None
-
-
-class EmbedBody(_Body):
-    """TEI ``/embed``; ``instruction`` (an extension) embeds the inputs as queries with that task."""
-
-    inputs: Texts
-    normalize: bool = True
-    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
-    truncation_direction: Direction = "right"
-    dimensions: Optional[PositiveInt] = None
-    instruction: Optional[Text] = None
-
-
-class EmbeddingsBody(_Body):
-    """OpenAI ``/v1/embeddings``: ``input`` or (vLLM) ``messages``, one of the two."""
-
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["input"]}, {"required": ["messages"]}]})
-
-    model: Optional[str] = None
-    input: Optional[Texts] = None
-    messages: Optional[List["ChatMessage"]] = Field(
-        None, description="vLLM chat embeddings: system text is the instruction, user content the one input")
-    dimensions: Optional[PositiveInt] = None
-    encoding_format: Literal["float", "base64"] = "float"
-    instruction: Optional[Text] = None
-
-
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: MMInput
-
-
-EmbeddingsBody.model_rebuild()
 
 
 class IndexBody(_Body):

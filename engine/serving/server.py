@@ -1,15 +1,15 @@
 """The HTTP server: the rerank and embedding APIs clients already speak, over one loaded model.
 
-Routes (listed in ARCHITECTURE.md, "HTTP routes"): Cohere/Jina and TEI rerank, vLLM score, TEI and
-OpenAI embeddings, health, models, Prometheus metrics and the OpenAPI spec.
+Routes: the compatibility map ``engine.serving.compat.ROUTES`` (Cohere/Jina/TEI/vLLM rerank and score,
+OpenAI/Cohere/TEI embeddings, TEI's root routes, health, models), Prometheus metrics and the OpenAPI spec.
 
 The event loop never runs the model: each request runs in a worker thread, so
 concurrent requests reach the engine together and share its batches. At most
 ``max_queue`` requests are admitted at once; beyond that the answer is 429 with
 ``Retry-After``. A client that disconnects has its remaining batches cancelled.
 
-Errors are ``{"error": {message, type, param}}``: broken JSON 400, a body of the
-wrong shape or types 422 naming the field, an empty query 400, an unknown
+Errors are ``{"error": {message, type, param}}`` (on TEI's routes TEI's ``{"error", "error_type"}``):
+broken JSON 400, a body of the wrong shape or types 422 naming the field, an empty query 400, an unknown
 ``model`` 404, too many documents or too large a body 413, a full queue 429, a
 missing or wrong API key 401, a route of the other task (embeddings from a
 reranker) 400 ``unsupported_task``, a response larger than ``max_response_bytes`` 413, a
@@ -19,7 +19,6 @@ header size and deadline) in http.py. Responses are encoded with orjson in a wor
 large one never stalls the event loop (``/health`` included).
 """
 import asyncio
-import base64
 import logging
 import math
 import threading
@@ -30,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import numpy as np
 import orjson
@@ -44,22 +43,15 @@ from engine.core.stored_docs import DocRef, UnknownDocument, doc_echo
 from engine.prompts.chunking import Chunking, TooManyChunks, chunk_fields
 from engine.prompts.inputs import text_part
 from engine.prompts.templates import is_blank
+from engine.serving.compat import register_routes
+from engine.serving.errors import ApiError
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
 from engine.serving.protocol import (
-    ERROR_TYPES,
     ClassifyBody,
-    ClassifyResponse,
-    EmbedBody,
-    EmbeddingsBody,
-    EmbeddingsResponse,
     ErrorResponse,
     IndexBody,
     RerankBody,
-    RerankResponse,
-    ScoreBody,
-    ScoreResponse,
-    TEIRank,
     error_param,
     error_response,
 )
@@ -140,14 +132,6 @@ def encode_json(content, max_bytes: int) -> bytes:
     if len(body) > max_bytes:
         raise TooLarge
     return body
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.type = type or ERROR_TYPES.get(status, "server_error")
 
 
 class Server:
@@ -281,6 +265,7 @@ class Server:
         self.check_text_only([body.query], "query")
         self.check_text_only(docs, "documents")
         top_n = body.top_n if body.top_n is not None else body.top_k
+        top_n = top_n or None  # vLLM: top_n 0 means all
         ranked, tokens = await self.call(
             request, "rerank", self.service.rank, body.query, docs, top_n=top_n,
             instruction=body.instruction if body.instruction is not None else body.instruct,
@@ -312,35 +297,6 @@ class Server:
         return await self.respond({"id": str(uuid.uuid4()), "model": name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def score(self, body: ScoreBody, request: Request):
-        name = self.check_model(body.model)
-        q, d = body.text_1, body.text_2
-        for i, t in enumerate(q):
-            if isinstance(t, str) and is_blank(t):
-                raise ApiError(400, "text_1 must not be empty" if len(q) == 1 else f"text_1[{i}] must not be empty",
-                               "text_1")
-        if len(q) == 1 and len(d) != 1:
-            q = q * len(d)
-        if len(q) != len(d):
-            raise ApiError(400, f"text_1 has {len(q)} texts and text_2 {len(d)}: give one text_1, "
-                                f"or lists of equal length", "text_2")
-        self.check_count(len(d), "text_2")
-        self.check_text_only(body.text_1, "text_1")
-        self.check_text_only(d, "text_2")
-        if body.chunking is not None:
-            self.check_text_only(d, "text_2")
-            got, tokens = await self.call(request, "score", self.service.score, q, d, instruction=body.instruction,
-                                          chunking=self.chunking(body.chunking))
-            data = [{"index": i, "object": "score", "score": g["score"], **chunk_fields(g)} for i, g in enumerate(got)]
-        else:
-            scores, tokens = await self.call(request, "score", self.service.score, q, d,
-                                             instruction=body.instruction)
-            data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-        return await self.respond({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                             "model": name,
-                             "data": data,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
     async def _embed(self, request: Request, texts, dimensions, bytes_per_number=JSON_BYTES_PER_NUMBER, **kwargs):
         self.check_count(len(texts), "input")
         if self.service.embedder is None:  # refuse before queueing
@@ -351,37 +307,6 @@ class Server:
                                 f"{self.service.dimension}", "dimensions")
         self.check_response_size(len(texts) * (dimensions or self.service.dimension), bytes_per_number)
         return await self.call(request, "embed", self.service.embed, texts, dimensions=dimensions, **kwargs)
-
-    async def tei_embed(self, body: EmbedBody, request: Request):
-        emb, _ = await self._embed(request, body.inputs, body.dimensions, normalize=body.normalize,
-                                   instruction=body.instruction, left=body.truncation_direction.lower() == "left")
-        return await self.respond(np.ascontiguousarray(emb))
-
-    async def embeddings(self, body: EmbeddingsBody, request: Request):
-        name = self.check_model(body.model)
-        inputs, instruction = body.input, body.instruction
-        if (inputs is None) == (body.messages is None):
-            raise ApiError(422, "give either input or messages", "input")
-        if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
-            system = [text_part(m.content) for m in body.messages if m.role == "system"]
-            parts = []
-            for m in body.messages:
-                if m.role != "system":
-                    parts += [m.content] if isinstance(m.content, str) else list(m.content)
-            instruction = "\n".join(system) if system else instruction
-            inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
-            self.check_text_only(inputs, "messages")
-        base64_out = body.encoding_format == "base64"
-        emb, tokens = await self._embed(request, inputs, body.dimensions, instruction=instruction,
-                                        bytes_per_number=16 / 3 if base64_out else JSON_BYTES_PER_NUMBER)
-        if base64_out:
-            vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
-        else:
-            vectors = np.ascontiguousarray(emb)
-        return await self.respond({"object": "list", "model": name,
-                             "data": [{"object": "embedding", "index": i, "embedding": v}
-                                      for i, v in enumerate(vectors)],
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def index(self, body: IndexBody, request: Request):
         name = self.check_model(body.model)
@@ -438,10 +363,6 @@ def _server_error(request: Request, exc: Exception):
     return error_response(500, f"internal error: {type(exc).__name__}")
 
 
-async def health():
-    return {"status": "ok"}
-
-
 def _schema_limits(app: FastAPI, service: Service) -> None:
     """The OpenAPI spec with this model's own limits: ``dimensions`` at most its embedding size."""
     build = app.openapi
@@ -485,26 +406,14 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="rerank-engine", version="0.1.0", lifespan=lifespan, responses=errors)
     app.router.redirect_slashes = False  # no redirect (it would echo the Host header): "/v1/rerank/" is 404
     app.state.server = server
-    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
-        app.add_api_route(path, server.rerank, methods=["POST"], summary="Rerank (Cohere/Jina; TEI with texts)",
-                          responses={200: {"model": Union[RerankResponse, List[TEIRank]]}})
-    app.add_api_route("/v1/score", server.score, methods=["POST"], summary="Score pairs (vLLM)",
-                      responses={200: {"model": ScoreResponse}})
-    app.add_api_route("/embed", server.tei_embed, methods=["POST"], summary="Embed (TEI)",
-                      responses={200: {"model": List[List[float]]}})
-    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"], summary="Embeddings (OpenAI)",
-                      responses={200: {"model": EmbeddingsResponse}})
-    app.add_api_route("/v1/index", server.index, methods=["POST"],
-                      summary="Pre-encode passages into the passage cache (KaLM-Reranker)",
-                      include_in_schema=bool(getattr(service.reranker, "is_encoder_decoder", False)))
-    app.add_api_route("/v1/classify", server.classify, methods=["POST"], summary="Zero-shot classification",
-                      responses={200: {"model": ClassifyResponse}})
-    app.add_api_route("/v1/models", server.models, methods=["GET"], summary="The served model")
+    register_routes(app, server)  # engine.serving.compat.ROUTES: the compatibility map
+    for route in app.routes:  # /v1/index: listed in the spec only where it works (KaLM-Reranker)
+        if getattr(route, "path", None) == "/v1/index":
+            route.include_in_schema = bool(getattr(service.reranker, "is_encoder_decoder", False))
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], summary="Prometheus metrics",
                       response_class=Response,
                       responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                        "description": "Prometheus text exposition format"}})
-    app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Liveness (no API key)")
     _schema_limits(app, service)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

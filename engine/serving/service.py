@@ -110,8 +110,9 @@ class Service:
 
     def embed(self, texts: Sequence[str], dimensions: Optional[int] = None, normalize: bool = True,
               instruction: Optional[str] = None, max_tokens: Optional[int] = None, left: bool = False,
-              cancel=None) -> Tuple[np.ndarray, int]:
-        """(``[n, d]`` float32 embeddings, prompt tokens); ``instruction`` embeds the texts as queries."""
+              cancel=None, is_query: Optional[bool] = None) -> Tuple[np.ndarray, int]:
+        """(``[n, d]`` float32 embeddings, prompt tokens); ``instruction`` embeds the texts as queries
+        (``is_query``, default: whether an instruction is given)."""
         if self.embedder is None:
             raise WrongTask(f"this server hosts a {self.task} model; embeddings need an embedding model "
                             f"(serve one with --task embed)")
@@ -120,7 +121,8 @@ class Service:
         cut = self.budget.texts(texts, instruction, max_tokens, left)
         call: dict = {}
         emb = self.embedder.embed(cut, dimensions=dimensions, instruction=instruction,
-                                  is_query=instruction is not None, normalize=normalize, cancel=cancel, stats=call)
+                                  is_query=instruction is not None if is_query is None else is_query,
+                                  normalize=normalize, cancel=cancel, stats=call)
         return emb, int(call.get("prompt_tokens", 0))
 
     def classify(self, texts: Sequence[str], labels, multi_label: bool = False, threshold: Optional[float] = None,

@@ -156,10 +156,11 @@ def test_embed_model_serves_rerank_by_cosine(embed_server, embed_folder, docs):
 
 def test_reranker_refuses_embeddings(rerank_server):
     with rerank_server.client() as c:
-        for path, body in (("/embed", {"inputs": ["x"]}), ("/v1/embeddings", {"input": "x"})):
-            r = c.post(path, json=body)
-            assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported_task", r.text
-            assert "rerank model" in r.json()["error"]["message"]
+        r = c.post("/v1/embeddings", json={"input": "x"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported_task", r.text
+        assert "rerank model" in r.json()["error"]["message"]
+        r = c.post("/embed", json={"inputs": ["x"]})  # a TEI route: TEI's error body
+        assert r.status_code == 400 and "rerank model" in r.json()["error"], r.text
 
 
 def test_max_tokens_per_doc_truncates(rerank_server, py_reranker):
@@ -202,7 +203,7 @@ def test_usage_is_close_to_the_engine_count(rerank_server, py_reranker, docs):
 
 def test_ops_endpoints(rerank_server):
     with rerank_server.client() as c:
-        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/health").json()["status"] == "ok"  # with infinity's unix time
         models = c.get("/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["id"] == RERANK_NAME
         assert models["data"][0]["task"] == "rerank"

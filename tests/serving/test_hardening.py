@@ -85,7 +85,7 @@ def test_schema_says_what_the_server_enforces(rerank_server, embed_server):
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     with embed_server.client() as c:
         r = c.post("/embed", json={"inputs": ["x"], "truncate": 0})  # an int is not a bool
-        assert r.status_code == 422 and r.json()["error"]["param"] == "truncate"
+        assert r.status_code == 422 and "truncate" in r.json()["error"]  # TEI's error body
 
 
 def test_unhandled_errors_are_500_with_their_traceback_logged(start_server, rerank_service, monkeypatch, caplog):

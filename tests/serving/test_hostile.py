@@ -63,7 +63,7 @@ def test_response_size_is_bounded(start_server, embed_service):
     with server.client() as c:
         # Refused before any work: the answer cannot fit, whatever the numbers.
         r = c.post("/embed", json={"inputs": ["a"] * (50_000 // (8 * d) + 1)})
-        assert r.status_code == 413 and "--max-response-mb" in r.json()["error"]["message"], r.text
+        assert r.status_code == 413 and "--max-response-mb" in r.json()["error"], r.text  # TEI's error body
         r = c.post("/v1/embeddings", json={"input": ["a"] * (50_000 // (8 * d) + 1)})
         assert r.status_code == 413, r.text
         # Within the early estimate, over the limit once encoded: refused too, as it is encoded.
@@ -329,4 +329,4 @@ def test_schema_says_what_the_server_does(rerank_server, embed_server, embed_ser
             dims = schemas[name]["properties"]["dimensions"]
             assert any(o.get("maximum") == embed_service.dimension for o in dims.get("anyOf", [dims])), dims
         r = c.post("/embed", json={"inputs": ["a"], "dimensions": embed_service.dimension + 1})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+        assert r.status_code == 400 and "dimensions" in r.json()["error"], r.text  # TEI's error body
