@@ -1,0 +1,34 @@
+"""All-MiniLM-L6-v2 embedding throughput on CPU under the engine's memory settings (engine/models/memory.py,
+cpu_linear.bucket_rows), one setting per process: best of 3 passes over 1,000 random texts of 5-120 words.
+
+    PYTHONPATH=. LABEL=engine python bench/cpu_memory_settings.py
+    PYTHONPATH=. EXACT=1 LABEL=exact-rows python bench/cpu_memory_settings.py   # GEMMs at exact row counts
+    PYTHONPATH=. MALLOC_MMAP_THRESHOLD_=131072 LABEL=mmap-128k python bench/cpu_memory_settings.py
+"""
+import os
+import random
+import time
+
+from engine import Embedder
+
+WORDS = ("the capital of china is beijing a city river model search query document passage relevant answer "
+         "engine fast text embedding rank score batch token long short north south ancient modern").split()
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+if os.environ.get("EXACT"):
+    from engine.models import cpu_linear
+    cpu_linear.bucket_rows = lambda n: n
+rng = random.Random(0)
+texts = [random_text(rng, rng.randint(5, 120)) for _ in range(1000)]
+emb = Embedder()
+emb.embed(texts[:64])
+best = 0
+for _ in range(3):
+    t = time.perf_counter()
+    emb.embed(texts)
+    best = max(best, 1000 / (time.perf_counter() - t))
+print(os.environ.get("LABEL"), round(best, 1), "texts/s")
