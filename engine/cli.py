@@ -114,9 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None,
                    help="the name clients send as 'model' (comma-separated aliases); default: the MODEL argument")
     s.add_argument("--max-queue", type=_positive_int, default=128, help="requests in flight at once; more get 429")
-    s.add_argument("--max-documents", type=_positive_int, default=100_000, help="documents per request; more get 413")
+    s.add_argument("--max-documents", type=_positive_int, default=100_000,
+                   help="documents per request (with chunking: chunks); more get 413")
     s.add_argument("--max-pairs", type=_positive_int, default=100_000,
-                   help="/v1/classify: inputs x labels per request; more get 413")
+                   help="/v1/classify: inputs x labels per request (with chunking: chunks); more get 413")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="request body cap in MiB; larger get 413")
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds to receive a request body; a stalled client gets 408")

@@ -26,7 +26,8 @@ class Chunking:
     overlap: int = 32
     aggregate: str = "max"
     return_chunks: bool = False
-    max_chunks: Optional[int] = None  # a server's budget (--max-documents): more chunks are TooManyChunks
+    max_chunks: Optional[int] = None  # a server's budget (--max-documents, --max-pairs): more chunks are TooManyChunks
+    budget_flag: str = "--max-documents"  # the server option that sets max_chunks (named in the error)
 
     @classmethod
     def parse(cls, value, what: str = "chunking") -> Optional["Chunking"]:
@@ -134,7 +135,7 @@ def expand(tokenizer, documents: Sequence[str], spec: Chunking):
             spans.append((s, e))
         if spec.max_chunks is not None and len(texts) > spec.max_chunks:
             raise TooManyChunks(f"the documents expand to more than {spec.max_chunks} chunks, this server's limit "
-                                f"per request (--max-documents); use larger chunking.tokens or fewer documents")
+                                f"per request ({spec.budget_flag}); use larger chunking.tokens or fewer documents")
     return texts, owners, spans
 
 

@@ -67,7 +67,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_queue: int = 128  # requests admitted to the model at once
     max_documents: int = 100_000  # per request; more -> 413 (there is no lower batch limit)
-    max_pairs: int = 100_000  # /v1/classify: inputs x labels per request; more -> 413
+    max_pairs: int = 100_000  # /v1/classify: inputs x labels per request (and chunks); more -> 413
     strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0  # the whole body not received within this many seconds -> 408
@@ -176,9 +176,11 @@ class Server:
                                 f"per request (--max-documents)", param)
 
     def chunking(self, body) -> Chunking:
-        """A request's ``chunking`` object, its chunks counted against --max-documents."""
-        return Chunking(body.tokens, body.overlap, body.aggregate, body.return_chunks,
-                        max_chunks=self.config.max_documents)
+        """A request's ``chunking`` object: every chunk is a (query, chunk) pair, counted against
+        --max-documents and --max-pairs (the smaller is the request's budget; past it, 413)."""
+        limit, flag = min((self.config.max_documents, "--max-documents"), (self.config.max_pairs, "--max-pairs"))
+        return Chunking(body.tokens, body.overlap, body.aggregate, body.return_chunks, max_chunks=limit,
+                        budget_flag=flag)
 
     async def call(self, request: Request, endpoint: str, fn, *args, **kwargs):
         """Run ``fn(*args, cancel=event, **kwargs)`` in a worker thread; cancel it if the client leaves."""

@@ -60,9 +60,28 @@ def test_bad_chunking_is_422_naming_the_field_and_budgets_count_chunks(chunk_ser
         r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": {"tokens": 8, "overlap": 0}})
         assert r.status_code == 413, r.text
         assert "chunks" in r.json()["error"]["message"] if "error" in r.json() else "chunks" in r.text
+        assert "--max-documents" in r.text, r.text
         # A chunk with no room next to the query is a clear 400; the server keeps serving.
         r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": {"tokens": 100000}})
         assert r.status_code == 400 and "chunking.tokens" in r.text, r.text
+        assert c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).status_code == 200
+
+
+def test_max_pairs_counts_chunks_on_every_chunking_route(start_server, rerank_service, docs):
+    """--max-pairs bounds the (query, chunk) pairs a request expands to, as --max-documents does."""
+    server = start_server(rerank_service, "tiny-pair-budget", max_documents=100, max_pairs=6)
+    few, many = {"tokens": 32, "overlap": 4}, {"tokens": 8, "overlap": 0}  # within 6 chunks, and more than 6
+    bodies = {"/v1/rerank": lambda ch: {"query": QUERY, "documents": docs, "chunking": ch},
+              "/rerank": lambda ch: {"query": QUERY, "texts": docs, "chunking": ch},
+              "/v1/score": lambda ch: {"text_1": QUERY, "text_2": docs, "chunking": ch}}
+    with server.client() as c:
+        for path, body in bodies.items():
+            r = c.post(path, json=body(many))
+            assert r.status_code == 413, (path, r.text)
+            assert "--max-pairs" in r.text and "chunks" in r.text, (path, r.text)
+            ok = c.post(path, json=body(few))
+            assert ok.status_code == 200, (path, ok.text)
+        # documents alone stay far below both limits: unchunked, the same request is served
         assert c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).status_code == 200
 
 
