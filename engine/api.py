@@ -78,6 +78,9 @@ class Reranker:
         self.calibration = Calibration.load(self.config.calibration, self.engine.folder) \
             if self.config.calibration else None
         self._generator = None  # engine.core.evidence.Generator, built on the first return_evidence call
+        # return_evidence scores and decodes from one prefill per document; False: the documents are
+        # scored, then those above the threshold prefilled again to decode (the comparison path)
+        self._evidence_one_prefill = True
         self.stats: Dict[str, float] = {}  # cumulative over calls; pass stats={} to a call for its own
 
     @property
@@ -285,10 +288,13 @@ class Reranker:
             self._check_evidence_args(evidence_threshold, max_new_tokens)
         if not docs:
             return []
-        spec, chunk_fields = Chunking.parse(chunking), None
+        spec, chunk_fields, answers = Chunking.parse(chunking), None, None
         if spec is not None:
             scores, chunk_fields = self._chunked([query] * len(docs), docs, instruction, spec, cancel, raw_scores,
                                                  stats, compression_ratio, priority)
+        elif return_evidence and self._evidence_one_prefill and not _multimodal(self.engine):
+            scores, answers = self._score_and_decode(query, docs, instruction, raw_scores, top_n, min_score,
+                                                     evidence_threshold, max_new_tokens, stats, cancel, priority)
         else:
             scores = self._scores([query] * len(docs), docs, instruction, cancel, raw_scores, stats,
                                   compression_ratio=compression_ratio, priority=priority)
@@ -303,7 +309,9 @@ class Reranker:
             if chunk_fields is not None:
                 r.update(chunk_fields[i])
             out.append(r)
-        if return_evidence:
+        if return_evidence and answers is not None:
+            self._attach_answers(out, answers, evidence_threshold, stats)
+        elif return_evidence:
             self._attach_evidence(query, docs, out, instruction, evidence_threshold, max_new_tokens, stats, cancel)
         return out
 
@@ -346,6 +354,45 @@ class Reranker:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
+    def _score_and_decode(self, query, docs, instruction, raw_scores, top_n, min_score, threshold, max_new_tokens,
+                          stats, cancel, priority):
+        """(scores, answers): every document scored and, from the same prefill, the ones ``rank`` returns
+        with a score of at least ``threshold`` decoded (engine.core.evidence.Generator.score_and_decode)."""
+        from engine.core.evidence import Generator, evidence_selector
+
+        if self._generator is None:
+            self._generator = Generator(self.engine)
+        calibration = None if raw_scores else self.calibration
+
+        def to_scores(logits, scores):  # as _scores gives them
+            return logits if raw_scores else calibration(logits) if calibration is not None else scores
+
+        select = evidence_selector(to_scores, threshold, min_score, top_n)
+        call: dict = {}
+        try:
+            logits, scores, answers = self._generator.score_and_decode(
+                self.engine.template, query, docs, select, instruction, max_new_tokens, self.share_prefix,
+                cancel=cancel, stats=call, priority=priority)
+        finally:
+            merge_stats(self.stats, call)
+            merge_stats(stats, call)
+        return to_scores(logits, scores), answers
+
+    def _attach_answers(self, results, answers, threshold, stats) -> None:
+        """The decoded answers of the results scoring at least ``threshold`` (the others: None)."""
+        chosen = [r for r in results if r["score"] >= threshold]
+        for r in results:
+            r.update(contribution=None, evidence=None, raw_output=None)
+        for r in chosen:
+            a = answers[r["index"]]
+            if a is None:  # never: the selector keeps every document the ranking returns above the threshold
+                raise RuntimeError(f"document {r['index']} was ranked above the evidence threshold but not decoded")
+            r.update(contribution=a["contribution"], evidence=a["evidence"], raw_output=a["raw_output"])
+        counts = {"evidence_decoded": len(chosen),
+                  "evidence_tokens": sum(answers[r["index"]]["tokens"] for r in chosen)}
+        merge_stats(self.stats, counts)
+        merge_stats(stats, counts)
+
     def _attach_evidence(self, query, docs, results, instruction, threshold, max_new_tokens, stats,
                          cancel=None) -> None:
         """Decode the results scoring at least ``threshold`` (one request) and add their parsed answers."""
@@ -363,7 +410,8 @@ class Reranker:
         for r, a in zip(chosen, answers):
             r.update(contribution=a["contribution"], evidence=a["evidence"], raw_output=a["raw_output"])
         counts = {"evidence_decoded": len(chosen), "evidence_tokens": sum(a["tokens"] for a in answers),
-                  "decode_steps": call.get("decode_steps", 0)}
+                  "decode_steps": call.get("decode_steps", 0),
+                  "tokens_computed": call.get("tokens_computed", 0)}  # the second prefill and the decode
         merge_stats(self.stats, counts)
         merge_stats(stats, counts)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from engine.context import BatchContext, build_context
+from engine.context import BatchContext
 from engine.models.layers import Attention
 from engine.weights import checkpoint_index, read_tensor
 
@@ -122,22 +122,46 @@ def next_tokens(model, lm_head: torch.Tensor, hidden: torch.Tensor, residual: to
     return F.linear(h, lm_head).float().argmax(-1)
 
 
-def prefill(model, lm_head: torch.Tensor, seqs, prefix, capacity: int, device: torch.device):
-    """Run the prompts' tails behind ``prefix`` (a PrefixKV or None): first tokens and their DecodeCache."""
-    tails = [s.token_ids for s in seqs]
-    n = len(tails)
-    ids, ctx = build_context(tails, device, prefixes=[prefix] if prefix is not None else None,
-                             prefix_index=[0] * n if prefix is not None else None)
+def prefill_forward(model, seqs, prefix, device: torch.device, last_only: bool = False):
+    """Run the prompts' tails behind ``prefix`` (a PrefixKV or None), capturing every attention layer's K/V
+    and every DeltaNet layer's final states: ``(hidden, residual, ctx)``. ``last_only``: the last layer
+    for the last rows alone, as scoring runs it (the K/V still cover every token)."""
+    n = len(seqs)
+    ids, ctx = model.plan(list(seqs), device, [prefix] if prefix is not None else None,
+                          [0] * n if prefix is not None else None)
     ctx.capture_kv, ctx.capture_state = [], []
+    if last_only:
+        ctx.last_only = True
+        ctx.cu_last = torch.arange(n + 1, dtype=torch.int32, device=device)
     hidden, residual = model(ids, ctx)
-    first = next_tokens(model, lm_head, hidden, residual, ctx.last_index)
+    if last_only:  # the model returned the last rows only
+        ctx.last_index = torch.arange(n, device=device)
+    return hidden, residual, ctx
+
+
+def build_cache(ctx, prefix, capacity: int, device: torch.device, rows=None) -> DecodeCache:
+    """The DecodeCache of a prefill's sequences ``rows`` (all when None), in that order, from the K/V and
+    states ``prefill_forward`` captured; the other sequences' are not kept."""
+    n = ctx.num_seqs
+    rows = list(range(n)) if rows is None else list(rows)
     p = prefix.num_tokens if prefix is not None else 0
     lens = kernels.to_device(ctx.seq_lens, torch.int64, device)
     seq_of = torch.repeat_interleave(torch.arange(n, device=device), lens)
     cols = ctx.positions  # a token's slot in the cache is its position (after the prefix)
+    sel = None
+    if len(rows) != n:  # the kept sequences' tokens, renumbered 0..len(rows)-1
+        new = torch.full((n,), -1, dtype=torch.int64, device=device)
+        new[kernels.to_device(rows, torch.int64, device)] = torch.arange(len(rows), device=device)
+        seq_of = new[seq_of]
+        sel = seq_of >= 0
+        seq_of, cols = seq_of[sel], cols[sel]
+    index = kernels.to_device(rows, torch.int64, device)
+    m = len(rows)
     keys, values = [], []
     for layer, (k, v) in enumerate(ctx.capture_kv):  # k, v [T, Hkv, D]
-        kb = k.new_zeros(n, k.shape[1], capacity, k.shape[2])
+        if sel is not None:
+            k, v = k[sel], v[sel]
+        kb = k.new_zeros(m, k.shape[1], capacity, k.shape[2])
         vb = torch.zeros_like(kb)
         if prefix is not None:
             kb[:, :, :p] = prefix.k[layer].transpose(0, 1)[None]
@@ -146,9 +170,16 @@ def prefill(model, lm_head: torch.Tensor, seqs, prefix, capacity: int, device: t
         vb[seq_of, :, cols] = v
         keys.append(kb)
         values.append(vb)
-    conv = [c for c, _ in ctx.capture_state]
-    recurrent = [s for _, s in ctx.capture_state]
-    return first, DecodeCache(keys, values, lens + p, conv, recurrent)
+    conv = [c if m == n else c.index_select(0, index) for c, _ in ctx.capture_state]
+    recurrent = [s if m == n else s.index_select(0, index) for _, s in ctx.capture_state]
+    return DecodeCache(keys, values, lens.index_select(0, index) + p, conv, recurrent)
+
+
+def prefill(model, lm_head: torch.Tensor, seqs, prefix, capacity: int, device: torch.device):
+    """Run the prompts' tails behind ``prefix`` (a PrefixKV or None): first tokens and their DecodeCache."""
+    hidden, residual, ctx = prefill_forward(model, seqs, prefix, device)
+    first = next_tokens(model, lm_head, hidden, residual, ctx.last_index)
+    return first, build_cache(ctx, prefix, capacity, device)
 
 
 def decode_step(model, lm_head: torch.Tensor, cache: DecodeCache, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Evidence generation: greedy decoding equals transformers generate, threshold selection, tag parsing."""
+"""Evidence generation: greedy decoding equals transformers generate, threshold selection, tag parsing, and
+scoring + decoding from one prefill per document equal to scoring, then prefilling again to decode."""
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,11 @@ def prism35(tmp_path_factory):
 
     folder = make_qwen3_5(tmp_path_factory.mktemp("evidence"), seed=1)
     return Reranker(str(folder), device="cpu"), Qwen3_5ForCausalLM.from_pretrained(str(folder)).eval()
+
+
+@pytest.fixture(scope="module")
+def prism3_shared(make_qwen3):
+    return Reranker(str(make_qwen3(name="Prism-Qwen3-Reranker-tiny")), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,9 @@ def test_decoding_through_triton_kernels(prism35, monkeypatch):
 
 
 def test_rank_decodes_only_documents_above_threshold(prism35, rng, monkeypatch):
+    """The two-prefill path (kept for comparison): scored, then the chosen documents prefilled again."""
     rr, _ = prism35
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
     docs = [random_text(rng, n) for n in (1, 4, 9, 15, 22, 30, 41, 60)]
     scores = np.array(rr.predict([(QUERY, d) for d in docs]))
     assert np.std(scores) > 0.02, scores
@@ -113,9 +121,11 @@ def test_rank_decodes_only_documents_above_threshold(prism35, rng, monkeypatch):
 
 def test_rank_returns_parsed_tags(prism35, monkeypatch):
     rr, _ = prism35
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)  # the answers come from Generator.generate
     tok = rr.engine.tokenizer
     texts = {
-        "complete": "yes\n<contribution>Beijing is the capital.</contribution>\n<evidence>China's capital is Beijing.</evidence>",
+        "complete": "yes\n<contribution>Beijing is the capital.</contribution>\n"
+                    "<evidence>China's capital is Beijing.</evidence>",
         "truncated": "yes\n<contribution>Beijing is the capital.</contribution>\n<evidence>China's capit",
     }
     docs = list(texts)
@@ -133,6 +143,96 @@ def test_rank_returns_parsed_tags(prism35, monkeypatch):
     assert out["complete"]["raw_output"] == texts["complete"]  # the stop token is not part of the text
     assert out["truncated"]["contribution"] == "Beijing is the capital."
     assert out["truncated"]["evidence"] is None and out["truncated"]["raw_output"] == texts["truncated"]
+
+
+def count_rows(rr):
+    """(calls, hook handle): every forward of the model, as (token rows, decoding?)."""
+    calls = []
+
+    def hook(module, args):
+        ids, ctx = args[0], args[1]
+        calls.append((int(ids.numel()), ctx.cache is not None))
+
+    return calls, rr.engine.runner.model.register_forward_pre_hook(hook)
+
+
+def rank_counted(rr, docs, **kw):
+    """rank(return_evidence=True) from a cold prefix cache: (results, stats, prefill rows, decode rows)."""
+    rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)
+    calls, handle = count_rows(rr)
+    stats = {}
+    try:
+        out = rr.rank(QUERY, docs, return_evidence=True, max_new_tokens=4, stats=stats, **kw)
+    finally:
+        handle.remove()
+    return out, stats, sum(n for n, dec in calls if not dec), sum(n for n, dec in calls if dec)
+
+
+def answers_of(out):
+    return [(r["index"], r["raw_output"], r["contribution"], r["evidence"]) for r in out]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3", "qwen3_shared"])
+def test_evidence_from_one_prefill_equals_two_prefills(family, prism35, prism3, prism3_shared, rng, monkeypatch):
+    """Each document's tokens go through the model once (a hook counts the rows); scores and answers are
+    those of scoring, then prefilling the chosen documents again; stats count every row computed."""
+    rr = {"qwen3_5": prism35[0], "qwen3": prism3[0], "qwen3_shared": prism3_shared}[family]
+    docs = [random_text(rng, n) for n in (3, 9, 17, 30, 44, 60)]
+    threshold = float(np.median(rr.predict([(QUERY, d) for d in docs])))
+    head, tails, _ = prompts_of(rr, docs)
+    assert (head is not None) == (family != "qwen3")
+    once = len(head or []) + sum(len(t) for t in tails)  # the prefix once and every document's tail
+
+    new, stats, prefill_rows, decode_rows = rank_counted(rr, docs, evidence_threshold=threshold)
+    decoded = [r["index"] for r in new if r["raw_output"] is not None]
+    assert 0 < len(decoded) < len(docs) and decoded == [r["index"] for r in new if r["score"] >= threshold]
+    assert prefill_rows == once
+    # the first token of each answer comes from the prefill, every later one from a decode row
+    assert decode_rows == stats["evidence_tokens"] - stats["evidence_decoded"] > 0
+    assert stats["tokens_computed"] == prefill_rows + decode_rows
+
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
+    old, old_stats, old_prefill, old_decode = rank_counted(rr, docs, evidence_threshold=threshold)
+    assert old_prefill == once + sum(len(tails[i]) for i in decoded)  # the chosen documents twice
+    assert old_stats["tokens_computed"] == old_prefill + old_decode > stats["tokens_computed"]
+    assert answers_of(new) == answers_of(old)
+    assert [r["score"] for r in new] == [r["score"] for r in old]  # the same forward per document
+
+
+def test_one_prefill_follows_top_n_min_score_and_raw_scores(prism3_shared, rng, monkeypatch):
+    """Only what the ranking returns above the threshold is reported decoded; rows that later scores push
+    out of the top n stop decoding; with raw_scores the threshold applies to the logits."""
+    rr = prism3_shared
+    docs = [random_text(rng, n) for n in (2, 5, 8, 13, 21, 34, 40, 11)]
+    scores = np.array(rr.predict([(QUERY, d) for d in docs]))
+    cases = [dict(evidence_threshold=0.0, top_n=2), dict(evidence_threshold=0.0, min_score=float(np.median(scores))),
+             dict(evidence_threshold=0.0, top_n=3, raw_scores=True),
+             dict(evidence_threshold=float(np.log(np.median(scores) / (1 - np.median(scores)))), raw_scores=True)]
+    got = [rank_counted(rr, docs, **kw) for kw in cases]
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
+    want = [rank_counted(rr, docs, **kw)[0] for kw in cases]
+    for kw, (new, stats, _, _), old in zip(cases, got, want):
+        assert answers_of(new) == answers_of(old), kw
+        assert [r["score"] for r in new] == [r["score"] for r in old], kw
+        threshold = kw["evidence_threshold"]
+        assert stats["evidence_decoded"] == sum(r["score"] >= threshold for r in new) > 0, kw
+        assert all((r["raw_output"] is not None) == (r["score"] >= threshold) for r in new), kw
+    assert got[0][1]["evidence_decoded"] == 2 and len(got[0][0]) == 2
+
+
+def test_one_prefill_admission_waits_for_the_decode_cache(prism35, rng, monkeypatch):
+    """A decode cache that holds one row: documents are admitted one at a time, the answers unchanged."""
+    rr, _ = prism35
+    docs = [random_text(rng, n) for n in (4, 12, 25)]
+    want, _, _, _ = rank_counted(rr, docs, evidence_threshold=0.0)
+    gen = next(k.gen for k in rr.engine.scheduler.kinds if k.name == "prefill")
+    monkeypatch.setattr(gen, "decode_bytes", 1)  # one row always fits an empty cache, two never do
+    monkeypatch.setitem(rr.engine.scheduler.totals, "peak_decode_rows", 0)
+    got, stats, prefill_rows, _ = rank_counted(rr, docs, evidence_threshold=0.0)
+    assert rr.engine.scheduler.totals["peak_decode_rows"] == 1
+    assert answers_of(got) == answers_of(want) and [r["score"] for r in got] == [r["score"] for r in want]
+    head, tails, _ = prompts_of(rr, docs)
+    assert prefill_rows == len(head) + sum(len(t) for t in tails)
 
 
 def test_parse_evidence():

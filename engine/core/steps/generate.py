@@ -1,16 +1,24 @@
 """Generation (Prism-Reranker's evidence): prompts prefilled, then decoded one token per step in a
 batch shared by every generating request (continuous batching; engine/core/decode.py runs the
 model side: the decode cache, prefill and one decode step).
+
+A ``ScoredGenerateRequest`` scores and generates from one prefill: the forward that captures a
+prompt's K/V and states also gives its yes/no score (the head at its last position), exactly as
+scoring computes it. Only the prompts its ``select`` keeps join the decode batch; the others'
+captured K/V are dropped with the step. Rows that later scores rule out (``top_n``) leave the
+batch at the next step.
 """
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from engine.core.cache import PrefixKV
-from engine.core.decode import DecodeCache, decode_step, load_lm_head, prefill
+from engine.core.decode import DecodeCache, build_cache, decode_step, load_lm_head, next_tokens, prefill, \
+    prefill_forward
 from engine.core.request import Cancelled, Request, pair_items
 from engine.core.steps.base import StepKind
 from engine.sequence import Seq, Seqs
@@ -59,6 +67,69 @@ class GenerateRequest(Request):
 
     def result(self) -> List[List[int]]:
         return self.outputs
+
+
+class ScoredGenerateRequest(GenerateRequest):
+    """Score every prompt with the yes/no head and greedily continue, from the same prefill, those that
+    ``select`` keeps.
+
+    ``select(logits, scores)``: the raw logits and scores ``[n]`` known so far (NaN where not
+    computed yet) -> a bool ``[n]``, True where a computed prompt may still need its continuation. It
+    is called on the engine thread after each prefill, so its answer for a prompt may turn False
+    once others are scored (it must never turn True again). Result: ``(logits, scores, outputs)``;
+    a prompt never decoded has an empty output.
+    """
+
+    counts_prefix_tokens = True  # it is the scoring request: its shared prefix is computed for it
+
+    def __init__(self, seqs: Seqs, max_new_tokens: int, stop_ids: Sequence[int],
+                 select: Callable[[np.ndarray, np.ndarray], np.ndarray], prefix: Optional[Sequence[int]] = None,
+                 priority: int = 0, cancel: Optional[threading.Event] = None):
+        super().__init__(seqs, max_new_tokens, stop_ids, prefix, priority, cancel)
+        self.select = select
+        self.logits = np.full(len(self.seqs), np.nan, dtype=np.float32)
+        self.scores = np.full(len(self.seqs), np.nan, dtype=np.float32)
+        self.dropped = np.zeros(len(self.seqs), dtype=bool)
+        self.stats.update(decoded=0)
+
+    def wanted(self, rows: List[int], logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` (scored now: ``logits``, ``scores``) ``select`` keeps; changes nothing."""
+        lg, sc = self.logits.copy(), self.scores.copy()
+        lg[rows], sc[rows] = logits, scores
+        return np.asarray(self.select(lg, sc), dtype=bool)[rows]
+
+    def finished(self, i: int) -> bool:
+        return bool(self.dropped[i]) or super().finished(i)
+
+    def append(self, i: int, token: int) -> bool:
+        if self.dropped[i]:  # ruled out while its token was being computed
+            return True
+        return super().append(i, token)
+
+    def drop(self, i: int) -> None:
+        """Sequence ``i`` needs no (more) tokens: it counts as finished, its row leaves the batch."""
+        if self.finished(i):
+            return
+        self.dropped[i] = True
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def scored(self, rows: List[int], logits: np.ndarray, scores: np.ndarray) -> None:
+        """Record a prefill's scores."""
+        self.logits[rows], self.scores[rows] = logits, scores
+
+    def prune(self, rows: List[int], kept: np.ndarray) -> None:
+        """Drop a prefill's rows not kept, and the running ones ``select`` now rules out."""
+        for i, k in zip(rows, kept):
+            if not k:
+                self.drop(i)
+        still = np.asarray(self.select(self.logits, self.scores), dtype=bool)
+        for i in np.flatnonzero(~np.isnan(self.scores) & ~still):
+            self.drop(int(i))
+
+    def result(self):
+        return self.logits, self.scores, self.outputs
 
 
 @dataclass
@@ -169,19 +240,43 @@ class PrefillKind(StepKind):
             return PrefillStep(r, rows, [r.seqs[i] for i in rows], r.prefix, cap, keep)
         return None
 
-    def run(self, runner, step: PrefillStep) -> List[int]:
-        """Prefill the step's prompts and add their rows to the running decode cache; first tokens."""
-        gen = self.gen
-        gen.keep(step.keep, runner.device)
-        first, cache = prefill(runner.model, gen.lm_head(runner), step.seqs, step.prefix, step.capacity,
-                               runner.device)
-        gen.cache = cache if gen.cache is None else gen.cache.extend(cache)
-        return first.tolist()
+    def run(self, runner, step: PrefillStep):
+        """Prefill the step's prompts and add their rows to the running decode cache: first tokens. A
+        scored request's prompts also get their yes/no scores, and only those it keeps join the cache:
+        ``(first tokens of the kept, logits, scores, kept)``."""
+        gen, model, device = self.gen, runner.model, runner.device
+        gen.keep(step.keep, device)
+        if not isinstance(step.request, ScoredGenerateRequest):
+            first, cache = prefill(model, gen.lm_head(runner), step.seqs, step.prefix, step.capacity, device)
+            gen.cache = cache if gen.cache is None else gen.cache.extend(cache)
+            return first.tolist()
+        # The scoring forward (the last layer for the last rows alone where the head reads no more),
+        # capturing the K/V and states decoding continues from.
+        hidden, residual, ctx = prefill_forward(model, step.seqs, step.prefix, device, runner.last_only)
+        logit, score = runner.head(hidden, residual, ctx, model)
+        logit, score = logit.float().cpu().numpy(), score.float().cpu().numpy()
+        kept = step.request.wanted(step.rows, logit, score)
+        rows = [k for k in range(len(step.seqs)) if kept[k]]
+        first: List[int] = []
+        if rows:
+            index = to_device(rows, torch.int64, device)
+            first = next_tokens(model, gen.lm_head(runner), hidden, residual, ctx.last_index[index]).tolist()
+            cache = build_cache(ctx, step.prefix, step.capacity, device, rows)
+            gen.cache = cache if gen.cache is None else gen.cache.extend(cache)
+        return first, logit, score, kept
 
-    def finish(self, sched, step: PrefillStep, first: List[int]) -> None:
+    def finish(self, sched, step: PrefillStep, out) -> None:
         gen, r = self.gen, step.request
-        gen.capacity = step.capacity
-        gen.running.extend((r, i) for i in step.rows)
+        scored = isinstance(r, ScoredGenerateRequest)
+        rows = step.rows
+        if scored:
+            first, logits, scores, kept = out
+            rows = [i for i, k in zip(step.rows, kept) if k]
+        else:
+            first = out
+        if rows:
+            gen.capacity = step.capacity
+        gen.running.extend((r, i) for i in rows)
         gen.next_tokens.extend(int(t) for t in first)
         tokens = sum(s.cost for s in step.seqs)
         r.stats["prefill_tokens"] += tokens
@@ -189,9 +284,20 @@ class PrefillKind(StepKind):
         r.stats["batches"] += 1
         sched.totals["batches"] += 1
         sched.totals["tokens_computed"] += tokens
-        for i, t in zip(step.rows, first):
+        if scored:  # counted as scoring counts them (engine/core/steps/score.py)
+            saved = r.prefix.num_tokens * len(step.seqs) if r.prefix is not None else 0
+            r.stats["tokens_saved"] += saved
+            r.stats["prompt_tokens"] += sum(len(s.token_ids) for s in step.seqs) + saved
+            sched.totals["tokens_saved"] += saved
+            sched.peak_batch_tokens = max(sched.peak_batch_tokens, tokens)
+        if scored:
+            r.scored(step.rows, logits, scores)
+            r.stats["decoded"] += len(rows)
+        for i, t in zip(rows, first):
             if not r.done.is_set():
                 r.append(i, int(t))
+        if scored and not r.done.is_set():
+            r.prune(step.rows, kept)
 
     def fail(self, sched, step: PrefillStep, err):
         # The decode cache may be half-extended: every running row goes with it.
@@ -236,8 +342,10 @@ class DecodeKind(StepKind):
         totals["peak_decode_rows"] = max(totals["peak_decode_rows"], len(step.rows))
         reqs = {id(r) for r, _ in step.rows}
         totals["peak_decode_requests"] = max(totals["peak_decode_requests"], len(reqs))
-        for r, _ in pair_items([(r, None) for r, _ in step.rows]):
+        totals["tokens_computed"] += len(step.rows)  # one token of every row through the model
+        for r, rows in pair_items([(r, None) for r, _ in step.rows]):
             r.stats["decode_steps"] += 1
+            r.stats["tokens_computed"] += len(rows)
         self.gen.take_tokens(step.rows, tokens)
 
     def fail(self, sched, step: DecodeStep, err):
