@@ -290,8 +290,10 @@ class Reranker:
             return []
         spec, chunk_fields, answers = Chunking.parse(chunking), None, None
         if spec is not None:
-            scores, chunk_fields = self._chunked([query] * len(docs), docs, instruction, spec, cancel, raw_scores,
-                                                 stats, compression_ratio, priority)
+            evidence = dict(threshold=evidence_threshold, max_new_tokens=max_new_tokens, top_n=top_n,
+                            min_score=min_score) if return_evidence and self._evidence_one_prefill else None
+            scores, chunk_fields, answers = self._chunked([query] * len(docs), docs, instruction, spec, cancel,
+                                                          raw_scores, stats, compression_ratio, priority, evidence)
         elif return_evidence and self._evidence_one_prefill and not _multimodal(self.engine):
             scores, answers = self._score_and_decode(query, docs, instruction, raw_scores, top_n, min_score,
                                                      evidence_threshold, max_new_tokens, stats, cancel, priority)
@@ -316,9 +318,11 @@ class Reranker:
         return out
 
     def _chunked(self, queries, docs, instruction, spec, cancel=None, raw_scores=False, stats=None,
-                 compression_ratio=None, priority=0):
-        """(aggregated scores, per-pair ``chunk``/``chunks`` fields) of pairs whose documents are chunked
-        by ``spec``: every chunk is a pair of its own, so chunks batch and share the query prefix."""
+                 compression_ratio=None, priority=0, evidence=None):
+        """(aggregated scores, per-pair ``chunk``/``chunks`` fields, answers) of pairs whose documents are
+        chunked by ``spec``: every chunk is a pair of its own, so chunks batch and share the query prefix.
+        ``evidence`` (rank's threshold, max_new_tokens, top_n, min_score; one query): each returned
+        document's deciding chunk is decoded from its scoring prefill; answers per document, else None."""
         tpl = self.engine.template
         for q in dict.fromkeys(queries):  # each query (and the template) must leave room for a chunk
             if self.engine.task == "embed":
@@ -327,9 +331,21 @@ class Reranker:
                 overhead = len(tpl.encode([q], [""], instruction).ids[0])
             check_room(spec, overhead, int(tpl.max_length))
         texts, owners, spans = expand(tpl.tokenizer, docs, spec)
-        scores = self._scores([queries[d] for d in owners], texts, instruction, cancel, raw_scores, stats,
-                              compression_ratio=compression_ratio, priority=priority)
-        return collect(len(docs), scores, owners, spans, spec)
+        if evidence is None:
+            scores = self._scores([queries[d] for d in owners], texts, instruction, cancel, raw_scores, stats,
+                                  compression_ratio=compression_ratio, priority=priority)
+            return (*collect(len(docs), scores, owners, spans, spec), None)
+        from engine.core.evidence import chunk_selector
+
+        threshold, max_new_tokens = evidence["threshold"], evidence["max_new_tokens"]
+        scores, answers = self._score_and_decode(
+            queries[0], texts, instruction, raw_scores, None, None, threshold, max_new_tokens, stats, cancel, priority,
+            select=lambda to_scores: chunk_selector(to_scores, owners, spec.aggregate, threshold,
+                                                    evidence["min_score"], evidence["top_n"]))
+        doc_scores, fields = collect(len(docs), scores, owners, spans, spec)
+        chunk_of = {(owners[c], spans[c]): c for c in range(len(texts))}
+        picked = [answers[chunk_of[(d, (f["chunk"]["start"], f["chunk"]["end"]))]] for d, f in enumerate(fields)]
+        return doc_scores, fields, picked
 
     def score_chunks(self, pairs: Sequence[Tuple[str, str]], chunking, instruction: Optional[str] = None,
                      cancel=None, raw_scores: bool = False, stats: Optional[dict] = None,
@@ -340,8 +356,8 @@ class Reranker:
         queries, docs = [p[0] for p in pairs], check_texts([p[1] for p in pairs], "documents")
         if not docs:
             return []
-        scores, fields = self._chunked(queries, docs, instruction, spec, cancel, raw_scores, stats,
-                                       compression_ratio, priority)
+        scores, fields, _ = self._chunked(queries, docs, instruction, spec, cancel, raw_scores, stats,
+                                          compression_ratio, priority)
         return [{"score": float(s), **f} for s, f in zip(scores, fields)]
 
     def _check_evidence_args(self, threshold, max_new_tokens) -> None:
@@ -355,9 +371,10 @@ class Reranker:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
     def _score_and_decode(self, query, docs, instruction, raw_scores, top_n, min_score, threshold, max_new_tokens,
-                          stats, cancel, priority):
+                          stats, cancel, priority, select=None):
         """(scores, answers): every document scored and, from the same prefill, the ones ``rank`` returns
-        with a score of at least ``threshold`` decoded (engine.core.evidence.Generator.score_and_decode)."""
+        with a score of at least ``threshold`` decoded (engine.core.evidence.Generator.score_and_decode).
+        ``select(to_scores)``: another selector of the documents to decode (chunks: their deciding ones)."""
         from engine.core.evidence import Generator, evidence_selector
 
         if self._generator is None:
@@ -367,7 +384,7 @@ class Reranker:
         def to_scores(logits, scores):  # as _scores gives them
             return logits if raw_scores else calibration(logits) if calibration is not None else scores
 
-        select = evidence_selector(to_scores, threshold, min_score, top_n)
+        select = evidence_selector(to_scores, threshold, min_score, top_n) if select is None else select(to_scores)
         call: dict = {}
         try:
             logits, scores, answers = self._generator.score_and_decode(
@@ -402,7 +419,9 @@ class Reranker:
             self._generator = Generator(self.engine)
         chosen = [r for r in results if r["score"] >= threshold]
         call: dict = {}
-        answers = self._generator.evidence(self.engine.template, query, [docs[r["index"]] for r in chosen],
+        texts = [docs[r["index"]][r["chunk"]["start"]:r["chunk"]["end"]] if "chunk" in r else docs[r["index"]]
+                 for r in chosen]  # chunked: the deciding chunk, the text the score came from
+        answers = self._generator.evidence(self.engine.template, query, texts,
                                            instruction, max_new_tokens, self.share_prefix, cancel=cancel,
                                            stats=call) if chosen else []
         for r in results:

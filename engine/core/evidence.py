@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from engine.core.request import merge_stats
+from engine.prompts.chunking import aggregate
 from engine.core.steps.generate import GenerateRequest, ScoredGenerateRequest
 from engine.sequence import Seqs
 
@@ -55,6 +56,49 @@ def evidence_selector(to_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
             ok &= rank < top_n
         out = np.zeros(len(logits), dtype=bool)
         out[idx] = ok
+        return out
+
+    return select
+
+
+def chunk_selector(to_scores: Callable[[np.ndarray, np.ndarray], np.ndarray], owners: Sequence[int], how: str,
+                   threshold: float, min_score: Optional[float] = None, top_n: Optional[int] = None):
+    """``select`` over the chunks of chunked documents (``owners[c]``: chunk c's document, ``how``: the
+    aggregate): True for a scored chunk that may still be the deciding chunk (``chunk`` of the result,
+    engine.prompts.chunking.aggregate) of a document ``rank`` returns with a score of at least
+    ``threshold``. A document's score is judged once it is known (its best chunk so far for max, its
+    first chunk for first, all its chunks for mean); until then its best chunk stays in."""
+    per: List[List[int]] = [[] for _ in range(max(owners) + 1 if len(owners) else 0)]
+    for c, d in enumerate(owners):
+        per[d].append(c)
+    docs = np.arange(len(per))
+
+    def select(logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        known = ~np.isnan(logits)
+        idx = np.flatnonzero(known)
+        s = np.full(len(logits), np.nan)
+        s[idx] = np.asarray(to_scores(logits[idx], scores[idx]), dtype=np.float64)
+        lower = np.full(len(per), -np.inf)  # a bound under each document's final score (its score once known)
+        cand = {}  # document -> (its deciding chunk among the scored ones, its score or None while unknown)
+        for d, cs in enumerate(per):
+            ks = [c for c in cs if known[c]]
+            if not ks or (how == "first" and not known[cs[0]]):
+                continue
+            value, best = aggregate([float(s[c]) for c in ks], how)
+            if how == "mean" and len(ks) < len(cs):
+                cand[d] = (ks[best], None)
+                continue
+            lower[d] = value
+            cand[d] = (ks[best], value)
+        out = np.zeros(len(logits), dtype=bool)
+        for d, (c, v) in cand.items():
+            if v is not None:
+                if v < threshold or (min_score is not None and v < min_score):
+                    continue
+                # rank's order: by score, ties by index; out once n documents come before it
+                if top_n is not None and int(((lower > v) | ((lower == v) & (docs < d))).sum()) >= top_n:
+                    continue
+            out[c] = True
         return out
 
     return select

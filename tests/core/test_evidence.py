@@ -235,6 +235,39 @@ def test_one_prefill_admission_waits_for_the_decode_cache(prism35, rng, monkeypa
     assert prefill_rows == len(head) + sum(len(t) for t in tails)
 
 
+@pytest.mark.parametrize("how", ["max", "mean", "first"])
+def test_chunked_evidence_decodes_the_deciding_chunk_from_its_prefill(how, prism3_shared, rng, monkeypatch):
+    """With chunking, a returned document's answer is decoded from its deciding chunk (``chunk``), the
+    text its score came from, out of that chunk's scoring prefill; every chunk goes through once."""
+    rr = prism3_shared
+    docs = [random_text(rng, 50) + " Beijing is the capital of China. " + random_text(rng, 20), random_text(rng, 6),
+            random_text(rng, 70), random_text(rng, 30)]
+    chunking = {"tokens": 24, "overlap": 4, "aggregate": how, "return_chunks": True}
+    plain = rr.rank(QUERY, docs, chunking=chunking)
+    threshold = float(np.median([r["score"] for r in plain]))
+    tpl = rr.engine.template
+    head = tpl.encode_head(QUERY)
+    texts = [docs[r["index"]][c["start"]:c["end"]]
+             for r in sorted(plain, key=lambda r: r["index"]) for c in r["chunks"]]
+    assert len(texts) > 2 * len(docs)
+    once = len(head) + sum(len(t) for t in tpl.encode_tails(head, texts).ids)
+    cases = [dict(evidence_threshold=threshold), dict(evidence_threshold=0.0, top_n=2)]
+    got = [rank_counted(rr, docs, chunking=chunking, **kw) for kw in cases]
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
+    want = [rank_counted(rr, docs, chunking=chunking, **kw)[0] for kw in cases]
+    gen = Generator(rr.engine)
+    for kw, (new, stats, prefill_rows, _), old in zip(cases, got, want):
+        assert prefill_rows == once, kw
+        assert [(r["index"], r["score"], r["chunk"]) for r in new] == \
+            [(r["index"], r["score"], r["chunk"]) for r in old], kw
+        assert answers_of(new) == answers_of(old), kw
+        chosen = [r for r in new if r["score"] >= kw["evidence_threshold"]]
+        assert 0 < len(chosen) == stats["evidence_decoded"] and all(r["raw_output"] is not None for r in chosen)
+        direct = gen.evidence(tpl, QUERY, [docs[r["index"]][r["chunk"]["start"]:r["chunk"]["end"]] for r in chosen],
+                              max_new_tokens=4)
+        assert [r["raw_output"] for r in chosen] == [a["raw_output"] for a in direct], kw
+
+
 def test_parse_evidence():
     assert parse_evidence("yes\n<contribution> C </contribution>\n<evidence>line 1\nline 2</evidence>") == \
         {"contribution": "C", "evidence": "line 1\nline 2"}
