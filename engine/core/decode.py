@@ -2,10 +2,12 @@
 
 Scoring needs no decoding. On request, the documents that pass a score threshold
 are decoded, as steps of the engine loop:
-  1. prefill: each prompt's tail (document + template suffix) runs once more behind
-     the query's cached prefix (PrefixCache), capturing every attention layer's K/V
-     and every DeltaNet layer's final conv and recurrent states; the last
-     position's logits give the first token; the rows join the running decode batch;
+  1. prefill: each prompt's tail (document + template suffix) runs behind the query's
+     cached prefix (PrefixCache), capturing every attention layer's K/V and every
+     DeltaNet layer's final conv and recurrent states; the last position's logits give
+     the first token; the rows join the running decode batch. For ``rank(return_evidence)``
+     this is the scoring forward itself (``prefill_forward``, then the yes/no head): only
+     the rows kept get a DecodeCache (``build_cache``);
   2. decode: one token for every running row of every generating request per step
      (continuous batching). Attention layers write into and attend over a
      preallocated per-row KV cache ``[n, Hkv, capacity, D]`` (static buffers,
