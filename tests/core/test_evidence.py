@@ -218,6 +218,26 @@ def test_one_prefill_follows_top_n_min_score_and_raw_scores(prism3_shared, rng, 
         assert stats["evidence_decoded"] == sum(r["score"] >= threshold for r in new) > 0, kw
         assert all((r["raw_output"] is not None) == (r["score"] >= threshold) for r in new), kw
     assert got[0][1]["evidence_decoded"] == 2 and len(got[0][0]) == 2
+    # nothing above the threshold: every row is dropped after its prefill, nothing is decoded
+    none, stats, _, decode_rows = rank_counted(rr, docs, evidence_threshold=1.01)
+    assert [r["raw_output"] for r in none] == [None] * len(docs) and decode_rows == 0 == stats["evidence_decoded"]
+
+
+def test_one_prefill_threshold_applies_to_calibrated_scores(prism3_shared, rng, monkeypatch):
+    from engine.core.calibration import Calibration, model_identity
+
+    rr = prism3_shared
+    docs = [random_text(rng, n) for n in (3, 7, 19, 26, 33)]
+    cal = Calibration("platt", {"a": 2.0, "b": -1.0}, model_identity(rr.engine.folder))
+    monkeypatch.setattr(rr, "calibration", cal)
+    logits = np.array(rr.predict([(QUERY, d) for d in docs], raw_scores=True))
+    threshold = float(np.median(cal(logits)))
+    new, stats, _, _ = rank_counted(rr, docs, evidence_threshold=threshold, top_n=4)
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
+    old = rank_counted(rr, docs, evidence_threshold=threshold, top_n=4)[0]
+    assert answers_of(new) == answers_of(old) and [r["score"] for r in new] == [r["score"] for r in old]
+    np.testing.assert_allclose(sorted(r["score"] for r in new), sorted(cal(logits))[1:], rtol=0, atol=1e-6)
+    assert stats["evidence_decoded"] == sum(r["score"] >= threshold for r in new) > 0
 
 
 def test_one_prefill_admission_waits_for_the_decode_cache(prism35, rng, monkeypatch):
