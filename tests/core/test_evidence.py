@@ -288,6 +288,37 @@ def test_chunked_evidence_decodes_the_deciding_chunk_from_its_prefill(how, prism
         assert [r["raw_output"] for r in chosen] == [a["raw_output"] for a in direct], kw
 
 
+def test_concurrent_one_prefill_requests_share_the_decode_batch(prism3_shared, rng):
+    """Evidence requests of several callers decode in one batch; each answer is what it is alone."""
+    import threading
+
+    rr = prism3_shared
+    jobs = [(f"question {i}: " + random_text(rng, 4), [random_text(rng, rng.randint(2, 30)) for _ in range(3)])
+            for i in range(6)]
+
+    def call(q, docs):
+        return answers_of(rr.rank(q, docs, return_evidence=True, evidence_threshold=0.0, max_new_tokens=12))
+
+    alone = [call(*job) for job in jobs]
+    totals = rr.engine.scheduler.totals
+    before = dict(totals)
+    got = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i):
+        start.wait()
+        got[i] = call(*jobs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    assert totals["peak_decode_requests"] > 1  # rows of several requests in one decode step
+    assert (totals["decode_rows"] - before["decode_rows"]) / (totals["decode_steps"] - before["decode_steps"]) > 3
+
+
 def test_parse_evidence():
     assert parse_evidence("yes\n<contribution> C </contribution>\n<evidence>line 1\nline 2</evidence>") == \
         {"contribution": "C", "evidence": "line 1\nline 2"}

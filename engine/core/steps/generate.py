@@ -290,7 +290,6 @@ class PrefillKind(StepKind):
             r.stats["prompt_tokens"] += sum(len(s.token_ids) for s in step.seqs) + saved
             sched.totals["tokens_saved"] += saved
             sched.peak_batch_tokens = max(sched.peak_batch_tokens, tokens)
-        if scored:
             r.scored(step.rows, logits, scores)
             r.stats["decoded"] += len(rows)
         for i, t in zip(rows, first):
