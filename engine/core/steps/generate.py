@@ -9,6 +9,7 @@ captured K/V are dropped with the step. Rows that later scores rule out (``top_n
 batch at the next step.
 """
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence, Tuple
@@ -243,7 +244,7 @@ class PrefillKind(StepKind):
     def run(self, runner, step: PrefillStep):
         """Prefill the step's prompts and add their rows to the running decode cache: first tokens. A
         scored request's prompts also get their yes/no scores, and only those it keeps join the cache:
-        ``(first tokens of the kept, logits, scores, kept)``."""
+        ``(first tokens of the kept, logits, scores, kept, (forward s, head s))``."""
         gen, model, device = self.gen, runner.model, runner.device
         gen.keep(step.keep, device)
         if not isinstance(step.request, ScoredGenerateRequest):
@@ -252,9 +253,12 @@ class PrefillKind(StepKind):
             return first.tolist()
         # The scoring forward (the last layer for the last rows alone where the head reads no more),
         # capturing the K/V and states decoding continues from.
+        t0 = time.perf_counter()
         hidden, residual, ctx = prefill_forward(model, step.seqs, step.prefix, device, runner.last_only)
+        t1 = time.perf_counter()
         logit, score = runner.head(hidden, residual, ctx, model)
         logit, score = logit.float().cpu().numpy(), score.float().cpu().numpy()
+        seconds = (t1 - t0, time.perf_counter() - t1)
         kept = step.request.wanted(step.rows, logit, score)
         rows = [k for k in range(len(step.seqs)) if kept[k]]
         first: List[int] = []
@@ -263,14 +267,16 @@ class PrefillKind(StepKind):
             first = next_tokens(model, gen.lm_head(runner), hidden, residual, ctx.last_index[index]).tolist()
             cache = build_cache(ctx, step.prefix, step.capacity, device, rows)
             gen.cache = cache if gen.cache is None else gen.cache.extend(cache)
-        return first, logit, score, kept
+        return first, logit, score, kept, seconds
 
     def finish(self, sched, step: PrefillStep, out) -> None:
         gen, r = self.gen, step.request
         scored = isinstance(r, ScoredGenerateRequest)
         rows = step.rows
         if scored:
-            first, logits, scores, kept = out
+            first, logits, scores, kept, (forward_s, head_s) = out
+            r.stats["forward_s"] += forward_s
+            r.stats["head_s"] += head_s
             rows = [i for i, k in zip(step.rows, kept) if k]
         else:
             first = out
