@@ -252,7 +252,9 @@ class Reranker:
         documents scoring at least ``evidence_threshold`` are decoded greedily together (at
         most ``max_new_tokens`` each, stopping at ``<|im_end|>``) and every result gains
         ``contribution`` and ``evidence`` (the tags' text; None when not decoded, or when
-        a tag is missing or cut off) and ``raw_output`` (the generated text, or None).
+        a tag is missing or cut off) and ``raw_output`` (the generated text, or None). Each document
+        is prefilled once: its scoring forward also keeps the K/V it decodes from. With ``chunking``,
+        the answer is decoded from the deciding chunk (``chunk``).
 
         ``cancel``: an optional ``threading.Event``; once set, remaining batches are
         skipped and ``engine.core.request.Cancelled`` is raised. ``stats`` and ``compression_ratio``:
