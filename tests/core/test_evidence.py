@@ -223,6 +223,19 @@ def test_one_prefill_follows_top_n_min_score_and_raw_scores(prism3_shared, rng, 
     assert [r["raw_output"] for r in none] == [None] * len(docs) and decode_rows == 0 == stats["evidence_decoded"]
 
 
+def test_one_prefill_rows_pushed_out_of_top_n_stop_decoding(prism3_shared, rng, monkeypatch):
+    """Prefills of a few documents each: rows start decoding before every score is known, and leave the
+    batch once top_n others score above them; the answers are still those of the two-prefill path."""
+    rr = prism3_shared
+    docs = [random_text(rng, n) for n in (30, 28, 26, 24, 22, 20, 18, 16, 14, 12)]  # longest first
+    monkeypatch.setattr(rr.engine.scheduler, "max_batch_tokens", 60)  # about two documents per prefill
+    new, stats, prefill_rows, _ = rank_counted(rr, docs, evidence_threshold=0.0, top_n=2)
+    assert stats["batches"] > 3 and stats["decoded"] > stats["evidence_decoded"] == 2, stats
+    monkeypatch.setattr(rr, "_evidence_one_prefill", False)
+    old = rank_counted(rr, docs, evidence_threshold=0.0, top_n=2)[0]
+    assert answers_of(new) == answers_of(old) and [r["score"] for r in new] == [r["score"] for r in old]
+
+
 def test_one_prefill_threshold_applies_to_calibrated_scores(prism3_shared, rng, monkeypatch):
     from engine.core.calibration import Calibration, model_identity
 
