@@ -176,6 +176,35 @@ class CohereEmbedBody(_Body):
     max_tokens: Optional[PositiveInt] = None
 
 
+class ProviderRerankBody(_Body):
+    """The rerank bodies of Voyage (``documents``, ``top_k``, ``truncation``), mixedbread (``input``,
+    ``top_k``, ``return_input``, ``rank_fields``), Pinecone (``documents`` as strings or objects,
+    ``top_n``, ``rank_fields``, ``parameters.truncate``) and Isaacus (``texts``, ``top_n``)."""
+
+    model: Optional[str] = None
+    query: Text
+    documents: Optional[List[Union[Text, Dict[str, Any]]]] = None
+    input: Optional[List[Union[Text, Dict[str, Any]]]] = None
+    texts: Optional[List[Text]] = None
+    top_k: Optional[Annotated[int, Field(ge=0)]] = None
+    top_n: Optional[Annotated[int, Field(ge=0)]] = None
+    return_documents: Optional[bool] = None
+    return_input: Optional[bool] = None
+    rank_fields: Optional[List[str]] = Field(None, description="one field of the document objects to rank by")
+    truncation: Optional[bool] = Field(None, description="Voyage: false refuses (413) a pair over the context")
+    parameters: Optional[Dict[str, Any]] = Field(None, description="Pinecone: {truncate: END | NONE}")
+    instruction: Optional[Text] = None
+
+
+# provider: (documents field, top field, return field, default return, results key, score key)
+_PROVIDERS = {
+    "voyage": ("documents", "top_k", "return_documents", False, "data", "relevance_score"),
+    "mixedbread": ("input", "top_k", "return_input", False, "data", "score"),
+    "pinecone": ("documents", "top_n", "return_documents", True, "data", "score"),
+    "isaacus": ("texts", "top_n", "return_documents", False, "results", "score"),
+}
+
+
 class ScoreBody(_Body):
     """vLLM ``/v1/score``: ``text_1``/``text_2``, ``data_1``/``data_2``, ``queries``/``documents`` or
     ``queries``/``items``: one query against many, or two lists of equal length."""
@@ -655,6 +684,75 @@ class Compat:
     async def cohere_embed_v2(self, body: CohereEmbedBody, request: Request):
         return await self.cohere_embed(body, request, v2=True)
 
+    # Other rerank APIs (each in its own response shape)
+
+    async def provider_rerank(self, body: ProviderRerankBody, request: Request, provider: str):
+        docs_field, top_field, return_field, return_default, results_key, score_key = _PROVIDERS[provider]
+        server = self.server
+        name = server.check_model(body.model)
+        if is_blank(body.query):
+            raise self._error(400, "query must not be empty", "query")
+        raw = getattr(body, docs_field)
+        if raw is None:
+            raise self._error(422, f"{docs_field} is required", docs_field)
+        fields = body.rank_fields or ["text"]
+        if len(fields) != 1:
+            raise self._error(400, "rank_fields: one field is supported (the text to rank)", "rank_fields")
+        docs = []
+        for i, d in enumerate(raw):
+            if isinstance(d, dict):
+                d = d.get(fields[0])
+                if not isinstance(d, str):
+                    raise self._error(422, f"{docs_field}[{i}] needs a string field {fields[0]!r}",
+                                      f"{docs_field}[{i}]")
+            docs.append(d)
+        truncate = body.truncation
+        if body.parameters is not None:
+            params = dict(body.parameters)
+            mode = params.pop("truncate", "END")
+            if mode not in ("END", "NONE") or params:
+                bad = "truncate" if mode not in ("END", "NONE") else min(params)
+                raise self._error(400, f"parameters.{bad} is not supported (parameters takes truncate: END or NONE)",
+                                  f"parameters.{bad}")
+            truncate = mode != "NONE"
+        server.check_count(len(docs), docs_field)
+        top = getattr(body, top_field)
+        ret = getattr(body, return_field)
+        ret = return_default if ret is None else ret
+        max_tokens = pair_limit(self.service, body.query, docs, body.instruction, truncate, None, None, docs_field)
+        ranked, tokens = await server.call(request, "rerank", self.service.rank, body.query, docs, top_n=top or None,
+                                           instruction=body.instruction, max_tokens_per_doc=max_tokens)
+        results = []
+        for r in ranked:
+            item: Dict[str, Any] = {"index": r["index"], score_key: r["score"]}
+            if ret and provider != "isaacus":
+                echo = raw[r["index"]]  # as given: a string, or the document object
+                item["document" if provider != "mixedbread" else "input"] = \
+                    {"text": echo} if provider == "pinecone" and isinstance(echo, str) else echo
+            if provider == "mixedbread":
+                item["object"] = "rank_result"
+            results.append(item)
+        usage = {"voyage": {"total_tokens": tokens}, "mixedbread": {"prompt_tokens": tokens, "total_tokens": tokens},
+                 "pinecone": {"rerank_units": 1}, "isaacus": {"input_tokens": tokens}}[provider]
+        out: Dict[str, Any] = {results_key: results, "model": name, "usage": usage}
+        if provider in ("voyage", "mixedbread"):
+            out["object"] = "list"
+        if provider == "mixedbread":
+            out.update(top_k=top, return_input=ret)
+        return await server.respond(out)
+
+    async def voyage_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "voyage")
+
+    async def mixedbread_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "mixedbread")
+
+    async def pinecone_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "pinecone")
+
+    async def isaacus_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "isaacus")
+
 
 def pair_limit(service, query, docs, instruction: Optional[str], truncate: Optional[bool],
                truncate_prompt_tokens: Optional[int], max_tokens_per_doc: Optional[int], param: str) -> Optional[int]:
@@ -756,6 +854,15 @@ ROUTES: List[Route] = [
           response=_RR),
     Route("/v2/rerank", "server.rerank", "Cohere v2", _RERANK, response=_RR),
     Route("/rerank", "server.rerank", "TEI (texts), infinity/vLLM (documents)", _RERANK, response=_RR),
+    Route("/v1/reranking", "compat.mixedbread_rerank", "mixedbread, rerankers (mixedbread.ai)",
+          "query, input (texts or objects), rank_fields, top_k, return_input, instruction"),
+    Route("/v1/rerankings", "compat.isaacus_rerank", "Isaacus, rerankers (isaacus)",
+          "query, texts, top_n, instruction"),
+    Route("/voyage/v1/rerank", "compat.voyage_rerank", "Voyage, rerankers (voyage): its path is Cohere's here",
+          "query, documents, top_k, return_documents, truncation, instruction"),
+    Route("/pinecone/rerank", "compat.pinecone_rerank", "Pinecone, rerankers (pinecone): its path is TEI's here",
+          "query, documents (texts or objects), rank_fields, top_n, return_documents, parameters.truncate, "
+          "instruction"),
     Route("/v1/score", "compat.score", "vLLM", _SCORE, response=ScoreResponse),
     Route("/score", "compat.score", "vLLM", _SCORE, response=ScoreResponse),
     Route("/v1/embeddings", "compat.embeddings", "OpenAI, vLLM, infinity, LangChain OpenAIEmbeddings", _OPENAI_EMB,

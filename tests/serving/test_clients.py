@@ -219,3 +219,19 @@ def test_ops_endpoints(rerank_server):
                  "rerank_engine_request_tokens_bucket", "rerank_engine_tokens_saved_total",
                  "rerank_engine_batches_total"):
         assert name in text, name
+
+
+# rerankers' other API providers, each at the route that speaks its shape (their own paths where free;
+# Voyage's /v1/rerank is Cohere's and Pinecone's /rerank TEI's here, so those two are served under a prefix).
+@pytest.mark.parametrize("provider,path", [("voyage", "/voyage/v1/rerank"), ("mixedbread.ai", "/v1/reranking"),
+                                           ("pinecone", "/pinecone/rerank"), ("isaacus", "/v1/rerankings"),
+                                           ("jina", "/v1/rerank")])
+def test_rerankers_api_providers(rerank_server, py_reranker, docs, provider, path):
+    from rerankers import Reranker as RerankersReranker
+
+    # rerankers 0.10 lists mixedbread.ai among its API rankers but not its model types: it is reached as an APIRanker
+    kind = {"model_type": "APIRanker", "api_provider": provider} if provider == "mixedbread.ai" else \
+        {"model_type": provider}
+    ranker = RerankersReranker(RERANK_NAME, **kind, api_key="unused", url=rerank_server.url + path, verbose=0)
+    out = ranker.rank(QUERY, docs[:-1])  # without the empty document
+    assert_ranking([(r.document.doc_id, r.score) for r in out.results], expected_ranking(py_reranker, QUERY, docs[:-1]))

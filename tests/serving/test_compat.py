@@ -528,3 +528,40 @@ def test_strict_mode(start_server, embed_service):
     with qwen.client() as c:
         for path, body, _ in cases:
             assert c.post(path, json=body).status_code == 200, path
+
+
+def test_provider_rerank_shapes_and_bad_options(rerank_server, rerank_service):
+    with rerank_server.client() as c:
+        want = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS}).json()["results"]
+        order = [w["index"] for w in want]
+        voyage = c.post("/voyage/v1/rerank", json={"query": "q", "documents": TEXTS, "top_k": 2,
+                                                   "return_documents": True}).json()
+        mxb = c.post("/v1/reranking", json={"query": "q", "input": [{"text": t, "id": i} for i, t in enumerate(TEXTS)],
+                                            "return_input": True}).json()
+        pine = c.post("/pinecone/rerank", json={"query": "q", "documents": [{"id": "a", "body": TEXTS[0]}, TEXTS[1]],
+                                                "rank_fields": ["body"]}).json()
+        isaacus = c.post("/v1/rerankings", json={"query": "q", "texts": TEXTS, "top_n": 1}).json()
+        assert voyage["object"] == "list" and [d["index"] for d in voyage["data"]] == order[:2]
+        assert voyage["data"][0]["document"] == TEXTS[order[0]] and voyage["usage"]["total_tokens"] > 0
+        np.testing.assert_allclose([d["relevance_score"] for d in voyage["data"]],
+                                   [w["relevance_score"] for w in want[:2]], atol=ATOL)
+        assert [d["index"] for d in mxb["data"]] == order and mxb["data"][0]["object"] == "rank_result"
+        assert mxb["data"][0]["input"] == {"text": TEXTS[order[0]], "id": order[0]} and mxb["return_input"] is True
+        assert {d["index"]: d["document"] for d in pine["data"]} == {0: {"id": "a", "body": TEXTS[0]},
+                                                                     1: {"text": TEXTS[1]}}  # Pinecone echoes
+        assert [d["index"] for d in isaacus["results"]] == order[:1] and "document" not in isaacus["results"][0]
+        long = "word " * (rerank_service.max_length + 8)
+        for path, body, status, param in (
+                ("/v1/reranking", {"input": TEXTS, "rank_fields": ["text", "title"]}, 400, "rank_fields"),
+                ("/v1/reranking", {"input": [{"title": "x"}]}, 422, "input[0]"),
+                ("/v1/reranking", {"documents": TEXTS}, 422, "input"),
+                ("/voyage/v1/rerank", {"documents": TEXTS, "top_k": -1}, 422, "top_k"),
+                ("/voyage/v1/rerank", {"documents": ["x", long], "truncation": False}, 413, "documents"),
+                ("/pinecone/rerank", {"documents": TEXTS, "parameters": {"truncate": "START"}}, 400,
+                 "parameters.truncate"),
+                ("/pinecone/rerank", {"documents": TEXTS, "parameters": {"foo": 1}}, 400, "parameters.foo"),
+                ("/pinecone/rerank", {"documents": [long], "parameters": {"truncate": "NONE"}}, 413, "documents"),
+                ("/v1/rerankings", {"texts": TEXTS, "query": " "}, 400, "query")):
+            r = c.post(path, json={"query": "q", **body})
+            assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text[:300])
+        assert c.post("/pinecone/rerank", json={"query": "q", "documents": [long]}).status_code == 200  # END: cut
