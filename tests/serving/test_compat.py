@@ -9,7 +9,7 @@ import base64
 import numpy as np
 import pytest
 import torch
-from server_helpers import EMBED_NAME
+from server_helpers import EMBED_NAME, RERANK_NAME
 
 from engine import Embedder
 from engine.serving.compat import ROUTES, markdown_table, quantize
@@ -328,22 +328,19 @@ def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
         assert c.head("/health").status_code == 200
 
 
-# Clients too heavy for the test extra (LangChain, LlamaIndex and Haystack pull large dependency trees):
-# their requests (model set to the served name), as their sources build them (langchain-openai 0.3 /
-# langchain-cohere 0.4, llama-index TextEmbeddingsInference 0.3, haystack-ai 2.x HuggingFaceAPITextEmbedder),
-# replayed on the wire.
+# Clients that cannot join the test extra, replayed on the wire as their sources build the request (model set
+# to the served name). LangChain OpenAIEmbeddings and Haystack's HuggingFaceAPI embedders are tested for real
+# in test_clients.py.
+# - langchain-cohere 0.6.0 requires cohere<6 (the extra has cohere 7): CohereEmbeddings.embed_documents calls
+#   cohere.Client(base_url).embed(texts, model, input_type="search_document", embedding_types=["float"]).
+# - LlamaIndex: llama-index-core 0.14.25 is a 12 MB wheel pulling nltk, SQLAlchemy, aiohttp and more, and
+#   llama-index-postprocessor-cohere-rerank 0.10.0 requires cohere<7.
+#   llama-index-embeddings-text-embeddings-inference 0.6.0: POST {base_url}/embed {inputs, truncate: true};
+#   CohereRerank 0.10.0: cohere.ClientV2(base_url).rerank(model, top_n, query, documents) -> /v2/rerank.
 RECORDED = [
-    # LangChain OpenAIEmbeddings(check_embedding_ctx_length=False), through the openai SDK (base64 by default)
-    ("langchain-openai", "/v1/embeddings", {"input": TEXTS, "model": EMBED_NAME,
-                                            "encoding_format": "base64"}, "openai-b64", {}),
-    # LangChain CohereEmbeddings, through cohere.ClientV2.embed
-    ("langchain-cohere", "/v2/embed", {"model": EMBED_NAME, "texts": TEXTS, "input_type": "search_document",
-                                       "embedding_types": ["float"]}, "cohere-v2", {}),
-    # LlamaIndex TextEmbeddingsInference(base_url=...): {base_url}/embed, truncate_text=True
+    ("langchain-cohere", "/v1/embed", {"model": EMBED_NAME, "texts": TEXTS, "input_type": "search_document",
+                                       "embedding_types": ["float"]}, "cohere-by-type", {}),
     ("llama-index-tei", "/embed", {"inputs": TEXTS, "truncate": True}, "tei", {}),
-    # Haystack HuggingFaceAPITextEmbedder(api_type="text_embeddings_inference", api_params={"url": bare URL}):
-    # InferenceClient(url).feature_extraction(text, truncate=True, normalize=False)
-    ("haystack", "/", {"inputs": TEXTS[0], "truncate": True, "normalize": False}, "tei", {"normalize": False}),
 ]
 
 
@@ -353,15 +350,25 @@ def test_recorded_client_requests(embed_server, py_embedder, client, path, body,
         r = c.post(path, json=body)
     assert r.status_code == 200, r.text
     out = r.json()
-    texts = TEXTS[:1] if isinstance(body.get("inputs"), str) else TEXTS
-    want = py_embedder.embed(texts, **opts)
-    if shape == "openai-b64":
-        got = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in out["data"]]
-    elif shape == "cohere-v2":
+    want = py_embedder.embed(TEXTS, **opts)
+    if shape == "cohere-by-type":
+        assert out["response_type"] == "embeddings_by_type"
         got = out["embeddings"]["float"]
     else:
         got = tei("EmbedResponse", out)
-    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4 if opts else ATOL, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=ATOL, rtol=0)
+
+
+def test_recorded_llama_index_cohere_rerank(rerank_server):
+    body = {"model": RERANK_NAME, "query": "q", "documents": TEXTS, "top_n": 2}  # CohereRerank's top_n default
+    with rerank_server.client() as c:
+        got = c.post("/v2/rerank", json=body)
+        want = c.post("/v1/score", json={"text_1": "q", "text_2": TEXTS}).json()["data"]
+    assert got.status_code == 200, got.text
+    results = got.json()["results"]
+    best = sorted(range(len(TEXTS)), key=lambda i: -want[i]["score"])[:2]
+    assert [r["index"] for r in results] == best
+    np.testing.assert_allclose([r["relevance_score"] for r in results], [want[i]["score"] for i in best], atol=ATOL)
 
 
 def test_tei_truncate_false_refuses_long_inputs(embed_server, embed_service):
