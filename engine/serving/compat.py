@@ -164,6 +164,13 @@ class TEIDecodeBody(_Body):
     skip_special_tokens: bool = True
 
 
+class DetokenizeBody(_Body):
+    """vLLM ``/detokenize``: token ids back to text (special tokens kept, as vLLM decodes)."""
+
+    model: Optional[str] = None
+    tokens: TokenIds
+
+
 class CohereEmbedBody(_Body):
     """Cohere ``/v1/embed`` and ``/v2/embed``."""
 
@@ -638,6 +645,14 @@ class Compat:
         tok = self.service.engine.tokenizer
         return [tok.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs]
 
+    async def detokenize(self, body: DetokenizeBody, request: Request):
+        self.server.check_model(body.model)
+        vocab = len(self.service.engine.tokenizer)
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise self._error(400, f"tokens holds token id {bad}, outside this model's vocabulary of {vocab}", "tokens")
+        return {"prompt": self.service.engine.tokenizer.decode(body.tokens)}
+
     # Cohere
 
     async def cohere_embed(self, body: CohereEmbedBody, request: Request, v2: bool = False):
@@ -884,6 +899,7 @@ ROUTES: List[Route] = [
           "inputs {source_sentence, sentences}, truncation_direction, prompt_name", tei=True),
     Route("/tokenize", "compat.tokenize", "TEI (inputs), vLLM (prompt)",
           "inputs, add_special_tokens (TEI); prompt, add_special_tokens, model (vLLM)", tei=True),
+    Route("/detokenize", "compat.detokenize", "vLLM", "tokens, model"),
     Route("/predict", "compat.tei_predict", "TEI (a reranker as a one-label classifier)",
           "inputs ([q, d] or a list of pairs), raw_scores, truncate", tei=True),
     Route("/decode", "compat.tei_decode", "TEI", "ids, skip_special_tokens", tei=True),

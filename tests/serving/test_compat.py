@@ -572,3 +572,14 @@ def test_provider_rerank_shapes_and_bad_options(rerank_server, rerank_service):
             r = c.post(path, json={"query": "q", **body})
             assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text[:300])
         assert c.post("/pinecone/rerank", json={"query": "q", "documents": [long]}).status_code == 200  # END: cut
+
+
+def test_vllm_detokenize(embed_server, tok):
+    text = TEXTS[0]
+    with embed_server.client() as c:
+        got = c.post("/detokenize", json={"model": EMBED_NAME, "tokens": tok(text)["input_ids"]}).json()
+        bad = c.post("/detokenize", json={"tokens": [1, 10**9]})
+        neg = c.post("/detokenize", json={"tokens": [-1]})
+    assert got == {"prompt": text + "<|endoftext|>"}  # special tokens kept, as vLLM decodes
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens", bad.text
+    assert neg.status_code == 422 and "tokens" in neg.json()["error"]["param"], neg.text
