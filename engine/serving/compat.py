@@ -508,7 +508,7 @@ class Compat:
                           "prompt_name")
 
     def check_fits(self, texts, truncate: Optional[bool], instruction: Optional[str], param: str = "inputs",
-                   ids: bool = False):
+                   ids: bool = False, status: int = 413):
         """TEI ``truncate: false``: an input longer than the model's context is refused (413), not cut."""
         if truncate is not False or self.service.task != "embed":
             return
@@ -517,8 +517,8 @@ class Compat:
         for i, t in enumerate(texts):
             n = (len(t) if ids else budget.count(t)) + overhead
             if n > self.service.max_length:
-                raise self._error(413, f"{param}[{i}] must have less than {self.service.max_length} tokens with "
-                                       f"truncate=false. Given: {n}", param)
+                raise self._error(status, f"{param}[{i}] must have less than {self.service.max_length} tokens "
+                                          f"with truncate={'NONE' if status == 400 else 'false'}. Given: {n}", param)
 
     async def tei_embed(self, body: EmbedBody, request: Request):
         texts, ids = self.inputs_of(body.inputs, "inputs")
@@ -657,9 +657,6 @@ class Compat:
 
     async def cohere_embed(self, body: CohereEmbedBody, request: Request, v2: bool = False):
         name = self.server.check_model(body.model)
-        if body.truncate == "NONE":
-            raise self._error(400, "truncate=NONE (refuse long texts) is not supported: this server truncates "
-                                   "long texts; send END or START", "truncate")
         if body.output_dimension is not None and self.service.dimension is not None \
                 and body.output_dimension > self.service.dimension:
             raise self._error(400, f"output_dimension={body.output_dimension} is larger than the embedding size "
@@ -671,6 +668,8 @@ class Compat:
         # search_query: the model's query format (its default instruction); the other types: documents.
         is_query = body.input_type == "search_query"
         instruction = self.service.engine.template.default_instruction if is_query else None
+        if body.truncate == "NONE":  # Cohere: a text over the model's context is an error, not cut
+            self.check_fits(body.texts, False, instruction, "texts", status=400)
         if not body.texts:
             emb, tokens = np.zeros((0, body.output_dimension or self.service.dimension or 0), np.float32), 0
         else:
@@ -860,7 +859,7 @@ _RERANK = ("query, documents (Cohere/Jina) or texts (TEI), top_n/top_k, return_d
            "truncate_prompt_tokens, instruction, raw_scores, return_text, truncate, truncation_direction")
 _SCORE = "text_1/text_2, data_1/data_2, queries/documents, queries/items, instruction, truncate_prompt_tokens"
 _TEI_EMB = "inputs (text, texts, token ids), normalize, dimensions, truncate, truncation_direction, prompt_name"
-_COHERE_EMB = "texts, input_type, embedding_types, truncate (END/START), output_dimension, max_tokens"
+_COHERE_EMB = "texts, input_type, embedding_types, truncate (END/START/NONE), output_dimension, max_tokens"
 
 _RR = Union[RerankResponse, List[TEIRank]]
 

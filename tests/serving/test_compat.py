@@ -205,10 +205,11 @@ def test_cohere_sdk_embed_v1_v2(embed_server, py_embedder):
 
 def test_cohere_embed_bad_options(embed_server):
     with embed_server.client() as c:
+        assert c.post("/v2/embed", json={"texts": ["x"], "truncate": "NONE"}).status_code == 200  # it fits
         for body, status, param in (({"input_type": "image"}, 422, "input_type"),
                                     ({"embedding_types": ["float16"]}, 422, "embedding_types[0]"),
                                     ({"embedding_types": ["int8", "int8"]}, 422, "embedding_types"),
-                                    ({"truncate": "NONE"}, 400, "truncate"),
+                                    ({"truncate": "NONE", "texts": ["x", "word " * 9000]}, 400, "texts"),
                                     ({"output_dimension": 100000}, 400, "output_dimension")):
             r = c.post("/v2/embed", json={"texts": ["x"], **body})
             assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
