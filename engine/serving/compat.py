@@ -157,6 +157,7 @@ class TEITokenizeBody(_Body):
     add_special_tokens: bool = True
     prompt_name: Optional[str] = None
     model: Optional[str] = None
+    return_token_strs: bool = Field(False, description="vLLM: also answer each token as a string (token_strs)")
 
 
 class TEIDecodeBody(_Body):
@@ -617,7 +618,13 @@ class Compat:
         if body.prompt is not None:  # vLLM
             self.server.check_model(body.model)
             ids = tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-            return {"tokens": ids, "count": len(ids), "max_model_len": self.service.max_length}
+            out = {"tokens": ids, "count": len(ids), "max_model_len": self.service.max_length}
+            if body.return_token_strs:
+                out["token_strs"] = tok.convert_ids_to_tokens(ids)
+            return out
+        if body.return_token_strs:
+            raise self._error(422, "return_token_strs is vLLM's (with prompt); TEI's tokens carry their text",
+                              "return_token_strs")
         if body.prompt_name is not None:
             raise self._error(422, "prompt_name is not supported by /tokenize", "prompt_name")
         if not body.inputs:
@@ -897,7 +904,7 @@ ROUTES: List[Route] = [
     Route("/similarity", "compat.tei_similarity", "TEI, huggingface_hub sentence_similarity",
           "inputs {source_sentence, sentences}, truncation_direction, prompt_name", tei=True),
     Route("/tokenize", "compat.tokenize", "TEI (inputs), vLLM (prompt)",
-          "inputs, add_special_tokens (TEI); prompt, add_special_tokens, model (vLLM)", tei=True),
+          "inputs, add_special_tokens (TEI); prompt, add_special_tokens, return_token_strs, model (vLLM)", tei=True),
     Route("/detokenize", "compat.detokenize", "vLLM", "tokens, model"),
     Route("/predict", "compat.tei_predict", "TEI (a reranker as a one-label classifier)",
           "inputs ([q, d] or a list of pairs), raw_scores, truncate", tei=True),

@@ -251,6 +251,10 @@ def test_tei_routes_and_schemas(embed_server, rerank_server, py_embedder, tok):
         assert "".join(t["text"] for t in toks[0] if not t["special"]) == TEXTS[0]
         vllm = c.post("/tokenize", json={"prompt": TEXTS[0], "add_special_tokens": False}).json()
         assert vllm["tokens"] == ids(tok, TEXTS[0]) and vllm["count"] == len(vllm["tokens"])
+        strs = c.post("/tokenize", json={"prompt": TEXTS[0], "return_token_strs": True}).json()
+        assert strs["token_strs"] == tok.convert_ids_to_tokens(strs["tokens"])
+        bad = c.post("/tokenize", json={"inputs": TEXTS[0], "return_token_strs": True})
+        assert bad.status_code == 422 and "return_token_strs" in tei("ErrorResponse", bad.json())["error"]
         dec = tei("DecodeResponse", c.post("/decode", json={"ids": [ids(tok, t) for t in TEXTS]}).json())
         assert dec == TEXTS
     with rerank_server.client() as c:
