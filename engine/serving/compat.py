@@ -784,12 +784,11 @@ def pair_limit(service, query, docs, instruction: Optional[str], truncate: Optio
     if truncate is not False and truncate_prompt_tokens is None:
         return max_tokens_per_doc
     budget = service.budget
-    if service.task == "embed":  # cosine of two embeddings: each text is its own prompt
-        head = budget.overhead[0] + budget.count(query) + (budget.count(instruction) if instruction else 0)
-        per_doc = budget.overhead[1]
-    else:
-        head = budget.overhead[0] + budget.count(query) + (budget.count(instruction) if instruction else 0)
-        per_doc = head
+    # the template without texts holds the default instruction; a given one takes its place
+    default = service.engine.template.default_instruction
+    swap = budget.count(instruction) - (budget.count(default) if default else 0) if instruction is not None else 0
+    head = budget.overhead[0] + budget.count(query) + swap
+    per_doc = budget.overhead[1] if service.task == "embed" else head  # embed: each text is its own prompt
     if truncate is False:
         if service.task == "embed" and head > service.max_length:
             raise ApiError(413, f"query must have less than {service.max_length} tokens with truncate=false. "

@@ -496,6 +496,14 @@ def test_rerank_truncation_options(rerank_server, rerank_service):
         assert abs(tpt.json()["results"][0]["relevance_score"] - s5) <= ATOL
         assert abs(score.json()["data"][0]["score"] - s5) <= ATOL
         assert abs(full["data"][0]["score"] - whole["results"][0]["relevance_score"]) <= ATOL
+        inst = "Judge it"  # replaces the default instruction in the prompt: the room for the document grows
+        head_i = head - rerank_service.budget.count(rerank_service.engine.template.default_instruction) \
+            + rerank_service.budget.count(inst)
+        a = c.post("/v1/rerank", json={"query": query, "documents": [doc], "instruction": inst,
+                                       "truncate_prompt_tokens": head_i + 5}).json()
+        b = c.post("/v1/rerank", json={"query": query, "documents": [doc], "instruction": inst,
+                                       "max_tokens_per_doc": 5}).json()
+        assert abs(a["results"][0]["relevance_score"] - b["results"][0]["relevance_score"]) <= ATOL
         for path, body, status in (("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 2}, 400),
                                    ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 0}, 400),
                                    ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": -2}, 422),
