@@ -504,6 +504,57 @@ class Embedder:
             merge_stats(stats, req.stats)
         return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
 
+    def _seqs_of_ids(self, ids, is_query, instruction, max_tokens=None, left=False) -> Seqs:
+        from engine.prompts.token_ids import encode_ids
+
+        vocab = len(self.engine.tokenizer)
+        for i, seq in enumerate(ids):
+            bad = next((t for t in seq if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"ids[{i}] holds {bad!r}, not a token id of this model's vocabulary of {vocab}")
+        return encode_ids(self.engine.template, ids, is_query, instruction, max_tokens, left)
+
+    def embed_ids(self, ids: Sequence[Sequence[int]], dimensions: Optional[int] = None,
+                  instruction: Optional[str] = None, is_query: bool = False, normalize: bool = True,
+                  max_tokens: Optional[int] = None, left: bool = False, cancel=None, stats: Optional[dict] = None):
+        """``[n, d]`` embeddings of token ids as given, inside the template's special tokens and prompt
+        (engine.prompts.token_ids): a document's ids from this tokenizer embed as its text does.
+        ``max_tokens``: keep at most this many of each sequence's ids (its end with ``left``)."""
+        if dimensions is not None:
+            matryoshka(np.zeros((1, self.dimension), np.float32), dimensions)
+        if not ids:
+            return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
+        seqs = self._seqs_of_ids(ids, is_query, instruction, max_tokens, left)
+        req = ScoreRequest(len(seqs), lambda s, e: seqs[s:e], cancel=cancel, eager=True)
+        try:
+            emb = np.asarray(self.engine.submit(req).wait(), dtype=np.float32)
+        finally:
+            merge_stats(self.stats, req.stats)
+            merge_stats(stats, req.stats)
+        return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
+
+    def token_states(self, texts=None, ids=None, instruction: Optional[str] = None, is_query: bool = False,
+                     max_tokens: Optional[int] = None, left: bool = False, cancel=None,
+                     stats: Optional[dict] = None) -> List[np.ndarray]:
+        """Every token's final hidden state (TEI's ``embed_all``): ``[len_i, H]`` float32 per input, over
+        the whole templated sequence (special tokens and prompt included), not normalized. Give
+        ``texts`` or token ``ids`` (``max_tokens``/``left``: as ``embed_ids``)."""
+        from engine.core.steps.tokens import TokenStatesRequest
+
+        if (texts is None) == (ids is None):
+            raise ValueError("give texts or ids")
+        if texts is not None:
+            texts = check_texts([texts] if isinstance(texts, str) else texts, "texts")
+            seqs = self.engine.template.encode(texts, is_query=is_query, instruction=instruction) if texts else []
+        else:
+            seqs = self._seqs_of_ids(ids, is_query, instruction, max_tokens, left) if ids else []
+        req = TokenStatesRequest(list(seqs), cancel=cancel)
+        try:
+            return self.engine.submit(req).wait()
+        finally:
+            merge_stats(self.stats, req.stats)
+            merge_stats(stats, req.stats)
+
     def _embed_chunks(self, texts, spec, dimensions, instruction, is_query, normalize, cancel, stats):
         tpl = self.engine.template
         check_room(spec, len(tpl.encode([""], is_query=is_query, instruction=instruction).ids[0]),

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="read the API key from this file (keeps it out of the process list)")
     s.add_argument("--served-model-name", default=None,
                    help="the name clients send as 'model' (comma-separated aliases); default: the MODEL argument")
+    s.add_argument("--strict", action="store_true",
+                   help="refuse (400) options the model cannot honour as trained: dimensions without Matryoshka "
+                        "training, an instruction on a model trained without one")
     s.add_argument("--max-queue", type=_positive_int, default=128, help="requests in flight at once; more get 429")
     s.add_argument("--max-documents", type=_positive_int, default=100_000,
                    help="documents per request (with chunking: chunks); more get 413")
@@ -452,7 +455,7 @@ def _server_config(args):
 
         model, name = str(default_model_path()), name or DEFAULT_MODEL
     return ServerConfig(served_names=served_names(model, name), api_key=_api_key(args),
-                        strict_names=args.served_model_name is not None,
+                        strict_names=args.served_model_name is not None, strict=args.strict,
                         max_queue=args.max_queue, max_documents=args.max_documents, max_pairs=args.max_pairs,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout,
                         max_response_bytes=int(args.max_response_mb * (1 << 20)),

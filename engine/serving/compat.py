@@ -9,12 +9,16 @@ compatibility") mirrors it. Where two tools define one path the tool that define
 
 Strictness: every field a body declares is honoured or refused with a 4xx naming it.
 
-Token ids as input (OpenAI ``input: [[101, 3231]]``, TEI ``inputs: [101, 3231]``) are decoded
-with the model's tokenizer (special tokens dropped) and embedded as that text through the model's
-template, so ids from this model's tokenizer give the embedding of their text. Ids outside the
-vocabulary are refused (400). Ids of another tokenizer (tiktoken's, as LangChain's
-``OpenAIEmbeddings`` sends by default) cannot be told apart from this model's; such clients must
-send text (``check_embedding_ctx_length=False``).
+Token ids as input (OpenAI ``input: [[101, 3231]]``, TEI ``inputs: [101, 3231]``) go to the model as
+given, inside the special tokens and prompt of the model's template (engine.prompts.token_ids), so a
+document's ids from this model's tokenizer embed exactly as its text. Ids outside the vocabulary are
+refused (400). Ids of another tokenizer (tiktoken's, as LangChain's ``OpenAIEmbeddings`` sends by
+default) cannot be told apart from this model's; such clients must send text
+(``check_embedding_ctx_length=False``).
+
+``--strict`` (``ServerConfig.strict``) also refuses what the model cannot honour as trained
+(``Compat.check_strict``, ``model_traits``): shorter ``dimensions`` without Matryoshka training, an
+``instruction`` on a model trained without one.
 
 Quantized embeddings (Cohere ``embedding_types``, vLLM ``embed_dtype``), from the float32 vector
 after Matryoshka truncation and normalisation: ``int8`` = round(127 * clip(x, -1, 1)) and ``uint8`` =
@@ -29,6 +33,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
@@ -102,6 +107,22 @@ class EmbedBody(_Body):
     instruction: Optional[Text] = None
 
 
+class EmbedAllBody(_Body):
+    """TEI ``/embed_all``: per-token vectors."""
+
+    inputs: TextOrIds
+    truncate: Optional[bool] = Field(None, description="false: an input over the model's context is 413")
+    truncation_direction: Direction = "right"
+    prompt_name: Optional[str] = None
+
+
+class PoolingBody(EmbeddingsBody):
+    """vLLM ``/pooling``: an embeddings body and the pooling ``task``."""
+
+    task: Optional[Literal["embed", "encode", "token_embed"]] = Field(
+        None, description="embed/encode (default): one pooled vector per input; token_embed: one per token")
+
+
 class SimilarityInputs(_Body):
     source_sentence: Text
     sentences: List[Text]
@@ -136,11 +157,19 @@ class TEITokenizeBody(_Body):
     add_special_tokens: bool = True
     prompt_name: Optional[str] = None
     model: Optional[str] = None
+    return_token_strs: bool = Field(False, description="vLLM: also answer each token as a string (token_strs)")
 
 
 class TEIDecodeBody(_Body):
     ids: Union[TokenIds, List[TokenIds]]
     skip_special_tokens: bool = True
+
+
+class DetokenizeBody(_Body):
+    """vLLM ``/detokenize``: token ids back to text (special tokens kept, as vLLM decodes)."""
+
+    model: Optional[str] = None
+    tokens: TokenIds
 
 
 class CohereEmbedBody(_Body):
@@ -153,6 +182,35 @@ class CohereEmbedBody(_Body):
     truncate: Literal["NONE", "START", "END"] = "END"
     output_dimension: Optional[PositiveInt] = None
     max_tokens: Optional[PositiveInt] = None
+
+
+class ProviderRerankBody(_Body):
+    """The rerank bodies of Voyage (``documents``, ``top_k``, ``truncation``), mixedbread (``input``,
+    ``top_k``, ``return_input``, ``rank_fields``), Pinecone (``documents`` as strings or objects,
+    ``top_n``, ``rank_fields``, ``parameters.truncate``) and Isaacus (``texts``, ``top_n``)."""
+
+    model: Optional[str] = None
+    query: Text
+    documents: Optional[List[Union[Text, Dict[str, Any]]]] = None
+    input: Optional[List[Union[Text, Dict[str, Any]]]] = None
+    texts: Optional[List[Text]] = None
+    top_k: Optional[Annotated[int, Field(ge=0)]] = None
+    top_n: Optional[Annotated[int, Field(ge=0)]] = None
+    return_documents: Optional[bool] = None
+    return_input: Optional[bool] = None
+    rank_fields: Optional[List[str]] = Field(None, description="one field of the document objects to rank by")
+    truncation: Optional[bool] = Field(None, description="Voyage: false refuses (413) a pair over the context")
+    parameters: Optional[Dict[str, Any]] = Field(None, description="Pinecone: {truncate: END | NONE}")
+    instruction: Optional[Text] = None
+
+
+# provider: (documents field, top field, return field, default return, results key, score key)
+_PROVIDERS = {
+    "voyage": ("documents", "top_k", "return_documents", False, "data", "relevance_score"),
+    "mixedbread": ("input", "top_k", "return_input", False, "data", "score"),
+    "pinecone": ("documents", "top_n", "return_documents", True, "data", "score"),
+    "isaacus": ("texts", "top_n", "return_documents", False, "results", "score"),
+}
 
 
 class ScoreBody(_Body):
@@ -263,23 +321,37 @@ class Compat:
     def _error(self, *args, **kwargs):
         return ApiError(*args, **kwargs)
 
-    def ids_to_texts(self, inputs, param: str) -> list:
-        """Text, texts, token ids or lists of them -> a list of texts (ids decoded with the model's tokenizer)."""
+    def inputs_of(self, inputs, param: str) -> Tuple[list, bool]:
+        """Text, texts, token ids or lists of them -> (a list of texts or of id sequences, whether ids).
+        Ids go to the model as given (engine.prompts.token_ids); ids outside the vocabulary are 400."""
         if isinstance(inputs, str):
-            return [inputs]
+            return [inputs], False
         if not inputs or isinstance(inputs[0], str):
-            return list(inputs)
+            return list(inputs), False
         seqs = [inputs] if isinstance(inputs[0], int) else inputs
-        tok = self.service.engine.tokenizer
-        vocab = len(tok)
-        out = []
+        vocab = len(self.service.engine.tokenizer)
         for i, ids in enumerate(seqs):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise self._error(400, f"{param}[{i}] holds token id {bad}, outside this model's vocabulary "
                                        f"of {vocab}", f"{param}[{i}]")
-            out.append(tok.decode(ids, skip_special_tokens=True))
-        return out
+        if self.service.multimodal:
+            raise self._error(400, f"{param}: token ids are not supported by this model (it takes text and "
+                                   f"images); send text", param)
+        return [list(ids) for ids in seqs], True
+
+    def check_strict(self, value, field: str):
+        """``--strict``: refuse an option the model cannot honour as trained (400 naming it): shorter
+        ``dimensions`` without Matryoshka training, an ``instruction`` on a model trained without one."""
+        if value is None or not getattr(self.server.config, "strict", False):
+            return
+        matryoshka, instructed = model_traits(self.service)
+        if field in ("dimensions", "output_dimension") and not matryoshka and value != self.service.dimension:
+            raise self._error(400, f"{field}: this model was not trained for shorter (Matryoshka) embeddings, and "
+                                   f"the server runs --strict; leave {field} out", field)
+        if field == "instruction" and not instructed:
+            raise self._error(400, "instruction: this model was trained without instructions, and the server runs "
+                                   "--strict; leave instruction out", field)
 
     def _max_tokens(self, truncate_prompt_tokens: Optional[int]) -> Optional[int]:
         if truncate_prompt_tokens is None or truncate_prompt_tokens == -1:
@@ -291,38 +363,90 @@ class Compat:
 
     # OpenAI / vLLM / infinity
 
-    async def embeddings(self, body: EmbeddingsBody, request: Request):
-        server = self.server
-        name = server.check_model(body.model)
+    def _embedding_inputs(self, body: "EmbeddingsBody") -> Tuple[list, Optional[str], bool]:
+        """(inputs, instruction, whether the inputs are token ids) of an OpenAI/vLLM embeddings body."""
         instruction = body.instruction
         if (body.input is None) == (body.messages is None):
             raise self._error(422, "give either input or messages", "input")
-        if body.messages is not None:  # vLLM chat embeddings: one input from the conversation
-            system = [text_part(m.content) for m in body.messages if m.role == "system"]
-            parts = []
-            for m in body.messages:
-                if m.role != "system":
-                    parts += [m.content] if isinstance(m.content, str) else list(m.content)
-            instruction = "\n".join(system) if system else instruction
-            inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
-            server.check_text_only(inputs, "messages")
-        else:
-            inputs = self.ids_to_texts(body.input, "input")
+        if body.messages is None:
+            inputs, ids = self.inputs_of(body.input, "input")
+            return inputs, instruction, ids
+        # vLLM chat embeddings: one input from the conversation
+        system = [text_part(m.content) for m in body.messages if m.role == "system"]
+        parts = []
+        for m in body.messages:
+            if m.role != "system":
+                parts += [m.content] if isinstance(m.content, str) else list(m.content)
+        instruction = "\n".join(system) if system else instruction
+        inputs = [parts if any(not isinstance(p, str) for p in parts) else "".join(parts)]
+        self.server.check_text_only(inputs, "messages")
+        return inputs, instruction, False
+
+    async def _embedding_vectors(self, body: "EmbeddingsBody", request: Request):
+        """(served name, the vectors as the body asks: base64 strings or a typed array, prompt tokens)."""
+        server = self.server
+        name = server.check_model(body.model)
+        inputs, instruction, ids = self._embedding_inputs(body)
         if body.encoding_format == "float" and body.endianness != "native":
             raise self._error(400, "endianness applies to encoding_format=base64 only", "endianness")
+        self.check_strict(body.dimensions, "dimensions")
+        self.check_strict(instruction, "instruction")
         base64_out = body.encoding_format == "base64"
         emb, tokens = await server._embed(request, inputs, body.dimensions, instruction=instruction,
-                                          normalize=body.normalize,
+                                          normalize=body.normalize, ids=ids,
                                           max_tokens=self._max_tokens(body.truncate_prompt_tokens),
                                           **({"bytes_per_number": 16 / 3} if base64_out else {}))
         if base64_out:
-            vectors = to_base64(emb, body.embed_dtype, body.endianness)
+            return name, to_base64(emb, body.embed_dtype, body.endianness), tokens
+        return name, np.ascontiguousarray(typed(emb, body.embed_dtype)), tokens
+
+    async def embeddings(self, body: EmbeddingsBody, request: Request):
+        name, vectors, tokens = await self._embedding_vectors(body, request)
+        return await self.server.respond({"object": "list", "model": name,
+                                          "data": [{"object": "embedding", "index": i, "embedding": v}
+                                                   for i, v in enumerate(vectors)],
+                                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def pooling(self, body: "PoolingBody", request: Request):
+        """vLLM ``/pooling``: ``task`` embed (or encode) gives each input's pooled vector, token_embed
+        every token's vector (Matryoshka ``dimensions`` then ``normalize`` per token)."""
+        if body.task == "token_embed":
+            name = self.server.check_model(body.model)
+            inputs, instruction, ids = self._embedding_inputs(body)
+            if body.encoding_format != "float" or body.embed_dtype != "float32" or body.endianness != "native":
+                field = "encoding_format" if body.encoding_format != "float" else \
+                    "embed_dtype" if body.embed_dtype != "float32" else "endianness"
+                raise self._error(400, f"{field} is not supported with task=token_embed (float32 JSON only)", field)
+            self.check_strict(body.dimensions, "dimensions")
+            states, tokens = await self._token_states(request, inputs, ids, instruction,
+                                                      self._max_tokens(body.truncate_prompt_tokens), False, "input")
+            if body.dimensions is not None and body.dimensions > self.service.dimension:
+                raise self._error(400, f"dimensions={body.dimensions} is larger than the embedding size "
+                                       f"{self.service.dimension}", "dimensions")
+            from engine.models.heads import matryoshka
+
+            vectors = [np.ascontiguousarray(matryoshka(x, body.dimensions, normalize=body.normalize), np.float32)
+                       for x in states]
         else:
-            vectors = np.ascontiguousarray(typed(emb, body.embed_dtype))
-        return await server.respond({"object": "list", "model": name,
-                             "data": [{"object": "embedding", "index": i, "embedding": v}
-                                      for i, v in enumerate(vectors)],
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+            name, vectors, tokens = await self._embedding_vectors(body, request)
+        return await self.server.respond({"id": f"pool-{uuid.uuid4().hex}", "object": "list",
+                                          "created": int(time.time()), "model": name,
+                                          "data": [{"index": i, "object": "pooling", "data": v}
+                                                   for i, v in enumerate(vectors)],
+                                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _token_states(self, request: Request, inputs, ids: bool, instruction, max_tokens, left, param):
+        server = self.server
+        server.check_count(len(inputs), param)
+        if self.service.embedder is None:
+            raise self._error(400, f"this server hosts a {self.service.task} model; per-token embeddings need an "
+                                   f"embedding model (serve one with --task embed)", type="unsupported_task")
+        # the response's size, before any work: every token's vector (texts counted by their own tokens)
+        overhead = self.service.budget.overhead[1 if instruction is None else 0]
+        n = sum(len(x) if ids else self.service.budget.count(x) for x in inputs) + overhead * len(inputs)
+        server.check_response_size(n * self.service.dimension)
+        return await server.call(request, "embed_all", self.service.token_states, inputs, ids=ids,
+                                 instruction=instruction, max_tokens=max_tokens, left=left)
 
     async def score(self, body: ScoreBody, request: Request):
         server = self.server
@@ -346,11 +470,11 @@ class Compat:
         if len(q) != len(d):
             raise self._error(400, f"{a} has {len(q)} texts and {b} {len(d)}: give one {a}, "
                                    f"or lists of equal length", b)
-        if body.truncate_prompt_tokens is not None and body.truncate_prompt_tokens != -1:
-            raise self._error(400, "truncate_prompt_tokens is not supported on /score by this server (long pairs "
-                                   "are truncated to the model's context); use /rerank with max_tokens_per_doc",
-                              "truncate_prompt_tokens")
         server.check_count(len(d), b)
+        if body.truncate_prompt_tokens is not None:  # each pair's prompt at most that long: documents cut
+            d = [self.service.budget.fit([doc], pair_limit(self.service, qq, [], body.instruction, None,
+                                                           body.truncate_prompt_tokens, None, b), False)[0]
+                 for qq, doc in zip(q, d)]
         server.check_text_only(q[:1], a)
         server.check_text_only(d, b)
         if body.chunking is not None:  # long documents scored by their chunks (engine.prompts.chunking)
@@ -384,28 +508,42 @@ class Compat:
         raise self._error(422, f"prompt_name {prompt_name!r} is not known to this model (it has 'query')",
                           "prompt_name")
 
-    def check_fits(self, texts, truncate: Optional[bool], instruction: Optional[str], param: str = "inputs"):
+    def check_fits(self, texts, truncate: Optional[bool], instruction: Optional[str], param: str = "inputs",
+                   ids: bool = False, status: int = 413):
         """TEI ``truncate: false``: an input longer than the model's context is refused (413), not cut."""
         if truncate is not False or self.service.task != "embed":
             return
         budget = self.service.budget
         overhead = budget.overhead[1] if instruction is None else budget.overhead[0] + budget.count(instruction)
         for i, t in enumerate(texts):
-            n = budget.count(t) + overhead
+            n = (len(t) if ids else budget.count(t)) + overhead
             if n > self.service.max_length:
-                raise self._error(413, f"{param}[{i}] must have less than {self.service.max_length} tokens with "
-                                       f"truncate=false. Given: {n}", param)
+                raise self._error(status, f"{param}[{i}] must have less than {self.service.max_length} tokens "
+                                          f"with truncate={'NONE' if status == 400 else 'false'}. Given: {n}", param)
 
     async def tei_embed(self, body: EmbedBody, request: Request):
-        texts = self.ids_to_texts(body.inputs, "inputs")
+        texts, ids = self.inputs_of(body.inputs, "inputs")
         if not texts:
             raise self._error(400, "Batch is empty", "inputs", type="empty")
         instruction = body.instruction if body.instruction is not None else self._tei_prompt(body.prompt_name)
-        self.check_fits(texts, body.truncate, instruction)
+        self.check_fits(texts, body.truncate, instruction, ids=ids)
+        self.check_strict(body.dimensions, "dimensions")
+        self.check_strict(body.instruction, "instruction")
         emb, _ = await self.server._embed(request, texts, body.dimensions, normalize=body.normalize,
-                                          instruction=instruction,
+                                          instruction=instruction, ids=ids,
                                           left=body.truncation_direction.lower() == "left")
         return await self.server.respond(np.ascontiguousarray(emb))
+
+    async def tei_embed_all(self, body: EmbedAllBody, request: Request):
+        """TEI ``/embed_all``: every token's final hidden state, ``[inputs][tokens][hidden]``, not normalized."""
+        texts, ids = self.inputs_of(body.inputs, "inputs")
+        if not texts:
+            raise self._error(400, "Batch is empty", "inputs", type="empty")
+        instruction = self._tei_prompt(body.prompt_name)
+        self.check_fits(texts, body.truncate, instruction, ids=ids)
+        states, _ = await self._token_states(request, texts, ids, instruction, None,
+                                             body.truncation_direction.lower() == "left", "inputs")
+        return await self.server.respond(states)
 
     async def tei_similarity(self, body: TEISimilarityBody, request: Request):
         params = dict(body.parameters or {})
@@ -480,7 +618,13 @@ class Compat:
         if body.prompt is not None:  # vLLM
             self.server.check_model(body.model)
             ids = tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-            return {"tokens": ids, "count": len(ids), "max_model_len": self.service.max_length}
+            out = {"tokens": ids, "count": len(ids), "max_model_len": self.service.max_length}
+            if body.return_token_strs:
+                out["token_strs"] = tok.convert_ids_to_tokens(ids)
+            return out
+        if body.return_token_strs:
+            raise self._error(422, "return_token_strs is vLLM's (with prompt); TEI's tokens carry their text",
+                              "return_token_strs")
         if body.prompt_name is not None:
             raise self._error(422, "prompt_name is not supported by /tokenize", "prompt_name")
         if not body.inputs:
@@ -508,23 +652,31 @@ class Compat:
         tok = self.service.engine.tokenizer
         return [tok.decode(s, skip_special_tokens=body.skip_special_tokens) for s in seqs]
 
+    async def detokenize(self, body: DetokenizeBody, request: Request):
+        self.server.check_model(body.model)
+        vocab = len(self.service.engine.tokenizer)
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise self._error(400, f"tokens holds token id {bad}, outside this model's vocabulary of {vocab}", "tokens")
+        return {"prompt": self.service.engine.tokenizer.decode(body.tokens)}
+
     # Cohere
 
     async def cohere_embed(self, body: CohereEmbedBody, request: Request, v2: bool = False):
         name = self.server.check_model(body.model)
-        if body.truncate == "NONE":
-            raise self._error(400, "truncate=NONE (refuse long texts) is not supported: this server truncates "
-                                   "long texts; send END or START", "truncate")
         if body.output_dimension is not None and self.service.dimension is not None \
                 and body.output_dimension > self.service.dimension:
             raise self._error(400, f"output_dimension={body.output_dimension} is larger than the embedding size "
                                    f"{self.service.dimension}", "output_dimension")
+        self.check_strict(body.output_dimension, "output_dimension")
         types = body.embedding_types or ["float"]
         if len(set(types)) != len(types):
             raise self._error(422, "embedding_types lists a type twice", "embedding_types")
         # search_query: the model's query format (its default instruction); the other types: documents.
         is_query = body.input_type == "search_query"
         instruction = self.service.engine.template.default_instruction if is_query else None
+        if body.truncate == "NONE":  # Cohere: a text over the model's context is an error, not cut
+            self.check_fits(body.texts, False, instruction, "texts", status=400)
         if not body.texts:
             emb, tokens = np.zeros((0, body.output_dimension or self.service.dimension or 0), np.float32), 0
         else:
@@ -552,6 +704,126 @@ class Compat:
 
     async def cohere_embed_v2(self, body: CohereEmbedBody, request: Request):
         return await self.cohere_embed(body, request, v2=True)
+
+    # Other rerank APIs (each in its own response shape)
+
+    async def provider_rerank(self, body: ProviderRerankBody, request: Request, provider: str):
+        docs_field, top_field, return_field, return_default, results_key, score_key = _PROVIDERS[provider]
+        server = self.server
+        name = server.check_model(body.model)
+        if is_blank(body.query):
+            raise self._error(400, "query must not be empty", "query")
+        raw = getattr(body, docs_field)
+        if raw is None:
+            raise self._error(422, f"{docs_field} is required", docs_field)
+        fields = body.rank_fields or ["text"]
+        if len(fields) != 1:
+            raise self._error(400, "rank_fields: one field is supported (the text to rank)", "rank_fields")
+        docs = []
+        for i, d in enumerate(raw):
+            if isinstance(d, dict):
+                d = d.get(fields[0])
+                if not isinstance(d, str):
+                    raise self._error(422, f"{docs_field}[{i}] needs a string field {fields[0]!r}",
+                                      f"{docs_field}[{i}]")
+            docs.append(d)
+        truncate = body.truncation
+        if body.parameters is not None:
+            params = dict(body.parameters)
+            mode = params.pop("truncate", "END")
+            if mode not in ("END", "NONE") or params:
+                bad = "truncate" if mode not in ("END", "NONE") else min(params)
+                raise self._error(400, f"parameters.{bad} is not supported (parameters takes truncate: END or NONE)",
+                                  f"parameters.{bad}")
+            truncate = mode != "NONE"
+        server.check_count(len(docs), docs_field)
+        top = getattr(body, top_field)
+        ret = getattr(body, return_field)
+        ret = return_default if ret is None else ret
+        max_tokens = pair_limit(self.service, body.query, docs, body.instruction, truncate, None, None, docs_field)
+        ranked, tokens = await server.call(request, "rerank", self.service.rank, body.query, docs, top_n=top or None,
+                                           instruction=body.instruction, max_tokens_per_doc=max_tokens)
+        results = []
+        for r in ranked:
+            item: Dict[str, Any] = {"index": r["index"], score_key: r["score"]}
+            if ret and provider != "isaacus":
+                echo = raw[r["index"]]  # as given: a string, or the document object
+                item["document" if provider != "mixedbread" else "input"] = \
+                    {"text": echo} if provider == "pinecone" and isinstance(echo, str) else echo
+            if provider == "mixedbread":
+                item["object"] = "rank_result"
+            results.append(item)
+        usage = {"voyage": {"total_tokens": tokens}, "mixedbread": {"prompt_tokens": tokens, "total_tokens": tokens},
+                 "pinecone": {"rerank_units": 1}, "isaacus": {"input_tokens": tokens}}[provider]
+        out: Dict[str, Any] = {results_key: results, "model": name, "usage": usage}
+        if provider in ("voyage", "mixedbread"):
+            out["object"] = "list"
+        if provider == "mixedbread":
+            out.update(top_k=top, return_input=ret)
+        return await server.respond(out)
+
+    async def voyage_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "voyage")
+
+    async def mixedbread_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "mixedbread")
+
+    async def pinecone_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "pinecone")
+
+    async def isaacus_rerank(self, body: ProviderRerankBody, request: Request):
+        return await self.provider_rerank(body, request, "isaacus")
+
+
+def pair_limit(service, query, docs, instruction: Optional[str], truncate: Optional[bool],
+               truncate_prompt_tokens: Optional[int], max_tokens_per_doc: Optional[int], param: str) -> Optional[int]:
+    """The tokens each document may keep in a (query, document) prompt: ``max_tokens_per_doc`` within
+    vLLM's ``truncate_prompt_tokens`` (the whole prompt at most that long: the query and the prompt are
+    kept, the document cut; -1: the model's context); with TEI's ``truncate: false`` a pair over the
+    model's context is 413 instead of cut. Texts are counted by their own tokens."""
+    if truncate is not False and truncate_prompt_tokens is None:
+        return max_tokens_per_doc
+    budget = service.budget
+    # the template without texts holds the default instruction; a given one takes its place
+    default = service.engine.template.default_instruction
+    swap = budget.count(instruction) - (budget.count(default) if default else 0) if instruction is not None else 0
+    head = budget.overhead[0] + budget.count(query) + swap
+    per_doc = budget.overhead[1] if service.task == "embed" else head  # embed: each text is its own prompt
+    if truncate is False:
+        if service.task == "embed" and head > service.max_length:
+            raise ApiError(413, f"query must have less than {service.max_length} tokens with truncate=false. "
+                                f"Given: {head}", "query")
+        for i, d in enumerate(docs):
+            if isinstance(d, str):
+                n = per_doc + budget.count(d)
+                if n > service.max_length:
+                    raise ApiError(413, f"{param}[{i}] must have less than {service.max_length} tokens with "
+                                        f"truncate=false. Given: {n}", param)
+    if truncate_prompt_tokens is None or truncate_prompt_tokens == -1:
+        return max_tokens_per_doc
+    if truncate_prompt_tokens == 0:
+        raise ApiError(400, "truncate_prompt_tokens must be -1 (the model's context) or at least 1",
+                       "truncate_prompt_tokens")
+    room = truncate_prompt_tokens - per_doc
+    if room < 1 or (service.task == "embed" and head > truncate_prompt_tokens):
+        raise ApiError(400, f"truncate_prompt_tokens={truncate_prompt_tokens} leaves no room for the document: the "
+                            f"query and the prompt take {per_doc if service.task != 'embed' else head} tokens",
+                       "truncate_prompt_tokens")
+    return room if max_tokens_per_doc is None else min(room, max_tokens_per_doc)
+
+
+def model_traits(service) -> Tuple[bool, bool]:
+    """(Matryoshka-trained, instruction-trained) as the model declares them: Qwen3-Embedding's template
+    (both, per its model card), a sentence-transformers query prompt (instructions), and a model card
+    (README.md) naming Matryoshka (sentence-transformers cards tag ``loss:MatryoshkaLoss``)."""
+    tpl = service.engine.template
+    instructed = tpl.default_instruction is not None or bool(getattr(tpl, "query_prompt", ""))
+    matryoshka = tpl.default_instruction is not None and service.task == "embed"  # the Qwen3-Embedding family
+    card = Path(service.engine.folder) / "README.md"
+    if not matryoshka and card.is_file():
+        with open(card, encoding="utf-8", errors="replace") as f:
+            matryoshka = "matryoshka" in f.read(1 << 20).lower()
+    return matryoshka, instructed
 
 
 def flatten_parameters(raw: Any) -> Any:
@@ -590,10 +862,10 @@ class Route:
 _OPENAI_EMB = ("input (text, texts, token ids, lists of token ids), model, dimensions, encoding_format, "
                "embed_dtype, endianness, truncate_prompt_tokens, normalize, messages, instruction")
 _RERANK = ("query, documents (Cohere/Jina) or texts (TEI), top_n/top_k, return_documents, max_tokens_per_doc, "
-           "instruction, raw_scores, return_text, truncation_direction")
-_SCORE = "text_1/text_2, data_1/data_2, queries/documents, queries/items, instruction"
+           "truncate_prompt_tokens, instruction, raw_scores, return_text, truncate, truncation_direction")
+_SCORE = "text_1/text_2, data_1/data_2, queries/documents, queries/items, instruction, truncate_prompt_tokens"
 _TEI_EMB = "inputs (text, texts, token ids), normalize, dimensions, truncate, truncation_direction, prompt_name"
-_COHERE_EMB = "texts, input_type, embedding_types, truncate (END/START), output_dimension, max_tokens"
+_COHERE_EMB = "texts, input_type, embedding_types, truncate (END/START/NONE), output_dimension, max_tokens"
 
 _RR = Union[RerankResponse, List[TEIRank]]
 
@@ -602,16 +874,28 @@ ROUTES: List[Route] = [
           response=_RR),
     Route("/v2/rerank", "server.rerank", "Cohere v2", _RERANK, response=_RR),
     Route("/rerank", "server.rerank", "TEI (texts), infinity/vLLM (documents)", _RERANK, response=_RR),
+    Route("/v1/reranking", "compat.mixedbread_rerank", "mixedbread, rerankers (mixedbread.ai)",
+          "query, input (texts or objects), rank_fields, top_k, return_input, instruction"),
+    Route("/v1/rerankings", "compat.isaacus_rerank", "Isaacus, rerankers (isaacus)",
+          "query, texts, top_n, instruction"),
+    Route("/voyage/v1/rerank", "compat.voyage_rerank", "Voyage, rerankers (voyage): its path is Cohere's here",
+          "query, documents, top_k, return_documents, truncation, instruction"),
+    Route("/pinecone/rerank", "compat.pinecone_rerank", "Pinecone, rerankers (pinecone): its path is TEI's here",
+          "query, documents (texts or objects), rank_fields, top_n, return_documents, parameters.truncate, "
+          "instruction"),
     Route("/v1/score", "compat.score", "vLLM", _SCORE, response=ScoreResponse),
     Route("/score", "compat.score", "vLLM", _SCORE, response=ScoreResponse),
     Route("/v1/embeddings", "compat.embeddings", "OpenAI, vLLM, infinity, LangChain OpenAIEmbeddings", _OPENAI_EMB,
           response=EmbeddingsResponse),
     Route("/embeddings", "compat.embeddings", "infinity, TEI (OpenAI body)", _OPENAI_EMB, response=EmbeddingsResponse),
-    Route("/pooling", "compat.embeddings", "vLLM (embedding pooling)", _OPENAI_EMB, response=EmbeddingsResponse),
+    Route("/pooling", "compat.pooling", "vLLM (pooling: embed, token_embed)", _OPENAI_EMB + ", task"),
     Route("/v1/embed", "compat.cohere_embed", "Cohere v1, LangChain CohereEmbeddings", _COHERE_EMB),
     Route("/v2/embed", "compat.cohere_embed_v2", "Cohere v2", _COHERE_EMB),
     Route("/embed", "compat.tei_embed", "TEI, huggingface_hub, LlamaIndex TextEmbeddingsInference", _TEI_EMB,
           tei=True, response=List[List[float]]),
+    Route("/embed_all", "compat.tei_embed_all", "TEI (per-token vectors)",
+          "inputs (text, texts, token ids), truncate, truncation_direction, prompt_name", tei=True,
+          response=List[List[List[float]]]),
     Route("/", "compat.tei_root", "TEI: huggingface_hub InferenceClient(base_url), Haystack HuggingFaceAPI",
           "an embed body (or {source_sentence, sentences}) on an embedding model, {query, texts} on a reranker",
           tei=True),
@@ -619,7 +903,8 @@ ROUTES: List[Route] = [
     Route("/similarity", "compat.tei_similarity", "TEI, huggingface_hub sentence_similarity",
           "inputs {source_sentence, sentences}, truncation_direction, prompt_name", tei=True),
     Route("/tokenize", "compat.tokenize", "TEI (inputs), vLLM (prompt)",
-          "inputs, add_special_tokens (TEI); prompt, add_special_tokens, model (vLLM)", tei=True),
+          "inputs, add_special_tokens (TEI); prompt, add_special_tokens, return_token_strs, model (vLLM)", tei=True),
+    Route("/detokenize", "compat.detokenize", "vLLM", "tokens, model"),
     Route("/predict", "compat.tei_predict", "TEI (a reranker as a one-label classifier)",
           "inputs ([q, d] or a list of pairs), raw_scores, truncate", tei=True),
     Route("/decode", "compat.tei_decode", "TEI", "ids, skip_special_tokens", tei=True),

