@@ -142,15 +142,21 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         smooth = smooth_factors(w, act_max, alpha) if act_max is not None else None
         self._wq_t, self._w_scale, self._w_sum = kernels.prepare_int8_weight(w, smooth)
+        # oneDNN's u8s8 GEMM on the codes packed once where it runs (the int8 codes are then not kept),
+        # else torch._int_mm on them (kernels/int8_linear.py)
+        self._packed = kernels.pack_int8_weight(self._wq_t) if kernels.onednn_int8_available() else None
+        if self._packed is not None:
+            self._wq_t = None
         self._inv_smooth = None if smooth is None else (1.0 / smooth).contiguous()
         self._bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.activation = activation  # a kernels.int8_linear activation ("gelu", "gelu_tanh") or None
         self.smoothed = smooth is not None
+        self._gemm = kernels.int8_linear if self._packed is None else kernels.int8_linear_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = kernels.int8_linear(x.reshape(-1, shape[-1]), self._wq_t, self._w_scale, self._w_sum, self._bias,
-                                self._inv_smooth, self.activation)
+        y = self._gemm(x.reshape(-1, shape[-1]), self._wq_t if self._packed is None else self._packed, self._w_scale,
+                       self._w_sum, self._bias, self._inv_smooth, self.activation)
         return y.view(*shape[:-1], self.out_features)
 
 

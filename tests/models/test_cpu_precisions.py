@@ -44,6 +44,9 @@ def test_precision_drift(texts, fp32, kwargs, min_cos):
         int8 = [m for m in emb.engine.model.modules() if isinstance(m, Int8Linear)]
         assert len(int8) == 6 * 3 and all(m.smoothed for m in int8)  # calibrated at load
         assert sum(m.activation == "gelu" for m in int8) == 6  # BERT's GELU fused into the dequantization
+        import kernels
+        # oneDNN's u8s8 GEMM on weights packed at load wherever it runs (else torch._int_mm)
+        assert all((m._packed is not None) == kernels.onednn_int8_available() for m in int8)
         downs = [layer.output.dense for layer in emb.engine.model.encoder["layer"]]
         assert all(isinstance(d, PackedLinear) and d._weight.dtype == torch.float32 for d in downs)
 
