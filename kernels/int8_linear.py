@@ -121,15 +121,24 @@ def pack_int8_weight(wq_t: torch.Tensor) -> torch.Tensor:
 _UNIT = {}  # N -> (ones fp32 [N], zeros int64 [N]): oneDNN's weight scales and zero points, left to the epilogue
 
 
-def int8_linear_packed(x, packed, w_scale, w_sum, bias=None, inv_smooth=None, activation: Optional[str] = None):
+def int8_linear_packed(x, packed, w_scale, w_sum, bias=None, inv_smooth=None, activation: Optional[str] = None,
+                       rows: Optional[int] = None):
     """``int8_linear`` through oneDNN's u8s8 GEMM on ``pack_int8_weight``'s weight (see the module
-    docstring); the same arithmetic as the reference, the int32 sums exact below 2^24."""
+    docstring); the same arithmetic as the reference, the int32 sums exact below 2^24. ``rows`` (>= x's
+    row count): the GEMM runs at that many rows, the codes padded with zeros, so that oneDNN builds one
+    primitive per bucket of row counts, not one per row count (a few ms each); the sums are exact, so
+    the padding changes no bit of the real rows."""
     ext = _csrc.module()
     n = w_scale.shape[0]
     unit = _UNIT.get(n)
     if unit is None:
         unit = _UNIT[n] = (torch.ones(n), torch.zeros(n, dtype=torch.long))
     u, scale, zero = ext.quantize_rows(x.contiguous(), inv_smooth, True)
+    t = u.shape[0]
+    if rows is not None and rows > t:
+        padded = u.new_zeros(rows, u.shape[1])
+        padded[:t] = u
+        u = padded
     acc = torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, unit[0], unit[1], None, 1.0, 0, torch.float32,
                                              "none", [], "")
-    return ext.dequantize_rows(acc, scale, zero, w_sum, w_scale, bias, ACTIVATIONS[activation])
+    return ext.dequantize_rows(acc[:t], scale, zero, w_sum, w_scale, bias, ACTIVATIONS[activation])

@@ -151,12 +151,16 @@ class Int8Linear(nn.Module):
         self._bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.activation = activation  # a kernels.int8_linear activation ("gelu", "gelu_tanh") or None
         self.smoothed = smooth is not None
-        self._gemm = kernels.int8_linear if self._packed is None else kernels.int8_linear_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self._gemm(x.reshape(-1, shape[-1]), self._wq_t if self._packed is None else self._packed, self._w_scale,
-                       self._w_sum, self._bias, self._inv_smooth, self.activation)
+        rows = x.reshape(-1, shape[-1])
+        if self._packed is None:
+            y = kernels.int8_linear(rows, self._wq_t, self._w_scale, self._w_sum, self._bias, self._inv_smooth,
+                                    self.activation)
+        else:  # at bucket_rows' row counts, as PackedLinear runs
+            y = kernels.int8_linear_packed(rows, self._packed, self._w_scale, self._w_sum, self._bias,
+                                           self._inv_smooth, self.activation, bucket_rows(rows.shape[0]))
         return y.view(*shape[:-1], self.out_features)
 
 

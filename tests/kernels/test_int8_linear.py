@@ -124,3 +124,5 @@ def test_onednn_gemm_equals_int_mm_bitwise(ext, t, k, n, act):
     assert torch.equal(got, want)
     for i in {0, t // 2, t - 1}:
         assert torch.equal(kernels.int8_linear_packed(x[i:i + 1], packed, w_scale, w_sum, b, inv, act)[0], got[i])
+    padded = kernels.int8_linear_packed(x, packed, w_scale, w_sum, b, inv, act, rows=t + 13)  # a row bucket
+    assert padded.shape == (t, n) and torch.equal(padded, got)
