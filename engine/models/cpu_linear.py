@@ -115,14 +115,31 @@ def pack_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
-def has_vnni() -> bool:
-    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return set()
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+    flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    flags = _cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_bf16() -> None:
+    """Warn, once per model, where dtype bfloat16 runs on a CPU without bf16 instructions."""
+    if not has_bf16():
+        log.warning("this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): dtype='bfloat16' runs its GEMMs "
+                    "through conversions to float32 and may be slower than float32")
 
 
 def smooth_factors(weight: torch.Tensor, act_max: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
@@ -203,6 +220,7 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
     swaps = _linears(model)
     if any(child.weight.device.type != "cpu" or child.weight.dtype != torch.float32 for _, _, child in swaps):
         raise ValueError("quantize='int8' runs on CPU with dtype float32 weights")
+    kept = []
     if keep_ffn_down:
         kept = [(parent, name, child) for parent, name, child in swaps if is_ffn_down(name, child)]
         swaps = [s for s in swaps if not is_ffn_down(s[1], s[2])]
@@ -210,6 +228,10 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
             memory.tune()
             for parent, name, child in kept:
                 setattr(parent, name, PackedLinear(child))
+    onednn_gemm = kernels.onednn_int8_available()
+    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections fp32",
+             len(swaps), "oneDNN u8s8" if onednn_gemm else "torch._int_mm", "on" if act_max else "off",
+             len(kept) if keep_ffn_down else 0)
     for parent, name, child in swaps:
         act = INT8_ACTIVATIONS.get(getattr(parent, "fusable_activation", None)) if name == "dense" else None
         setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))

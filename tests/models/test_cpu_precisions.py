@@ -71,10 +71,14 @@ def test_a_text_embeds_the_same_alone_and_in_a_batch(texts, kwargs):
     activations are quantized per row, and the int32 GEMM is exact).
 
     Known exception: bf16 on CPUs with AMX (Intel Sapphire Rapids and later). There a text's bf16
-    embedding moves by up to ~1e-3 with the other texts of its batch, with the C++ kernels and with the
-    torch references alike (while every fp32 and int8 result stays bitwise); on AVX-512 CPUs without
-    AMX (the AMD EPYC these figures come from) bf16 is bitwise. Until that is traced, AMX CPUs get the
-    bound below, which the drift stays under by 3x."""
+    embedding moves by up to ~1e-3 with the other texts of its batch (while every fp32 and int8 result
+    stays bitwise); on AVX-512 CPUs without AMX (the AMD EPYC these figures come from) bf16 is bitwise.
+    The cause is oneDNN's AMX bf16 matmul (brg_matmul:avx10_1_512_amx) itself: at K = 1536 (the FFN
+    down-projection) and some row counts (48 to 256 rows measured; not 1-32 nor 1024-4096), a few rows
+    come out one bf16 ulp away from the same row in a call of another size, with one thread as with two:
+    its blocking over K follows the row count. Calls of at most 32 rows are bitwise the same at every
+    row count, but through torch they cost ~50x one call. AMX CPUs get the bound below, which the
+    drift stays under by 3x."""
     emb = Embedder(**kwargs)
     batch = _mixed_batch(texts)
     together = emb.embed(batch)
@@ -108,6 +112,22 @@ def test_int8_without_vnni_says_so(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="engine"):
         Embedder(quantize="int8")
     assert any("no VNNI" in r.getMessage() for r in caplog.records)
+
+
+def test_bf16_without_bf16_instructions_says_so(monkeypatch, caplog):
+    from engine.models import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="engine"):
+        Embedder(dtype="bfloat16")
+    assert any("no bf16 instructions" in r.getMessage() for r in caplog.records)
+
+
+def test_int8_logs_its_layout(caplog):
+    with caplog.at_level("INFO", logger="engine"):
+        Embedder(quantize="int8")
+    assert any("18 linears int8" in r.getMessage() and "6 FFN down-projections fp32" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_int8_qwen3_reranker_is_close_to_fp32_and_batch_invariant(make_qwen3):
