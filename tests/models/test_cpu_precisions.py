@@ -95,14 +95,16 @@ def test_int8_weights_are_prepared_once_at_load(texts, monkeypatch):
     import kernels
     from engine.models import cpu_linear
 
-    calls = []
-    real = kernels.prepare_int8_weight
+    calls, packs = [], []
+    real, real_pack = kernels.prepare_int8_weight, kernels.pack_int8_weight
     monkeypatch.setattr(cpu_linear.kernels, "prepare_int8_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_linear.kernels, "pack_int8_weight", lambda *a, **k: packs.append(1) or real_pack(*a, **k))
     emb = Embedder(quantize="int8")
     assert len(calls) == 6 * 3  # every linear but the 6 FFN down-projections (kept fp32)
+    assert len(packs) == (6 * 3 if kernels.onednn_int8_available() else 0)
     emb.embed(texts[:10])
     emb.embed(texts[10:40])
-    assert len(calls) == 6 * 3  # no per-call weight conversion
+    assert len(calls) == 6 * 3 and len(packs) in (0, 6 * 3)  # no per-call weight conversion
 
 
 def test_int8_without_vnni_says_so(monkeypatch, caplog):
