@@ -106,9 +106,10 @@ def int8_linear(x, wq_t, w_scale, w_sum, bias=None, inv_smooth=None, activation:
 
 
 def onednn_int8_available() -> bool:
-    """Whether ``int8_linear_packed`` runs here: the C++ kernels loaded, not ``ENGINE_KERNELS=torch``, and
-    a torch with oneDNN's quantized linear."""
+    """Whether ``int8_linear_packed`` runs here: an x86 CPU with AVX2 or AVX-512, the C++ kernels loaded, not
+    ``ENGINE_KERNELS=torch``, and a torch with oneDNN's quantized linear."""
     return (kernel_mode() != "torch" and torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
             and hasattr(torch.ops.onednn, "qlinear_pointwise") and _csrc.module() is not None)
 
 
