@@ -228,3 +228,18 @@ def test_a_dropped_engine_lets_go_of_its_model():
     thread.join(timeout=10)  # the loop notices within its one-second scheduling timeout
     gc.collect()
     assert not thread.is_alive() and model() is None
+
+
+def test_int8_embeds_alike_through_onednn_and_int_mm(texts, monkeypatch):
+    """The two int8 GEMMs (oneDNN's u8s8 where it runs, else torch._int_mm) write the same exact sums, so
+    the model's embeddings are bitwise the same through either."""
+    import kernels
+    from engine.models import cpu_linear
+
+    if not kernels.onednn_int8_available():
+        pytest.skip("this torch or CPU has no oneDNN int8 GEMM (torch._int_mm runs everywhere here)")
+    want = Embedder(quantize="int8").embed(texts[:16])
+    monkeypatch.setattr(cpu_linear.kernels, "onednn_int8_available", lambda: False)
+    emb = Embedder(quantize="int8")
+    assert all(m._packed is None for m in emb.engine.model.modules() if isinstance(m, Int8Linear))
+    assert np.array_equal(emb.embed(texts[:16]), want)
