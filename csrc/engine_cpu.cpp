@@ -567,8 +567,10 @@ torch::Tensor mean_pool(torch::Tensor hidden, torch::Tensor cu_seqlens, bool nor
 //
 // quantize_rows: x fp32 [T, K] (times inv_smooth [K]) -> q int8 [T, K], scale [T], zero int32 [T], with
 // x ~ scale * (q - zero), the range [min(x, 0), max(x, 0)] over 256 levels. One row at a time, so a
-// row's codes never depend on the other rows of the batch.
-std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth) {
+// row's codes never depend on the other rows of the batch. ``as_uint8``: the codes as uint8 q + 128 (the
+// bit pattern of q with its sign bit flipped, what oneDNN's u8s8 GEMM takes) and zero + 128 with them.
+std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
+                                         bool as_uint8) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "quantize_rows: x must be fp32 [T, K]");
   auto xc = x.contiguous();
   const int64_t T = xc.size(0), K = xc.size(1);
@@ -577,12 +579,13 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::opti
     is = inv_smooth->to(torch::kFloat).contiguous();
     TORCH_CHECK(is.numel() == K, "quantize_rows: inv_smooth size != K");
   }
-  auto q = torch::empty({T, K}, xc.options().dtype(torch::kChar));
+  auto q = torch::empty({T, K}, xc.options().dtype(as_uint8 ? torch::kByte : torch::kChar));
   auto scale = torch::empty({T}, xc.options());
   auto zero = torch::empty({T}, xc.options().dtype(torch::kInt));
   const float* X = xc.data_ptr<float>();
   const float* IS = is.defined() ? is.data_ptr<float>() : nullptr;
-  int8_t* Q = q.data_ptr<int8_t>();
+  int8_t* Q = static_cast<int8_t*>(q.data_ptr());
+  const int8_t flip = as_uint8 ? static_cast<int8_t>(0x80) : 0;  // q ^ 0x80 == q + 128 as uint8
   float* S = scale.data_ptr<float>();
   int32_t* Z = zero.data_ptr<int32_t>();
   at::parallel_for(0, T, row_grain(K), [&](int64_t a, int64_t b) {
@@ -623,17 +626,18 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::opti
       // plus the zero point, narrowed with signed saturation (the clamp to [-128, 127]); |x / sc| <= 255.
       const __m512 vs = _mm512_set1_ps(sc);
       const __m512i vzi = _mm512_set1_epi32(static_cast<int32_t>(z));
+      const __m128i vflip = _mm_set1_epi8(flip);
       for (; k + 16 <= K; k += 16) {
         const __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(v + k), vs)), vzi);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(r));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(r), vflip));
       }
 #endif
       for (; k < K; ++k) {
         const float r = std::nearbyint(v[k] / sc) + z;
-        qr[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, r)));
+        qr[k] = static_cast<int8_t>(static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, r))) ^ flip);
       }
       S[t] = sc;
-      Z[t] = static_cast<int32_t>(z);
+      Z[t] = static_cast<int32_t>(z) + (as_uint8 ? 128 : 0);
     }
   });
   return {q, scale, zero};
@@ -641,11 +645,14 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::opti
 
 // dequantize_rows: y fp32 [T, N] = act((acc - zero * w_sum) * scale * w_scale + bias); act 0 none,
 // 1 GELU (erf), 2 GELU (tanh). It matches the torch reference to float rounding (the compiler may fuse
-// the multiply-adds); each row is computed alone, so a row's result never depends on its batch.
+// the multiply-adds); each row is computed alone, so a row's result never depends on its batch. ``acc``
+// int32, or fp32 holding the int32 sums as oneDNN's u8s8 GEMM writes them (exact below 2^24).
 torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                               const torch::Tensor& w_sum, const torch::Tensor& w_scale,
                               const c10::optional<torch::Tensor>& bias, int64_t act) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt, "dequantize_rows: acc must be int32 [T, N]");
+  TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == torch::kInt || acc.scalar_type() == torch::kFloat),
+              "dequantize_rows: acc must be int32 or fp32 [T, N]");
+  const bool facc = acc.scalar_type() == torch::kFloat;
   auto ac = acc.contiguous();
   const int64_t T = ac.size(0), N = ac.size(1);
   auto sc = scale.contiguous(), zc = zero.to(torch::kInt).contiguous();
@@ -657,7 +664,8 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
     TORCH_CHECK(bb.numel() == N, "dequantize_rows: bias size != N");
   }
   auto y = torch::empty({T, N}, ac.options().dtype(torch::kFloat));
-  const int32_t* A = ac.data_ptr<int32_t>();
+  const int32_t* A = facc ? nullptr : ac.data_ptr<int32_t>();
+  const float* AF = facc ? ac.data_ptr<float>() : nullptr;
   const float* S = sc.data_ptr<float>();
   const int32_t* Z = zc.data_ptr<int32_t>();
   const int32_t* WS = ws.data_ptr<int32_t>();
@@ -666,7 +674,8 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, T, row_grain(N), [&](int64_t a, int64_t b) {
     for (int64_t t = a; t < b; ++t) {
-      const int32_t* ar = A + t * N;
+      const int32_t* ar = facc ? nullptr : A + t * N;
+      const float* afr = facc ? AF + t * N : nullptr;
       float* yr = Y + t * N;
       const int32_t z = Z[t];
       const float s = S[t];
@@ -677,15 +686,17 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
       const __m512i vz = _mm512_set1_epi32(z);
       const Vec vs(s);
       for (; n + 16 <= N; n += 16) {
-        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(ar + n),
-                                           _mm512_mullo_epi32(vz, _mm512_loadu_si512(WS + n)));
-        Vec v = Vec(_mm512_cvtepi32_ps(d)) * vs * Vec::loadu(WSC + n);
+        const __m512i zw = _mm512_mullo_epi32(vz, _mm512_loadu_si512(WS + n));
+        const __m512 d = facc ? _mm512_sub_ps(_mm512_loadu_ps(afr + n), _mm512_cvtepi32_ps(zw))
+                              : _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(ar + n), zw));
+        Vec v = Vec(d) * vs * Vec::loadu(WSC + n);
         if (B) v = v + Vec::loadu(B + n);
         v.store(yr + n);
       }
 #endif
       for (; n < N; ++n) {
-        float v = static_cast<float>(ar[n] - z * WS[n]) * s * WSC[n];
+        const float d = facc ? afr[n] - static_cast<float>(z * WS[n]) : static_cast<float>(ar[n] - z * WS[n]);
+        float v = d * s * WSC[n];
         yr[n] = B ? v + B[n] : v;
       }
       if (act == 1 || act == 2) {
@@ -714,7 +725,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm", &layer_norm, "LayerNorm with an optional fused residual add");
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("mean_pool", &mean_pool, "mean pooling over packed sequences, optionally L2-normalised");
-  m.def("quantize_rows", &quantize_rows, "int8 codes, scale and zero point of each row (asymmetric, 0 in range)");
+  m.def("quantize_rows", &quantize_rows, "int8 codes, scale and zero point of each row (asymmetric, 0 in range)",
+        py::arg("x"), py::arg("inv_smooth"), py::arg("as_uint8") = false);
   m.def("dequantize_rows", &dequantize_rows, "fp32 rows from an int8 GEMM's int32 result (+ bias, GELU)");
   m.def("num_threads", []() { return at::get_num_threads(); });
   m.def("vec_size", []() { return kV; });

@@ -10,7 +10,8 @@ from .attention import varlen_attention
 from .causal_conv1d import causal_conv1d
 from .gated_delta_rule import chunk_plan, gated_delta_rule
 from .host import bind_device, to_device
-from .int8_linear import int8_linear, prepare_int8_weight
+from .int8_linear import (int8_linear, int8_linear_packed, onednn_int8_available, pack_int8_weight,
+                          prepare_int8_weight)
 from .layer_norm import layer_norm
 from .paged_attention import paged_attention
 from .pooling import mean_pool
@@ -23,5 +24,6 @@ __all__ = [
     "kernel_mode", "use_triton", "varlen_attention", "qk_norm_rope", "rope_cos_sin",
     "rms_norm", "swiglu", "yes_no_head", "paged_attention",
     "causal_conv1d", "gated_delta_rule", "chunk_plan", "layer_norm", "mean_pool", "csrc_available",
-    "int8_linear", "prepare_int8_weight", "to_device", "bind_device",
+    "int8_linear", "int8_linear_packed", "onednn_int8_available", "pack_int8_weight", "prepare_int8_weight",
+    "to_device", "bind_device",
 ]

@@ -15,7 +15,7 @@ import torch
 import kernels
 from engine.core.cache import PassageCache
 from engine.models import registry
-from engine.models.cpu_linear import calibrate, onednn_available, pack_linears, quantize_linears
+from engine.models.cpu_linear import calibrate, check_bf16, onednn_available, pack_linears, quantize_linears
 from engine.models.heads import HEAD_BUILDERS
 from engine.weights import checkpoint_index, load_weights
 
@@ -96,6 +96,8 @@ class ModelRunner:
             quantize_linears(self.model, quantize, act_max)
         elif self.packs_linears(device, dtype, compile):
             pack_linears(self.model)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            check_bf16()  # a CPU without bf16 instructions is told so
         # The last layer may run for the last rows alone when the head reads nothing else.
         self.last_only = self.head.reads_last_token and self.model.supports_last_only
         self.passage_cache: Optional[PassageCache] = None  # set by the engine for encoder-decoders

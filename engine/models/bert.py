@@ -117,6 +117,7 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(cfg.hidden_size, cfg.num_attention_heads, eps)
         self.intermediate = BertIntermediate(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.output = BertAddNorm(cfg.intermediate_size, cfg.hidden_size, eps)
+        self.output.dense.ffn_down = True  # the FFN's down-projection (int8 keeps it in float: cpu_linear.py)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         x = self.attention(x, ctx)

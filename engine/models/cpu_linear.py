@@ -16,7 +16,9 @@ one (``Int8Linear``, kernels/int8_linear.py):
     maxima of each layer's input over a fixed calibration set), the activation outliers are moved
     into the weights, ``x W^T = (x / s)(W s)^T`` with ``s = max|x|^a / max|W|^(1-a)`` per input
     channel, a = SMOOTH_ALPHA (chosen by measurement: bench/RESULTS.md);
-  - BERT's GELU is fused into the dequantization, as PackedLinear fuses it into the fp32 GEMM.
+  - BERT's GELU is fused into the dequantization, as PackedLinear fuses it into the fp32 GEMM;
+  - the FFN's down-projections stay fp32 (PackedLinear): measured, they carry most of int8's error
+    (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES.
 Embeddings, norms, attention and heads stay fp32.
 """
 import logging
@@ -32,6 +34,12 @@ from engine.models.layers import Linear
 log = logging.getLogger("engine")
 
 QUANTIZE_MODES = ("int8",)
+# Linears int8 keeps in fp32 (oneDNN, packed): the FFN's down-projections. Measured on MiniLM over 1,000 texts
+# (bench/RESULTS.md): each layer kind's int8 error alone, the down-projections' input (the activation's
+# heavy-tailed output) and weights cost the most; with them in float the min cosine to fp32 goes from
+# 0.9986 to 0.9994, any other kind kept in float gains at most 0.0003. A family marks them
+# ``ffn_down = True`` or names them ``down_proj``.
+FFN_DOWN_NAMES = ("down_proj",)
 SMOOTH_ALPHA = 0.5  # the migration strength of SmoothQuant (bench/RESULTS.md: 0.3, 0.5, 0.7 measured)
 # Activations the int8 dequantization fuses (kernels/int8_linear.py's names).
 INT8_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -107,14 +115,31 @@ def pack_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
-def has_vnni() -> bool:
-    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return set()
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+    flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    flags = _cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_bf16() -> None:
+    """Warn, once per model, where dtype bfloat16 runs on a CPU without bf16 instructions."""
+    if not has_bf16():
+        log.warning("this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): dtype='bfloat16' runs its GEMMs "
+                    "through conversions to float32 and may be slower than float32")
 
 
 def smooth_factors(weight: torch.Tensor, act_max: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
@@ -134,6 +159,11 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         smooth = smooth_factors(w, act_max, alpha) if act_max is not None else None
         self._wq_t, self._w_scale, self._w_sum = kernels.prepare_int8_weight(w, smooth)
+        # oneDNN's u8s8 GEMM on the codes packed once where it runs (the int8 codes are then not kept),
+        # else torch._int_mm on them (kernels/int8_linear.py)
+        self._packed = kernels.pack_int8_weight(self._wq_t) if kernels.onednn_int8_available() else None
+        if self._packed is not None:
+            self._wq_t = None
         self._inv_smooth = None if smooth is None else (1.0 / smooth).contiguous()
         self._bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.activation = activation  # a kernels.int8_linear activation ("gelu", "gelu_tanh") or None
@@ -141,8 +171,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = kernels.int8_linear(x.reshape(-1, shape[-1]), self._wq_t, self._w_scale, self._w_sum, self._bias,
-                                self._inv_smooth, self.activation)
+        rows = x.reshape(-1, shape[-1])
+        if self._packed is None:
+            y = kernels.int8_linear(rows, self._wq_t, self._w_scale, self._w_sum, self._bias, self._inv_smooth,
+                                    self.activation)
+        else:  # at bucket_rows' row counts, as PackedLinear runs
+            y = kernels.int8_linear_packed(rows, self._packed, self._w_scale, self._w_sum, self._bias,
+                                           self._inv_smooth, self.activation, bucket_rows(rows.shape[0]))
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -166,19 +201,38 @@ def calibrate(model: nn.Module, seqs, device) -> Dict[nn.Module, torch.Tensor]:
     return stats
 
 
-def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Module, torch.Tensor]] = None) -> int:
-    """Swap every ``Linear`` (fused ones included) of a loaded fp32 CPU model for an ``Int8Linear``;
-    ``act_max`` (``calibrate``'s statistics) turns SmoothQuant on. A ``dense`` layer of a module that
-    declares a fusable activation gets it fused. Returns how many were swapped."""
+def is_ffn_down(name: str, linear: nn.Module) -> bool:
+    """Whether a linear is an FFN's down-projection (int8 keeps those in fp32: FFN_DOWN_NAMES)."""
+    return name in FFN_DOWN_NAMES or getattr(linear, "ffn_down", False)
+
+
+def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Module, torch.Tensor]] = None,
+                     keep_ffn_down: bool = True) -> int:
+    """Swap every ``Linear`` (fused ones included) of a loaded fp32 CPU model for an ``Int8Linear``,
+    but the FFN's down-projections, which stay fp32 (packed for oneDNN where it is available) unless
+    ``keep_ffn_down`` is False; ``act_max`` (``calibrate``'s statistics) turns SmoothQuant on. A ``dense``
+    layer of a module that declares a fusable activation gets it fused. Returns how many became int8."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if not has_vnni():
         log.warning("this CPU has no VNNI (avx512_vnni or avx_vnni): quantize='int8' runs its int8 GEMMs "
                     "without the int8 dot-product instructions and may be slower than float32")
     swaps = _linears(model)
+    if any(child.weight.device.type != "cpu" or child.weight.dtype != torch.float32 for _, _, child in swaps):
+        raise ValueError("quantize='int8' runs on CPU with dtype float32 weights")
+    kept = []
+    if keep_ffn_down:
+        kept = [(parent, name, child) for parent, name, child in swaps if is_ffn_down(name, child)]
+        swaps = [s for s in swaps if not is_ffn_down(s[1], s[2])]
+        if kept and onednn_available() and kernels.kernel_mode() != "torch":
+            memory.tune()
+            for parent, name, child in kept:
+                setattr(parent, name, PackedLinear(child))
+    onednn_gemm = kernels.onednn_int8_available()
+    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections fp32",
+             len(swaps), "oneDNN u8s8" if onednn_gemm else "torch._int_mm", "on" if act_max else "off",
+             len(kept) if keep_ffn_down else 0)
     for parent, name, child in swaps:
-        if child.weight.device.type != "cpu" or child.weight.dtype != torch.float32:
-            raise ValueError("quantize='int8' runs on CPU with dtype float32 weights")
         act = INT8_ACTIVATIONS.get(getattr(parent, "fusable_activation", None)) if name == "dense" else None
         setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))
         if act is not None:

@@ -87,7 +87,8 @@ def test_int32_gemm_is_exact_and_dequantization_matches_by_hand():
     scale, zero = torch.rand(13) + 0.1, torch.randint(-128, 128, (13,), dtype=torch.int32, generator=g)
     w_scale, w_sum = torch.rand(29) + 0.1, wq.to(torch.int32).sum(1)
     y = dequantize_rows_ref(acc, scale, zero, w_sum, w_scale, None, 0)
-    by_hand = ((q.double() - zero[:, None].double()) * scale[:, None].double()) @ (wq.double() * w_scale[:, None].double()).t()
+    by_hand = (((q.double() - zero[:, None].double()) * scale[:, None].double())
+               @ (wq.double() * w_scale[:, None].double()).t())
     torch.testing.assert_close(y.double(), by_hand, rtol=1e-5, atol=1e-4)
 
 
@@ -96,3 +97,32 @@ def test_bad_activation_is_named():
     wq_t, w_scale, w_sum = prepare_int8_weight(w)
     with pytest.raises(ValueError, match="activation must be one of"):
         kernels.int8_linear(x, wq_t, w_scale, w_sum, b, None, "relu")
+
+
+def test_uint8_codes_are_the_int8_codes_plus_128(ext):
+    x, _, _, act_max = _case(41, 341, 96)
+    q, s, z = ext.quantize_rows(x, 1.0 / act_max)
+    u, su, zu = ext.quantize_rows(x, 1.0 / act_max, True)
+    assert u.dtype == torch.uint8 and torch.equal(s, su)
+    assert torch.equal(u.long(), q.long() + 128) and torch.equal(zu, z + 128)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("t,k,n", SHAPES)
+def test_onednn_gemm_equals_int_mm_bitwise(ext, t, k, n, act):
+    """oneDNN's u8s8 GEMM (AMX or VNNI) writes the exact int32 sums as fp32; below 2^24 (every layer
+    of these shapes) the result is bitwise that of the torch._int_mm path, and batch-invariant."""
+    if not kernels.onednn_int8_available():
+        pytest.skip("this torch has no oneDNN quantized linear")
+    x, w, b, act_max = _case(t, k, n)
+    x[0] *= 1000  # an outlier-heavy row
+    inv = 1.0 / act_max.sqrt()
+    wq_t, w_scale, w_sum = prepare_int8_weight(w, act_max.sqrt())
+    packed = kernels.pack_int8_weight(wq_t)
+    want = kernels.int8_linear(x, wq_t, w_scale, w_sum, b, inv, act)
+    got = kernels.int8_linear_packed(x, packed, w_scale, w_sum, b, inv, act)
+    assert torch.equal(got, want)
+    for i in {0, t // 2, t - 1}:
+        assert torch.equal(kernels.int8_linear_packed(x[i:i + 1], packed, w_scale, w_sum, b, inv, act)[0], got[i])
+    padded = kernels.int8_linear_packed(x, packed, w_scale, w_sum, b, inv, act, rows=t + 13)  # a row bucket
+    assert padded.shape == (t, n) and torch.equal(padded, got)
