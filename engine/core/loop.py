@@ -13,11 +13,16 @@ results stay those of the plain loop:
   change what the next step is) is a barrier: its step is handed back before the next is scheduled.
 On CPU every output is ready when ``run`` returns: each step is handed back at once, in the
 order of the plain loop.
+When the loop goes idle after work (nothing in flight, nothing queued), and at most every
+``memory.TRIM_EVERY_S`` under sustained work, it hands the heap's free pages back to the system
+(engine/models/memory.py's ``trim``): off the hot path, so RSS follows what is live.
 """
 import logging
+import time
 from typing import Optional
 
 from engine.core.pending import Pending, resolve
+from engine.models import memory
 
 log = logging.getLogger("engine")
 
@@ -28,6 +33,8 @@ class Loop:
     def __init__(self, scheduler, runner):
         self.scheduler, self.runner = scheduler, runner
         self._held: Optional[tuple] = None  # (step, pending output, requests it settles)
+        self._worked = False  # a step ran since the last memory.trim
+        self._trimmed_at = time.monotonic()
 
     @property
     def in_flight(self) -> bool:
@@ -39,6 +46,10 @@ class Loop:
         if self._held is not None and self._held[1].ready():
             self.drain()
         settling = self._held[2] if self._held is not None else ()
+        if self._worked and self._held is None:
+            idle = getattr(sched, "idle", None)
+            if (idle is not None and idle()) or time.monotonic() - self._trimmed_at > memory.TRIM_EVERY_S:
+                self._trim()
         try:
             step = sched.schedule(timeout=0 if self._held is not None else timeout, settling=settling)
         except BaseException:  # a scheduling bug must not kill the thread that owns the model
@@ -48,6 +59,7 @@ class Loop:
         if step is None:
             self.drain()
             return
+        self._worked = True
         try:
             out = self.runner.run(step)
         except Exception as e:  # e.g. out of memory: fail this step's requests only
@@ -62,6 +74,11 @@ class Loop:
                 self._held = (step, out, settles)
                 return
         self._finish(step, out)
+
+    def _trim(self) -> None:
+        self._worked = False
+        self._trimmed_at = time.monotonic()
+        memory.trim()
 
     def drain(self) -> None:
         """Hand back the step in flight, if any (waiting for the device)."""

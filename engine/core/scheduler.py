@@ -55,6 +55,11 @@ class Scheduler:
             return len(self._active)
 
     # -- engine thread --------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Nothing queued and no kind busy: the loop is about to wait."""
+        with self._cond:
+            return not self._active and not any(k.busy() for k in self.kinds)
+
     def schedule(self, timeout: Optional[float] = None, settling: Collection[Request] = ()):
         """The next step (its ``kind`` set), or None when there is nothing to do (after waiting up to
         ``timeout``). ``settling``: requests a step in flight will complete; they count as done."""

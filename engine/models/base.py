@@ -20,6 +20,10 @@ class EngineModel(nn.Module):
     supports_last_only = False  # forward honours ctx.last_only (the last layer for the last rows alone)
     supports_decode = False  # forward honours ctx.cache (greedy decoding with a KV cache)
     is_encoder_decoder = False  # encode() passages, forward() decodes prompts against their cross K/V
+    # The forward can pad its token rows once per batch to ``row_bucket(T)`` rows (a GEMM row count from
+    # engine/models/cpu_linear.bucket_rows, set on the instance by pack_linears; None: exact rows).
+    pads_rows = False
+    row_bucket = None
     # Checkpoint names: prefixes stripped before matching, and names or prefixes never loaded.
     checkpoint_prefixes: Tuple[str, ...] = ("model.",)
     ignored_checkpoint_names: Tuple[str, ...] = ()

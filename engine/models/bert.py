@@ -11,6 +11,7 @@ Intermediate -> Layer -> Model. Module names mirror the checkpoints
 fusion. Classification and pooling weights (``pooler.*``, ``classifier.*``)
 belong to the heads (engine/models/heads.py), which read them from the checkpoint.
 """
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -124,6 +125,26 @@ class BertLayer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
+PAD_CHUNK = 64  # padding rows attend in chunks of this many (linear cost)
+
+
+def pad_rows(input_ids, positions, types, ctx: BatchContext, m: int):
+    """The batch padded to ``m`` token rows, for the layers: pad rows are token 0 at position 0 and form
+    extra sequences of at most PAD_CHUNK rows that only attend to each other, so every row of the real
+    sequences comes out bitwise as without them (each op is per row or per sequence, and the packed
+    GEMMs' rows do not depend on the row count: cpu_linear.bucket_rows); the caller drops them."""
+    t = input_ids.shape[0]
+    ends = torch.tensor([*range(t + PAD_CHUNK, m, PAD_CHUNK), m], dtype=ctx.cu_seqlens.dtype)
+    padded = dataclasses.replace(ctx, cu_seqlens=torch.cat((ctx.cu_seqlens, ends.to(ctx.cu_seqlens.device))),
+                                 max_seqlen=max(ctx.max_seqlen, min(PAD_CHUNK, m - t)), _packed={})
+    zeros = input_ids.new_zeros(m - t)
+    input_ids = torch.cat((input_ids, zeros))
+    positions = torch.cat((positions, zeros.to(positions.dtype)))
+    if types is not None:
+        types = torch.cat((types, zeros.to(types.dtype)))
+    return input_ids, positions, types, padded
+
+
 def _is_roberta(cfg) -> bool:
     return getattr(cfg, "model_type", "bert") in ("roberta", "xlm-roberta", "camembert")
 
@@ -143,6 +164,7 @@ class BertModel(EngineModel):
     }
     # BertForSequenceClassification saves "bert.*", XLMRobertaFor* "roberta.*", the bare models neither.
     checkpoint_prefixes = ("bert.", "roberta.")
+    pads_rows = True  # on CPU the forward pads its rows to a GEMM bucket once (pad_rows)
     # Buffers some checkpoints carry (old transformers saved them); nothing to load.
     ignored_checkpoint_names = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -186,7 +208,12 @@ class BertModel(EngineModel):
         if ctx.max_seqlen > self.max_positions:
             raise ValueError(f"a sequence of {ctx.max_seqlen} tokens exceeds this model's "
                              f"{self.max_positions} positions; truncate the input")
-        x = self.embeddings(input_ids, self.positions(input_ids, ctx), ctx.token_type_ids)
+        positions, types = self.positions(input_ids, ctx), ctx.token_type_ids
+        t = input_ids.shape[0]
+        m = t if self.row_bucket is None else self.row_bucket(t)
+        if m != t:  # CPU packed linears: pad once here, not at every linear (see pad_rows)
+            input_ids, positions, types, ctx = pad_rows(input_ids, positions, types, ctx, m)
+        x = self.embeddings(input_ids, positions, types)
         for layer in self.encoder["layer"]:
             x = layer(x, ctx)
-        return x, None
+        return x[:t], None

@@ -102,7 +102,9 @@ def _linears(model: nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every ``Linear`` of a loaded CPU model for a ``PackedLinear``; a module that declares
     ``fusable_activation`` (a ``FUSABLE_ACTIVATIONS`` key) and has a ``dense`` linear gets its
-    activation fused and its own ``act`` set to the identity. Returns how many were swapped."""
+    activation fused and its own ``act`` set to the identity. A model that ``pads_rows`` gets ``row_bucket``
+    set: it pads its token rows once per batch, so every linear runs at a bucket without copying its input.
+    Returns how many were swapped."""
     memory.tune()  # before the first GEMM: allocator settings and oneDNN's primitive cache cap
     swaps = _linears(model)
     for parent, name, child in swaps:
@@ -112,6 +114,8 @@ def pack_linears(model: nn.Module) -> int:
         setattr(parent, name, PackedLinear(child, act))
         if act is not None:
             parent.act = nn.Identity()
+    if swaps and getattr(model, "pads_rows", False):
+        model.row_bucket = bucket_rows  # rows padded once per batch: no linear copies its input
     return len(swaps)
 
 

@@ -273,3 +273,47 @@ def test_nli_needs_an_entailment_label(make_encoder):
     folder = make_encoder("bert-ce", num_labels=2)
     with pytest.raises(ValueError, match="entailment"):
         Reranker(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["bert-ce", "xlmr-ce"])  # token types; RoBERTa's positions
+def test_cpu_rows_padded_once_per_batch_change_no_bit(make_encoder, rng, monkeypatch, kind):
+    """On CPU the encoder pads its token rows once per batch to a GEMM bucket (cpu_linear.bucket_rows), so
+    no packed linear copies its input; every score is bitwise the one computed at exact row counts."""
+    from engine.models import cpu_linear
+
+    if not cpu_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN: the linears stay F.linear and nothing is padded")
+    ours = Reranker(str(make_encoder(kind)), device="cpu", max_batch_tokens=400)
+    model = ours.engine.model
+    assert model.row_bucket is cpu_linear.bucket_rows
+    pairs = [(random_text(rng, 4), random_text(rng, rng.randint(1, 60))) for _ in range(24)]
+    tokens, rows = [], []
+    model.row_bucket = lambda t: tokens.append(t) or cpu_linear.bucket_rows(t)
+    forward = cpu_linear.PackedLinear.forward
+    monkeypatch.setattr(cpu_linear.PackedLinear, "forward",
+                        lambda self, x: rows.append(x.shape[0]) or forward(self, x))
+    padded = ours.predict(pairs, raw_scores=True)
+    assert any(cpu_linear.bucket_rows(t) > t for t in tokens), tokens
+    assert set(rows) == {cpu_linear.bucket_rows(t) for t in tokens}  # every linear ran at the batch's bucket,
+    assert all(cpu_linear.bucket_rows(r) == r for r in rows)  # which it runs as given (no copy to pad it)
+    model.row_bucket = None
+    monkeypatch.setattr(cpu_linear, "bucket_rows", lambda n: n)
+    rows.clear()
+    exact = ours.predict(pairs, raw_scores=True)
+    assert set(rows) == set(tokens)
+    assert np.array_equal(padded, exact)
+
+
+def test_pad_rows_attend_in_chunks_after_the_batch():
+    from engine.context import build_context
+    from engine.models.bert import PAD_CHUNK, pad_rows
+
+    ids, ctx = build_context([[5] * 300, [6] * 700], torch.device("cpu"), token_types=[[0] * 300, [1] * 700])
+    m = 1000 + 2 * PAD_CHUNK + 7
+    ids2, pos2, types2, padded = pad_rows(ids, ctx.positions, ctx.token_type_ids, ctx, m)
+    assert padded.cu_seqlens.tolist() == [0, 300, 1000, 1000 + PAD_CHUNK, 1000 + 2 * PAD_CHUNK, m]
+    assert padded.max_seqlen == 700 and padded.seq_lens == ctx.seq_lens
+    assert torch.equal(ids2[:1000], ids) and torch.equal(pos2[:1000], ctx.positions)
+    assert torch.equal(types2[:1000], ctx.token_type_ids)
+    assert not ids2[1000:].any() and not pos2[1000:].any() and not types2[1000:].any()
+    assert ctx.cu_seqlens.tolist() == [0, 300, 1000]  # the batch's own context is untouched
