@@ -14,7 +14,7 @@ import torch
 
 import kernels
 from engine.core.cache import PassageCache
-from engine.models import registry
+from engine.models import memory, registry
 from engine.models.cpu_linear import calibrate, check_bf16, onednn_available, pack_linears, quantize_linears
 from engine.models.heads import HEAD_BUILDERS
 from engine.weights import checkpoint_index, load_weights
@@ -85,6 +85,8 @@ class ModelRunner:
         self.loaded = load_weights(self.model, index, reserved=reserved, strip_prefixes=model_cls.checkpoint_prefixes,
                                    ignore=lambda n: n.endswith("rotary_emb.inv_freq") or n in skip
                                    or (bool(skip_prefixes) and n.startswith(skip_prefixes)))
+        if device.type == "cpu":  # before the first GEMM, on every CPU path (int8, ENGINE_KERNELS=torch too)
+            memory.tune()
         if quantize is not None:  # after loading: the int8 weights are made from the loaded fp32 ones
             if device.type != "cpu" or dtype != torch.float32 or compile:
                 raise ValueError("quantize='int8' is a CPU mode: device cpu, dtype float32, compile off")
