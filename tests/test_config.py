@@ -27,7 +27,7 @@ PROCESS_OPTIONS = {
     "serve": {"host", "port", "api_key", "api_key_file", "served_model_name", "max_queue", "max_documents",
               "max_pairs", "max_body_mb", "body_timeout", "graceful_timeout", "log_level", "replicas",
               "max_replicas", "target_queue", "replica_cpus", "ray_address", "max_response_mb",
-              "max_pending_body_mb", "max_header_kb", "header_timeout", "allowed_hosts"},
+              "max_pending_body_mb", "max_header_kb", "header_timeout", "allowed_hosts", "strict"},
     "batch": {"ray_address", "concurrency", "batch_size", "num_cpus", "num_gpus"},
     "index": {"ray_address", "concurrency"},
 }
