@@ -60,15 +60,30 @@ def bucket_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+# bf16 on AMX: oneDNN's AMX bf16 matmul picks its blocking over K by the call's row count, so at some row
+# counts (K = 1536, 33 to ~300 rows measured) a few rows come out one bf16 ulp away from the same row in a
+# call of another size. At one fixed row count per call the blocking is fixed and a row's bits depend on
+# nothing else in its call (measured: any offset in the block, any other rows). So bf16 linears on AMX run
+# in blocks of FIXED_ROWS rows, the last one zero-padded (bench/RESULTS.md: the cost).
+FIXED_ROWS = 256
+
+
+def fixed_rows(n: int) -> int:
+    """The row count a fixed-block packed GEMM runs ``n`` rows at: ``n`` rounded up to FIXED_ROWS."""
+    return -(-max(n, 1) // FIXED_ROWS) * FIXED_ROWS
+
+
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PackedLinear(nn.Module):
     """``act(x W^T + b)`` through oneDNN with W reordered once (``torch._mkldnn`` layout); x, W
-    fp32 or bf16 on CPU. ``activation``: a key of ``FUSABLE_ACTIVATIONS`` or None."""
+    fp32 or bf16 on CPU. ``activation``: a key of ``FUSABLE_ACTIVATIONS`` or None. ``block``: run in calls
+    of exactly this many rows (the last padded), for bitwise batch invariance (see FIXED_ROWS); None: one
+    call at ``bucket_rows``."""
 
-    def __init__(self, linear: Linear, activation: Optional[str] = None):
+    def __init__(self, linear: Linear, activation: Optional[str] = None, block: Optional[int] = None):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
@@ -76,19 +91,25 @@ class PackedLinear(nn.Module):
         self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.activation = activation
         self._attr, self._algorithm = FUSABLE_ACTIVATIONS[activation] if activation else ("none", "")
+        self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         n = rows.shape[0]
-        m = bucket_rows(n)
+        m = bucket_rows(n) if self.block is None else -(-n // self.block) * self.block
         if m != n:  # padded to its bucket (see bucket_rows); the padding rows are zeros, dropped after
             padded = rows.new_empty(m, shape[-1])
             padded[:n] = rows
             padded[n:] = 0
             rows = padded
-        y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self._weight, self._bias,
-                                               self._attr, [], self._algorithm)
+        rows = rows.contiguous()
+        if self.block is None or m == self.block:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, self._bias, self._attr, [], self._algorithm)
+        else:
+            y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, self._bias,
+                                                              self._attr, [], self._algorithm)
+                           for i in range(0, m, self.block)])
         return (y[:n] if m != n else y).view(*shape[:-1], self.out_features)
 
 
@@ -102,20 +123,23 @@ def _linears(model: nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every ``Linear`` of a loaded CPU model for a ``PackedLinear``; a module that declares
     ``fusable_activation`` (a ``FUSABLE_ACTIVATIONS`` key) and has a ``dense`` linear gets its
-    activation fused and its own ``act`` set to the identity. A model that ``pads_rows`` gets ``row_bucket``
-    set: it pads its token rows once per batch, so every linear runs at a bucket without copying its input.
-    Returns how many were swapped."""
+    activation fused and its own ``act`` set to the identity. bf16 weights on a CPU with AMX run in blocks of
+    FIXED_ROWS rows (bitwise batch invariance). A model that ``pads_rows`` gets ``row_bucket`` set: it pads its
+    token rows once per batch, so every linear runs at a bucket without copying its input. Returns how many
+    were swapped."""
     memory.tune()  # before the first GEMM: allocator settings and oneDNN's primitive cache cap
     swaps = _linears(model)
+    fixed = bool(swaps) and all(c.weight.dtype == torch.bfloat16 for _, _, c in swaps) and has_amx()
     for parent, name, child in swaps:
         act = getattr(parent, "fusable_activation", None) if name == "dense" else None
         if act not in FUSABLE_ACTIVATIONS:
             act = None
-        setattr(parent, name, PackedLinear(child, act))
+        setattr(parent, name, PackedLinear(child, act, FIXED_ROWS if fixed else None))
         if act is not None:
             parent.act = nn.Identity()
     if swaps and getattr(model, "pads_rows", False):
-        model.row_bucket = bucket_rows  # rows padded once per batch: no linear copies its input
+        # rows padded once per batch: no linear copies its input
+        model.row_bucket = fixed_rows if fixed else bucket_rows
     return len(swaps)
 
 
@@ -131,6 +155,11 @@ def has_vnni() -> bool:
     """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
     flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def has_bf16() -> bool:

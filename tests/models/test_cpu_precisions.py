@@ -70,25 +70,16 @@ def test_a_text_embeds_the_same_alone_and_in_a_batch(texts, kwargs):
     """A sequence's output never depends on the rest of its batch: bitwise, in every precision (int8:
     activations are quantized per row, and the int32 GEMM is exact).
 
-    Known exception: bf16 on CPUs with AMX (Intel Sapphire Rapids and later). There a text's bf16
-    embedding moves by up to ~1e-3 with the other texts of its batch (while every fp32 and int8 result
-    stays bitwise); on AVX-512 CPUs without AMX (the AMD EPYC these figures come from) bf16 is bitwise.
-    The cause is oneDNN's AMX bf16 matmul (brg_matmul:avx10_1_512_amx) itself: at K = 1536 (the FFN
-    down-projection) and some row counts (48 to 256 rows measured; not 1-32 nor 1024-4096), a few rows
-    come out one bf16 ulp away from the same row in a call of another size, with one thread as with two:
-    its blocking over K follows the row count. Calls of at most 32 rows are bitwise the same at every
-    row count, but through torch they cost ~50x one call. AMX CPUs get the bound below, which the
-    drift stays under by 3x."""
+    bf16 on CPUs with AMX (Intel Sapphire Rapids and later): oneDNN's AMX bf16 matmul picks its blocking
+    over K by the call's row count (at K = 1536 a few rows move by one bf16 ulp between calls of 33-300
+    rows and calls of other sizes), so there every bf16 linear runs in calls of exactly FIXED_ROWS rows
+    (cpu_linear.py) and stays bitwise too."""
     emb = Embedder(**kwargs)
     batch = _mixed_batch(texts)
     together = emb.embed(batch)
-    bitwise = not (kwargs.get("dtype") == "bfloat16" and _has_amx())
     for i in (0, 32, 63):
         alone = emb.embed([batch[i]])
-        if bitwise:
-            assert np.array_equal(alone[0], together[i]), (kwargs, i)
-        else:
-            assert np.abs(alone[0] - together[i]).max() <= 3e-3, (kwargs, i)
+        assert np.array_equal(alone[0], together[i]), (kwargs, i)
 
 
 def test_int8_weights_are_prepared_once_at_load(texts, monkeypatch):
