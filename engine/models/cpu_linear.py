@@ -17,11 +17,13 @@ one (``Int8Linear``, kernels/int8_linear.py):
     into the weights, ``x W^T = (x / s)(W s)^T`` with ``s = max|x|^a / max|W|^(1-a)`` per input
     channel, a = SMOOTH_ALPHA (chosen by measurement: bench/RESULTS.md);
   - BERT's GELU is fused into the dequantization, as PackedLinear fuses it into the fp32 GEMM;
-  - the FFN's down-projections stay fp32 (PackedLinear): measured, they carry most of int8's error
-    (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES.
+  - the FFN's down-projections stay in float (PackedLinear): measured, they carry most of int8's error
+    (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES; bf16 GEMMs in fixed-row
+    calls (still bitwise batch-invariant, see FIXED_ROWS) where the CPU has bf16 instructions, else fp32.
 Embeddings, norms, attention and heads stay fp32.
 """
 import logging
+import os
 from typing import Dict, Optional
 
 import torch
@@ -34,12 +36,16 @@ from engine.models.layers import Linear
 log = logging.getLogger("engine")
 
 QUANTIZE_MODES = ("int8",)
-# Linears int8 keeps in fp32 (oneDNN, packed): the FFN's down-projections. Measured on MiniLM over 1,000 texts
+# Linears int8 keeps in float (oneDNN, packed; bf16 where the CPU has bf16 instructions, BF16_FFN_DOWN): the
+# FFN's down-projections. Measured on MiniLM over 1,000 texts
 # (bench/RESULTS.md): each layer kind's int8 error alone, the down-projections' input (the activation's
 # heavy-tailed output) and weights cost the most; with them in float the min cosine to fp32 goes from
 # 0.9986 to 0.9994, any other kind kept in float gains at most 0.0003. A family marks them
 # ``ffn_down = True`` or names them ``down_proj``.
 FFN_DOWN_NAMES = ("down_proj",)
+# int8's kept down-projections in bf16 where the CPU has bf16 instructions: min cosine 0.99933 to fp32 against
+# fp32 downs' 0.99940, 1.6x int8's throughput (bench/RESULTS.md)
+BF16_FFN_DOWN = True
 SMOOTH_ALPHA = 0.5  # the migration strength of SmoothQuant (bench/RESULTS.md: 0.3, 0.5, 0.7 measured)
 # Activations the int8 dequantization fuses (kernels/int8_linear.py's names).
 INT8_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -53,7 +59,8 @@ def bucket_rows(n: int) -> int:
     multiple of an eighth of its power of two (at most 12.5% of padding). oneDNN builds and caches one
     primitive per shape, a few MB each; real traffic brings hundreds of row counts, so memory would
     grow with every new one. Bucketed, 1 to 10,000 rows need 90 shapes, a million 144. Each row's result does
-    not depend on the row count (no split over K), so padding changes no result bit."""
+    not depend on the row count (no split over K; not so for bf16 on AMX: FIXED_ROWS), so padding changes no
+    result bit."""
     if n <= 16:
         return n
     step = 1 << (n.bit_length() - 4)
@@ -61,11 +68,19 @@ def bucket_rows(n: int) -> int:
 
 
 # bf16 on AMX: oneDNN's AMX bf16 matmul picks its blocking over K by the call's row count, so at some row
-# counts (K = 1536, 33 to ~300 rows measured) a few rows come out one bf16 ulp away from the same row in a
-# call of another size. At one fixed row count per call the blocking is fixed and a row's bits depend on
-# nothing else in its call (measured: any offset in the block, any other rows). So bf16 linears on AMX run
-# in blocks of FIXED_ROWS rows, the last one zero-padded (bench/RESULTS.md: the cost).
+# counts (K = 512 to 4096: from 33-64 rows up to 300-2,048+, by shape) a few rows come out one bf16 ulp away
+# from the same row in a call of another size. At one fixed row count per call the blocking is fixed and a
+# row's bits depend on nothing else in its call (measured: any offset in the block, any other rows). So
+# int8's bf16 down-projections always run in calls of FIXED_ROWS rows, the last one zero-padded, and a bf16
+# model does on AMX CPUs where ENGINE_BATCH_INVARIANT=1 (off by default: it costs 12-20% of bf16's
+# throughput and up to 1.9x one short text's latency, bench/RESULTS.md).
 FIXED_ROWS = 256
+
+
+def batch_invariant_bf16() -> bool:
+    """Whether a bf16 model's linears run in fixed-row calls: on CPUs with AMX, where ENGINE_BATCH_INVARIANT=1
+    (elsewhere bf16 is bitwise batch-invariant at every row count)."""
+    return os.environ.get("ENGINE_BATCH_INVARIANT", "0") == "1" and has_amx()
 
 
 def fixed_rows(n: int) -> int:
@@ -83,14 +98,19 @@ class PackedLinear(nn.Module):
     of exactly this many rows (the last padded), for bitwise batch invariance (see FIXED_ROWS); None: one
     call at ``bucket_rows``."""
 
-    def __init__(self, linear: Linear, activation: Optional[str] = None, block: Optional[int] = None):
+    def __init__(self, linear: Linear, activation: Optional[str] = None, block: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self._weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        # dtype: the GEMM's (weights stored so, the input cast to it; the bias added and the output returned
+        # in the input's dtype, after the GEMM); None: the weights' own
+        self._dtype = None if dtype in (None, w.dtype) else dtype
+        self._weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype or w.dtype).contiguous(), None)
         self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.activation = activation
         self._attr, self._algorithm = FUSABLE_ACTIVATIONS[activation] if activation else ("none", "")
+        assert self._dtype is None or activation is None, "a cast linear fuses no activation"
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,13 +123,16 @@ class PackedLinear(nn.Module):
             padded[:n] = rows
             padded[n:] = 0
             rows = padded
-        rows = rows.contiguous()
+        rows = rows.contiguous() if self._dtype is None else rows.to(self._dtype).contiguous()
+        bias = self._bias if self._dtype is None else None
         if self.block is None or m == self.block:
-            y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, self._bias, self._attr, [], self._algorithm)
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, bias, self._attr, [], self._algorithm)
         else:
-            y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, self._bias,
+            y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, bias,
                                                               self._attr, [], self._algorithm)
                            for i in range(0, m, self.block)])
+        if self._dtype is not None:
+            y = y.to(x.dtype) if self._bias is None else torch.add(self._bias, y.to(x.dtype))
         return (y[:n] if m != n else y).view(*shape[:-1], self.out_features)
 
 
@@ -123,13 +146,13 @@ def _linears(model: nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every ``Linear`` of a loaded CPU model for a ``PackedLinear``; a module that declares
     ``fusable_activation`` (a ``FUSABLE_ACTIVATIONS`` key) and has a ``dense`` linear gets its
-    activation fused and its own ``act`` set to the identity. bf16 weights on a CPU with AMX run in blocks of
-    FIXED_ROWS rows (bitwise batch invariance). A model that ``pads_rows`` gets ``row_bucket`` set: it pads its
+    activation fused and its own ``act`` set to the identity. bf16 weights run in blocks of FIXED_ROWS rows
+    where ``batch_invariant_bf16()``. A model that ``pads_rows`` gets ``row_bucket`` set: it pads its
     token rows once per batch, so every linear runs at a bucket without copying its input. Returns how many
     were swapped."""
     memory.tune()  # before the first GEMM: allocator settings and oneDNN's primitive cache cap
     swaps = _linears(model)
-    fixed = bool(swaps) and all(c.weight.dtype == torch.bfloat16 for _, _, c in swaps) and has_amx()
+    fixed = bool(swaps) and all(c.weight.dtype == torch.bfloat16 for _, _, c in swaps) and batch_invariant_bf16()
     for parent, name, child in swaps:
         act = getattr(parent, "fusable_activation", None) if name == "dense" else None
         if act not in FUSABLE_ACTIVATIONS:
@@ -242,7 +265,8 @@ def is_ffn_down(name: str, linear: nn.Module) -> bool:
 def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Module, torch.Tensor]] = None,
                      keep_ffn_down: bool = True) -> int:
     """Swap every ``Linear`` (fused ones included) of a loaded fp32 CPU model for an ``Int8Linear``,
-    but the FFN's down-projections, which stay fp32 (packed for oneDNN where it is available) unless
+    but the FFN's down-projections, which stay in float (packed for oneDNN where it is available: bf16 in
+    fixed-row calls where the CPU has bf16 instructions, else fp32) unless
     ``keep_ffn_down`` is False; ``act_max`` (``calibrate``'s statistics) turns SmoothQuant on. A ``dense``
     layer of a module that declares a fusable activation gets it fused. Returns how many became int8."""
     if mode not in QUANTIZE_MODES:
@@ -253,18 +277,22 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
     swaps = _linears(model)
     if any(child.weight.device.type != "cpu" or child.weight.dtype != torch.float32 for _, _, child in swaps):
         raise ValueError("quantize='int8' runs on CPU with dtype float32 weights")
-    kept = []
+    kept, downs = [], "fp32"
     if keep_ffn_down:
         kept = [(parent, name, child) for parent, name, child in swaps if is_ffn_down(name, child)]
         swaps = [s for s in swaps if not is_ffn_down(s[1], s[2])]
         if kept and onednn_available() and kernels.kernel_mode() != "torch":
             memory.tune()
+            # bf16 where the CPU has bf16 instructions, in fixed-row calls (batch invariance, see FIXED_ROWS)
+            bf16 = BF16_FFN_DOWN and has_bf16()
+            downs = "bf16" if bf16 else downs
             for parent, name, child in kept:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, None, FIXED_ROWS, torch.bfloat16) if bf16
+                        else PackedLinear(child))
     onednn_gemm = kernels.onednn_int8_available()
-    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections fp32",
+    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections %s",
              len(swaps), "oneDNN u8s8" if onednn_gemm else "torch._int_mm", "on" if act_max else "off",
-             len(kept) if keep_ffn_down else 0)
+             len(kept) if keep_ffn_down else 0, downs)
     for parent, name, child in swaps:
         act = INT8_ACTIVATIONS.get(getattr(parent, "fusable_activation", None)) if name == "dense" else None
         setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))
