@@ -116,6 +116,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
+        if self._dtype is not None:
+            rows = rows.to(self._dtype)
         n = rows.shape[0]
         m = bucket_rows(n) if self.block is None else -(-n // self.block) * self.block
         if m != n:  # padded to its bucket (see bucket_rows); the padding rows are zeros, dropped after
@@ -123,7 +125,7 @@ class PackedLinear(nn.Module):
             padded[:n] = rows
             padded[n:] = 0
             rows = padded
-        rows = rows.contiguous() if self._dtype is None else rows.to(self._dtype).contiguous()
+        rows = rows.contiguous()
         bias = self._bias if self._dtype is None else None
         if self.block is None or m == self.block:
             y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, bias, self._attr, [], self._algorithm)
