@@ -60,9 +60,11 @@ def bucket_rows(n: int) -> int:
     primitive per shape, a few MB each; real traffic brings hundreds of row counts, so memory would
     grow with every new one. Bucketed, 1 to 10,000 rows need 90 shapes, a million 144. Each row's result does
     not depend on the row count (no split over K; not so for bf16 on AMX: FIXED_ROWS), so padding changes no
-    result bit."""
+    result bit; except at one row, where oneDNN takes another kernel (at K >= 1536 in fp32 its row differs
+    from the same row in any larger call, e.g. a decode step of one sequence against several): one row runs
+    at two."""
     if n <= 16:
-        return n
+        return 2 if n == 1 else n
     step = 1 << (n.bit_length() - 4)
     return -(-n // step) * step
 

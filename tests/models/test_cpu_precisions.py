@@ -127,6 +127,31 @@ def test_fixed_row_calls_give_each_row_the_same_bits_in_any_batch(dtype):
     assert (fixed(x) - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+def test_a_packed_row_has_the_same_bits_alone_and_in_any_call():
+    """Default PackedLinear (bucketed calls), fp32: one row alone (a decode step of one sequence) gives the
+    bits it gets among others. oneDNN takes another kernel for a single row, whose sums differ at K >= 1536;
+    bucket_rows runs one row at two."""
+    from engine.models.cpu_linear import bucket_rows, onednn_available
+    from engine.models.layers import Linear
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # the engine then keeps F.linear
+    assert bucket_rows(1) == 2 and bucket_rows(2) == 2 and bucket_rows(16) == 16
+    torch.manual_seed(0)
+    for k, n in ((1536, 384), (3072, 768)):
+        lin = Linear(k, n, bias=True)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02)
+            lin.bias.normal_()
+        packed = PackedLinear(lin)
+        x = torch.randn(40, k)
+        with torch.no_grad():
+            for i in (0, 7, 39):
+                alone = packed(x[i:i + 1])
+                for lo, hi in ((0, 40), (i, i + 2), (max(0, i - 16), i + 1)):
+                    assert torch.equal(alone[0], packed(x[lo:hi])[i - lo]), (k, i, lo, hi)
+
+
 def test_int8_weights_are_prepared_once_at_load(texts, monkeypatch):
     import kernels
     from engine.models import cpu_linear
