@@ -118,15 +118,15 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if self._dtype is not None:
-            rows = rows.to(self._dtype)
         n = rows.shape[0]
         m = bucket_rows(n) if self.block is None else -(-n // self.block) * self.block
         if m != n:  # padded to its bucket (see bucket_rows); the padding rows are zeros, dropped after
-            padded = rows.new_empty(m, shape[-1])
-            padded[:n] = rows
+            padded = rows.new_empty(m, shape[-1], dtype=self._dtype or rows.dtype)
+            padded[:n] = rows  # cast (where the GEMM's dtype differs) and padded in one copy
             padded[n:] = 0
             rows = padded
+        elif self._dtype is not None:
+            rows = rows.to(self._dtype)
         rows = rows.contiguous()
         bias = self._bias if self._dtype is None else None
         if self.block is None or m == self.block:
@@ -135,9 +135,10 @@ class PackedLinear(nn.Module):
             y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, bias,
                                                               self._attr, [], self._algorithm)
                            for i in range(0, m, self.block)])
-        if self._dtype is not None:
-            y = y.to(x.dtype) if self._bias is None else torch.add(self._bias, y.to(x.dtype))
-        return (y[:n] if m != n else y).view(*shape[:-1], self.out_features)
+        y = y[:n] if m != n else y
+        if self._dtype is not None:  # the bias added in the input's dtype (the bf16 sums widened exactly)
+            y = y.to(x.dtype) if self._bias is None else torch.add(self._bias, y).to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
 
 def _linears(model: nn.Module):
@@ -302,4 +303,7 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
         setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))
         if act is not None:
             parent.act = nn.Identity()
+    if swaps and onednn_gemm and getattr(model, "pads_rows", False):
+        # rows padded once per batch to bucket_rows: the int8 GEMMs run there without padding their codes
+        model.row_bucket = bucket_rows
     return len(swaps)
