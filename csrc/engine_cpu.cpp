@@ -646,10 +646,12 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const c10::opti
 // dequantize_rows: y fp32 [T, N] = act((acc - zero * w_sum) * scale * w_scale + bias); act 0 none,
 // 1 GELU (erf), 2 GELU (tanh). It matches the torch reference to float rounding (the compiler may fuse
 // the multiply-adds); each row is computed alone, so a row's result never depends on its batch. ``acc``
-// int32, or fp32 holding the int32 sums as oneDNN's u8s8 GEMM writes them (exact below 2^24).
+// int32, or fp32 holding the int32 sums as oneDNN's u8s8 GEMM writes them (exact below 2^24). ``out_bf16``:
+// y written as bf16 instead (each row computed in fp32, then rounded as torch's cast rounds), for a bf16
+// GEMM that reads it: no fp32 tensor written, no separate cast.
 torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                               const torch::Tensor& w_sum, const torch::Tensor& w_scale,
-                              const c10::optional<torch::Tensor>& bias, int64_t act) {
+                              const c10::optional<torch::Tensor>& bias, int64_t act, bool out_bf16) {
   TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == torch::kInt || acc.scalar_type() == torch::kFloat),
               "dequantize_rows: acc must be int32 or fp32 [T, N]");
   const bool facc = acc.scalar_type() == torch::kFloat;
@@ -663,7 +665,7 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
     bb = bias->to(torch::kFloat).contiguous();
     TORCH_CHECK(bb.numel() == N, "dequantize_rows: bias size != N");
   }
-  auto y = torch::empty({T, N}, ac.options().dtype(torch::kFloat));
+  auto y = torch::empty({T, N}, ac.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat));
   const int32_t* A = facc ? nullptr : ac.data_ptr<int32_t>();
   const float* AF = facc ? ac.data_ptr<float>() : nullptr;
   const float* S = sc.data_ptr<float>();
@@ -671,12 +673,14 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
   const int32_t* WS = ws.data_ptr<int32_t>();
   const float* WSC = wsc.data_ptr<float>();
   const float* B = bb.defined() ? bb.data_ptr<float>() : nullptr;
-  float* Y = y.data_ptr<float>();
+  float* Y = out_bf16 ? nullptr : y.data_ptr<float>();
+  uint16_t* YB = out_bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, T, row_grain(N), [&](int64_t a, int64_t b) {
+    std::vector<float> row(out_bf16 ? N : 0);  // bf16 output: each row in fp32 here first
     for (int64_t t = a; t < b; ++t) {
       const int32_t* ar = facc ? nullptr : A + t * N;
       const float* afr = facc ? AF + t * N : nullptr;
-      float* yr = Y + t * N;
+      float* yr = out_bf16 ? row.data() : Y + t * N;
       const int32_t z = Z[t];
       const float s = S[t];
       int64_t n = 0;
@@ -714,6 +718,22 @@ torch::Tensor dequantize_rows(const torch::Tensor& acc, const torch::Tensor& sca
           yr[n] = 0.5f * v * (1.0f + inner);
         }
       }
+      if (out_bf16) {  // rounded to nearest even, NaN to 0xffff: the bits of torch's fp32 -> bf16 cast
+        uint16_t* br = YB + t * N;
+        n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), qnan = _mm512_set1_epi32(0xffff);
+        for (; n + 16 <= N; n += 16) {
+          const __m512 v = _mm512_loadu_ps(yr + n);
+          const __m512i u = _mm512_castps_si512(v);
+          const __m512i bias16 = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half);
+          __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
+          r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(br + n), _mm512_cvtepi32_epi16(r));
+        }
+#endif
+        for (; n < N; ++n) br[n] = std::isnan(yr[n]) ? uint16_t(0xffff) : at::BFloat16(yr[n]).x;
+      }
     }
   });
   return y;
@@ -727,7 +747,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mean_pool", &mean_pool, "mean pooling over packed sequences, optionally L2-normalised");
   m.def("quantize_rows", &quantize_rows, "int8 codes, scale and zero point of each row (asymmetric, 0 in range)",
         py::arg("x"), py::arg("inv_smooth"), py::arg("as_uint8") = false);
-  m.def("dequantize_rows", &dequantize_rows, "fp32 rows from an int8 GEMM's int32 result (+ bias, GELU)");
+  m.def("dequantize_rows", &dequantize_rows, "fp32 (or bf16) rows from an int8 GEMM's int32 result (+ bias, GELU)",
+        py::arg("acc"), py::arg("scale"), py::arg("zero"), py::arg("w_sum"), py::arg("w_scale"), py::arg("bias"),
+        py::arg("act"), py::arg("out_bf16") = false);
   m.def("num_threads", []() { return at::get_num_threads(); });
   m.def("vec_size", []() { return kV; });
 }

@@ -123,12 +123,13 @@ _UNIT = {}  # N -> (ones fp32 [N], zeros int64 [N]): oneDNN's weight scales and 
 
 
 def int8_linear_packed(x, packed, w_scale, w_sum, bias=None, inv_smooth=None, activation: Optional[str] = None,
-                       rows: Optional[int] = None):
+                       rows: Optional[int] = None, out_dtype: torch.dtype = torch.float32):
     """``int8_linear`` through oneDNN's u8s8 GEMM on ``pack_int8_weight``'s weight (see the module
     docstring); the same arithmetic as the reference, the int32 sums exact below 2^24. ``rows`` (>= x's
     row count): the GEMM runs at that many rows, the codes padded with zeros, so that oneDNN builds one
     primitive per bucket of row counts, not one per row count (a few ms each); the sums are exact, so
-    the padding changes no bit of the real rows."""
+    the padding changes no bit of the real rows. ``out_dtype`` bfloat16: y rounded to bf16 in the
+    dequantization's pass (the bits of ``y.to(torch.bfloat16)``), for a bf16 GEMM that reads it."""
     ext = _csrc.module()
     n = w_scale.shape[0]
     unit = _UNIT.get(n)
@@ -142,4 +143,5 @@ def int8_linear_packed(x, packed, w_scale, w_sum, bias=None, inv_smooth=None, ac
         u = padded
     acc = torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, unit[0], unit[1], None, 1.0, 0, torch.float32,
                                              "none", [], "")
-    return ext.dequantize_rows(acc[:t], scale, zero, w_sum, w_scale, bias, ACTIVATIONS[activation])
+    return ext.dequantize_rows(acc[:t], scale, zero, w_sum, w_scale, bias, ACTIVATIONS[activation],
+                               out_dtype == torch.bfloat16)

@@ -106,6 +106,7 @@ class BertIntermediate(nn.Module):
         self.dense = Linear(hidden_size, intermediate_size, bias=True)
         self.act = _ACTIVATIONS[act]
         self.fusable_activation = act  # engine/models/cpu_linear.py's packed CPU linear fuses it into the GEMM
+        self.feeds_ffn_down = True  # its output is read by the FFN's down-projection alone (int8: bf16 rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))

@@ -19,7 +19,10 @@ one (``Int8Linear``, kernels/int8_linear.py):
   - BERT's GELU is fused into the dequantization, as PackedLinear fuses it into the fp32 GEMM;
   - the FFN's down-projections stay in float (PackedLinear): measured, they carry most of int8's error
     (their input is the activation's heavy-tailed output), see FFN_DOWN_NAMES; bf16 GEMMs in fixed-row
-    calls (still bitwise batch-invariant, see FIXED_ROWS) where the CPU has bf16 instructions, else fp32.
+    calls (still bitwise batch-invariant, see FIXED_ROWS) where the CPU has bf16 instructions, else fp32;
+    their input then comes as bf16 from the up-projection's dequantization (a module that ``feeds_ffn_down``);
+  - BERT-family models (``pads_rows``) pad their token rows once per batch to a row bucket, so the int8
+    GEMMs run at bucket_rows' counts without padding their codes.
 Embeddings, norms, attention and heads stay fp32.
 """
 import logging
@@ -105,9 +108,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        # dtype: the GEMM's (weights stored so, the input cast to it; the bias added and the output returned
-        # in the input's dtype, after the GEMM); None: the weights' own
+        # dtype: the GEMM's (weights stored so, the input cast to it unless it comes so; the bias added and the
+        # output returned in the weights' own dtype, after the GEMM); None: the weights' own
         self._dtype = None if dtype in (None, w.dtype) else dtype
+        self._out_dtype = w.dtype  # a cast linear's output (its input may already be in the GEMM's dtype)
         self._weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype or w.dtype).contiguous(), None)
         self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.activation = activation
@@ -119,26 +123,43 @@ class PackedLinear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         n = rows.shape[0]
+        if self.block is not None and n > self.block:
+            return self._blocks(rows).view(*shape[:-1], self.out_features)
         m = bucket_rows(n) if self.block is None else -(-n // self.block) * self.block
         if m != n:  # padded to its bucket (see bucket_rows); the padding rows are zeros, dropped after
             padded = rows.new_empty(m, shape[-1], dtype=self._dtype or rows.dtype)
             padded[:n] = rows  # cast (where the GEMM's dtype differs) and padded in one copy
             padded[n:] = 0
             rows = padded
-        elif self._dtype is not None:
+        elif self._dtype is not None and rows.dtype != self._dtype:
             rows = rows.to(self._dtype)
         rows = rows.contiguous()
         bias = self._bias if self._dtype is None else None
-        if self.block is None or m == self.block:
-            y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, bias, self._attr, [], self._algorithm)
-        else:
-            y = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + self.block], self._weight, bias,
-                                                              self._attr, [], self._algorithm)
-                           for i in range(0, m, self.block)])
-        y = y[:n] if m != n else y
-        if self._dtype is not None:  # the bias added in the input's dtype (the bf16 sums widened exactly)
-            y = y.to(x.dtype) if self._bias is None else torch.add(self._bias, y).to(x.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self._weight, bias, self._attr, [], self._algorithm)
+        return self._output(y[:n] if m != n else y).view(*shape[:-1], self.out_features)
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        if self._dtype is not None:  # the bias added in the weights' dtype (the bf16 sums widened exactly)
+            y = y.to(self._out_dtype) if self._bias is None else torch.add(self._bias, y).to(self._out_dtype)
+        return y
+
+    def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
+        """More rows than one block: the full blocks run on views of the rows, only the last one is copied
+        (zero-padded); every call has ``block`` rows, as in the padded tensor."""
+        if self._dtype is not None and rows.dtype != self._dtype:
+            rows = rows.to(self._dtype)
+        rows = rows.contiguous()
+        n, b = rows.shape[0], self.block
+        full = n - n % b
+        bias = self._bias if self._dtype is None else None
+        ys = [torch.ops.mkldnn._linear_pointwise(rows[i:i + b], self._weight, bias, self._attr, [], self._algorithm)
+              for i in range(0, full, b)]
+        if full < n:
+            tail = rows.new_zeros(b, rows.shape[1])
+            tail[:n - full] = rows[full:]
+            ys.append(torch.ops.mkldnn._linear_pointwise(tail, self._weight, bias, self._attr, [],
+                                                         self._algorithm)[:n - full])
+        return self._output(torch.cat(ys))
 
 
 def _linears(model: nn.Module):
@@ -214,9 +235,12 @@ class Int8Linear(nn.Module):
     row (kernels/int8_linear.py); x fp32. Weights are prepared once, here."""
 
     def __init__(self, linear: Linear, activation: Optional[str] = None, act_max: Optional[torch.Tensor] = None,
-                 alpha: float = SMOOTH_ALPHA):
+                 alpha: float = SMOOTH_ALPHA, out_dtype: torch.dtype = torch.float32):
         super().__init__()
         w = linear.weight.detach().float()
+        # bfloat16: the output rounded to bf16 in the dequantization (for a bf16 down-projection that reads it
+        # alone); oneDNN's GEMM only
+        self.out_dtype = out_dtype
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         smooth = smooth_factors(w, act_max, alpha) if act_max is not None else None
         self._wq_t, self._w_scale, self._w_sum = kernels.prepare_int8_weight(w, smooth)
@@ -238,7 +262,8 @@ class Int8Linear(nn.Module):
                                     self.activation)
         else:  # at bucket_rows' row counts, as PackedLinear runs
             y = kernels.int8_linear_packed(rows, self._packed, self._w_scale, self._w_sum, self._bias,
-                                           self._inv_smooth, self.activation, bucket_rows(rows.shape[0]))
+                                           self._inv_smooth, self.activation, bucket_rows(rows.shape[0]),
+                                           self.out_dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -295,12 +320,17 @@ def quantize_linears(model: nn.Module, mode: str, act_max: Optional[Dict[nn.Modu
                 setattr(parent, name, PackedLinear(child, None, FIXED_ROWS, torch.bfloat16) if bf16
                         else PackedLinear(child))
     onednn_gemm = kernels.onednn_int8_available()
+    # a module whose output the FFN's down-projection alone reads (``feeds_ffn_down``) hands it bf16 rows
+    # from its dequantization, where the downs are bf16: no fp32 write, no cast
+    bf16_feed = downs == "bf16" and onednn_gemm
     log.info("int8: %d linears int8 (%s GEMM, activations per row, SmoothQuant %s), %d FFN down-projections %s",
              len(swaps), "oneDNN u8s8" if onednn_gemm else "torch._int_mm", "on" if act_max else "off",
              len(kept) if keep_ffn_down else 0, downs)
     for parent, name, child in swaps:
         act = INT8_ACTIVATIONS.get(getattr(parent, "fusable_activation", None)) if name == "dense" else None
-        setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child)))
+        feed = bf16_feed and act is not None and getattr(parent, "feeds_ffn_down", False)  # its act fused too
+        out = torch.bfloat16 if feed else torch.float32
+        setattr(parent, name, Int8Linear(child, act, None if act_max is None else act_max.get(child), out_dtype=out))
         if act is not None:
             parent.act = nn.Identity()
     if swaps and onednn_gemm and getattr(model, "pads_rows", False):

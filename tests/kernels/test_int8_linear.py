@@ -126,3 +126,21 @@ def test_onednn_gemm_equals_int_mm_bitwise(ext, t, k, n, act):
         assert torch.equal(kernels.int8_linear_packed(x[i:i + 1], packed, w_scale, w_sum, b, inv, act)[0], got[i])
     padded = kernels.int8_linear_packed(x, packed, w_scale, w_sum, b, inv, act, rows=t + 13)  # a row bucket
     assert padded.shape == (t, n) and torch.equal(padded, got)
+    bf16 = kernels.int8_linear_packed(x, packed, w_scale, w_sum, b, inv, act, rows=t + 13, out_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16.view(torch.int16), got.to(torch.bfloat16).view(torch.int16))  # the cast's bits
+
+
+def test_dequantize_to_bf16_rounds_as_torch(ext):
+    """The dequantization's bf16 output has the bits of torch's fp32 -> bf16 cast, on values chosen for the
+    rounding: ties to even both ways, values just off a tie, subnormals, the largest finite, inf, NaN."""
+    special = [1.00390625, 1.01171875, -1.00390625, 1.0039063, 1.0039062, 1e-40, -3e-39, 1.2e-38, 3.4028235e38,
+               -3.39e38, float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 65504.0, 7.0e-46]
+    g = torch.Generator().manual_seed(7)
+    for n in (len(special), 16, 35):  # the vector body and the scalar tail
+        acc = torch.cat((torch.tensor(special), torch.randn(3 * n, generator=g) * 100))[:2 * n].view(2, n)
+        ones, zeros = torch.ones(2), torch.zeros(2, dtype=torch.int32)
+        got = ext.dequantize_rows(acc, ones, zeros, torch.zeros(n, dtype=torch.int32), torch.ones(n), None, 0, True)
+        want = ext.dequantize_rows(acc, ones, zeros, torch.zeros(n, dtype=torch.int32), torch.ones(n), None, 0)
+        assert torch.equal(want.view(torch.int32), acc.view(torch.int32))  # unit scales: y is acc itself
+        assert torch.equal(got.view(torch.int16), acc.to(torch.bfloat16).view(torch.int16))

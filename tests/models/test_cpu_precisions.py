@@ -52,6 +52,12 @@ def test_precision_drift(texts, fp32, kwargs, min_cos):
         bf16 = has_bf16()
         assert all(isinstance(d, PackedLinear) and d._weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
                    and d.block == (FIXED_ROWS if bf16 else None) for d in downs)
+        # the GELU'd up-projections hand the bf16 downs bf16 rows from their dequantization (oneDNN's GEMM)
+        ups = [layer.intermediate.dense for layer in emb.engine.model.encoder["layer"]]
+        bf16_feed = bf16 and kernels.onednn_int8_available()
+        assert all(u.out_dtype == (torch.bfloat16 if bf16_feed else torch.float32) for u in ups)
+        # the rows padded once per batch where the int8 GEMM is oneDNN's (row buckets)
+        assert (emb.engine.model.row_bucket is not None) == kernels.onednn_int8_available()
 
 
 def _mixed_batch(texts):
@@ -125,6 +131,9 @@ def test_fixed_row_calls_give_each_row_the_same_bits_in_any_batch(dtype):
         assert torch.equal(got[[i - start for i in rows]], ref[[i // 50 for i in rows]]), (start, n)
     want = x.to(dtype).float() @ lin.weight.detach().to(dtype).float().T + lin.bias.detach()
     assert (fixed(x) - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    for n in (700, 256, 33):  # an input already in the GEMM's dtype: the same bits, the output still fp32
+        got = fixed(x[:n].to(dtype))
+        assert got.dtype == torch.float32 and torch.equal(got, fixed(x[:n])), n
 
 
 def test_a_packed_row_has_the_same_bits_alone_and_in_any_call():
