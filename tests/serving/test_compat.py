@@ -5,6 +5,7 @@ TEI responses are checked against schemas written here from TEI's published Open
 (components EmbedResponse, EmbedAllResponse, Info, ErrorResponse, SimilarityResponse,
 TokenizeResponse, DecodeResponse, Rank)."""
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,7 +300,7 @@ def test_the_table_is_the_route_table(embed_server):
         for m in r.methods:
             assert m.lower() in spec["paths"][r.path], (r.path, m)
         assert f"`{r.path}`" in markdown_table()
-    with open("README.md") as f:
+    with open(Path(__file__).resolve().parents[2] / "README.md", encoding="utf-8") as f:
         readme = f.read()
     for r in ROUTES:  # the README mirrors the map
         assert f"`{r.path}`" in readme, r.path
