@@ -497,6 +497,10 @@ class Embedder:
         # tokenized here instead (one fixed truncation setting, so calls from any thread agree).
         req = ScoreRequest(len(texts), lambda s, e: tpl.encode(texts[s:e], is_query=is_query, instruction=instruction),
                            cancel=cancel, eager=len(texts) <= EAGER_TEXTS)
+        return self._embeddings(req, dimensions, normalize, stats)
+
+    def _embeddings(self, req: ScoreRequest, dimensions, normalize, stats) -> np.ndarray:
+        """Run an embedding request: its rows, Matryoshka-truncated (and normalized), its stats merged."""
         try:
             emb = np.asarray(self.engine.submit(req).wait(), dtype=np.float32)
         finally:
@@ -525,13 +529,8 @@ class Embedder:
         if not ids:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         seqs = self._seqs_of_ids(ids, is_query, instruction, max_tokens, left)
-        req = ScoreRequest(len(seqs), lambda s, e: seqs[s:e], cancel=cancel, eager=True)
-        try:
-            emb = np.asarray(self.engine.submit(req).wait(), dtype=np.float32)
-        finally:
-            merge_stats(self.stats, req.stats)
-            merge_stats(stats, req.stats)
-        return np.ascontiguousarray(matryoshka(emb, dimensions, normalize=normalize), dtype=np.float32)
+        return self._embeddings(ScoreRequest(len(seqs), lambda s, e: seqs[s:e], cancel=cancel, eager=True),
+                                dimensions, normalize, stats)
 
     def token_states(self, texts=None, ids=None, instruction: Optional[str] = None, is_query: bool = False,
                      max_tokens: Optional[int] = None, left: bool = False, cancel=None,
