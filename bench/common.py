@@ -54,3 +54,43 @@ def write_json(path, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def gemm_peak(precision: str, m: int = 2048, k: int = 1536, n: int = 1536, reps: int = 20) -> float:
+    """This machine's best GEMM rate for ``precision`` ("float32", "bfloat16", "int8"), GFLOP/s (GOP/s for
+    int8), at torch's thread count: the best of ``reps`` calls of one large oneDNN GEMM on a weight packed
+    once (the call our CPU linears make), the "peak" the benchmarks' achieved rates are measured against.
+    None where oneDNN's ops are missing."""
+    x = torch.randn(m, k)
+    w = torch.randn(n, k)
+    if precision == "int8":
+        if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+            return None
+        packed = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, k), dtype=torch.int8), None)
+        u = torch.randint(0, 256, (m, k), dtype=torch.uint8)
+        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+        fn = lambda: torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, ones, zeros, None, 1.0, 0,  # noqa: E731
+                                                        torch.float32, "none", [], "")
+    else:
+        if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            return None
+        dt = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        x, w = x.to(dt), w.to(dt)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def encoder_flops(config: dict, lengths) -> float:
+    """FLOPs of a BERT-style encoder's forward over sequences of ``lengths`` tokens: every linear layer
+    (Q, K, V, O, the FFN's two) and attention's two products (scores and the weighted sum, over the whole
+    sequence); embeddings, norms and activations are not counted."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    linear = 2 * (4 * h * h + 2 * h * inter)
+    return float(layers * sum(n * linear + 4 * n * n * h for n in lengths))

@@ -7,7 +7,10 @@ with ``torch.onnx.export`` (transformers' BertModel, dynamic batch and length),
 with 2 intra-op threads, length-sorted batches of 32 as sentence-transformers
 batches. Prints throughput over the 1,000 texts (best of --rounds) and p50/p99
 of one call with 1 and 10 texts, each with its ratio to ours, and the min cosine
-to ours. The paths take turns (round by round, in blocks of calls), so on a shared,
+to ours; and each path's achieved rate over the 1,000 texts (the encoder's linear and
+attention FLOPs at the texts' token counts, GFLOP/s, or GOP/s for int8) against this
+machine's peak for that precision (the best rate of one large oneDNN GEMM at the same
+thread count, common.gemm_peak). The paths take turns (round by round, in blocks of calls), so on a shared,
 noisy machine they see the same load and their ratios stay meaningful. Each path
 is timed where it runs; ours runs in this process, every other path in a process
 of its own (see ProcessPath: two torch paths in one process slow each other).
@@ -29,6 +32,7 @@ import torch
 
 import common  # noqa: F401 (the repository on sys.path)
 from checkpoints import words
+from common import encoder_flops, gemm_peak
 
 BATCH = 32  # sentence-transformers' default batch size; ONNX Runtime gets the same batches
 
@@ -221,7 +225,6 @@ def main():
     args = ap.parse_args()
     only = set(args.only.split(","))
 
-    from engine import Embedder
     from engine.default_model import default_model_path
 
     folder = str(default_model_path())
@@ -257,19 +260,40 @@ def main():
     rows = {name: dict(texts_per_s=tps[name], p50_1=lat1[name][0], p99_1=lat1[name][1], p50_10=lat10[name][0],
                        p99_10=lat10[name][1]) for name in paths}
 
+    # achieved rates: the FLOPs of the 1,000 texts at their token counts (truncated as every path truncates)
+    from tokenizers import Tokenizer
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tok.enable_truncation(256)
+    tok.no_padding()
+    gflop = encoder_flops(config, [len(e.ids) for e in tok.encode_batch(texts)]) / 1e9
+    ours_precision = "int8" if args.quantize else args.dtype
+    peaks = {p: gemm_peak(p) for p in {ours_precision, "float32"} | ({"int8"} if "ort-int8" in only else set())}
+    print(f"  {gflop:.0f} GFLOP over the {len(texts)} texts; GEMM peak at {torch.get_num_threads()} thread(s): "
+          + ", ".join(f"{p} {v:.0f}" for p, v in peaks.items() if v), flush=True)
+
+    def precision(name):
+        return ours_precision if name == "ours" else "int8" if "int8" in name else "float32"
+
     ref = embs.get("ours")
     print(f"{'path':28s} {'texts/s':>9s} {'ours/x':>7s} {'p50 1':>8s} {'p99 1':>8s} {'x/ours':>7s} "
-          f"{'p50 10':>8s} {'p99 10':>8s} {'x/ours':>7s} {'min cos to ours':>16s}")
+          f"{'p50 10':>8s} {'p99 10':>8s} {'x/ours':>7s} {'GFLOP/s':>8s} {'of peak':>8s} {'min cos to ours':>16s}")
     for name, r in rows.items():
         o = rows.get("ours", r)
         cos = float((embs[name] * ref).sum(1).min()) if ref is not None else float("nan")
         r["min_cos_to_ours"] = cos
+        r["gflop_per_s"] = gflop * r["texts_per_s"] / len(texts)
+        peak = peaks.get(precision(name))
+        r["of_peak"] = r["gflop_per_s"] / peak if peak else float("nan")
         print(f"{name:28s} {r['texts_per_s']:9.1f} {o['texts_per_s'] / r['texts_per_s']:7.2f} "
               f"{r['p50_1']:7.2f}ms {r['p99_1']:7.2f}ms {r['p50_1'] / o['p50_1']:7.2f} "
-              f"{r['p50_10']:7.2f}ms {r['p99_10']:7.2f}ms {r['p50_10'] / o['p50_10']:7.2f} {cos:16.6f}")
+              f"{r['p50_10']:7.2f}ms {r['p99_10']:7.2f}ms {r['p50_10'] / o['p50_10']:7.2f} "
+              f"{r['gflop_per_s']:8.1f} {100 * r['of_peak']:7.1f}% {cos:16.6f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+            json.dump(dict(args=vars(args), rows=rows, gflop=gflop, peaks=peaks), f, indent=2)
 
 
 if __name__ == "__main__":
