@@ -8,13 +8,6 @@ Qwen3 reranker (hidden 256, 4 layers, real vocabulary) with 256 documents of
     python bench/e2e_rerank.py --shape 0.6B    # GPU, random weights at the real shape
     python bench/e2e_rerank.py --compile both --latency-docs 100   # eager vs torch.compile, p50 latency
 
-``--checkpoint trained`` (CPU): the small Qwen3 reranker trained on real text (bench/checkpoints.py
-``build_trained_qwen3_reranker``, cached under ``--cache-dir``), scored on 256 held-out docstring pairs (half
-with their own body); with ``--cpu-precisions`` the int8 and bf16 drift from our fp32 there (random weights
-exaggerate int8's drift), and ``--int8-ablate`` runs int8 once more per linear kind kept in float.
-
-    python bench/e2e_rerank.py --checkpoint trained --cpu-precisions --int8-ablate --skip-reference
-
 ``--latency-docs N``: the p50/p99 of one request of N documents (a new query each
 time, so the prefix cache does not help), ours and the model card's one padded
 batch: the latency figures of bench/RESULTS.md's GPU table.
@@ -25,7 +18,7 @@ import time
 
 import torch
 
-from checkpoints import build_qwen3_folder, build_trained_qwen3_reranker, words
+from checkpoints import build_qwen3_folder, words
 from common import latency_ms, machine, timed, write_json
 from references import Qwen3RerankerReference
 
@@ -73,12 +66,6 @@ def main():
     ap.add_argument("--cpu-precisions", action="store_true",
                     help="CPU: also run ours in bf16 and with int8 linears; speed, max |score diff| and top-10 "
                          "overlap against our fp32")
-    ap.add_argument("--checkpoint", choices=["random", "trained"], default="random",
-                    help="random weights at --shape, or the small Qwen3 reranker trained on real text (CPU)")
-    ap.add_argument("--cache-dir", default="/tmp/rerank-engine-bench", help="where the trained checkpoint is kept")
-    ap.add_argument("--train-seconds", type=float, default=540.0, help="training time of a new trained checkpoint")
-    ap.add_argument("--int8-ablate", action="store_true",
-                    help="with --cpu-precisions: int8 again with each linear kind kept in float, one at a time")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
@@ -89,16 +76,7 @@ def main():
     rng = random.Random(0)
     query, docs = make_workload(args, rng)
     pairs = [(query, d) for d in docs]
-    if args.checkpoint == "trained":
-        import json
-
-        folder = build_trained_qwen3_reranker(args.cache_dir, seconds=args.train_seconds)
-        held = json.loads((folder / "held_out.json").read_text())[: (args.docs or 256) // 2]
-        pairs = [(q, d) for q, d in held] + [(held[i][0], held[(i + 1) % len(held)][1]) for i in range(len(held))]
-        query, docs = held[0][0], [d for _, d in pairs]
-        print(f"checkpoint: {folder} (trained: {(folder / 'training.json').read_text()[:80]}...)")
-    else:
-        folder = build_qwen3_folder(args.shape, "Qwen3-Reranker-bench", device, dtype)
+    folder = build_qwen3_folder(args.shape, "Qwen3-Reranker-bench", device, dtype)
     print(f"machine: {machine()}  shape: {args.shape}  pairs: {len(pairs)}  dtype: {dtype}")
 
     results = {"machine": machine(), "shape": args.shape, "pairs": len(pairs), "ours": {}}
@@ -144,39 +122,17 @@ def main():
     if args.cpu_precisions and device == "cpu":
         base = max(v["pairs_per_s"] for v in results["ours"].values())
         top = set(sorted(range(len(pairs)), key=lambda i: -eager_scores[i])[:10])
-        fp32_logits = Reranker(str(folder), device=device, max_batch_tokens=args.max_batch_tokens[0]).predict(
-            pairs, raw_scores=True)
-        spread = sorted(fp32_logits)
-        results["fp32_logits"] = {"min": spread[0], "p50": spread[len(spread) // 2], "max": spread[-1]}
-        print(f"our fp32 logits (l_yes - l_no): min {spread[0]:.2f}  median {spread[len(spread) // 2]:.2f}  "
-              f"max {spread[-1]:.2f}")
-        from engine.models import cpu_linear
-
-        runs = [("bf16", {"dtype": "bfloat16"}, None), ("int8", {"quantize": "int8"}, None)]
-        if args.int8_ablate:  # FFN_DOWN_NAMES: the kinds int8 keeps in float (by default the down-projections)
-            runs += [(f"int8, {k} float too", {"quantize": "int8"}, ("down_proj", k))
-                     for k in ("qkv_proj", "o_proj", "gate_up_proj")]
-            runs += [("int8, down_proj int8 too", {"quantize": "int8"}, ())]
-        default_kept = cpu_linear.FFN_DOWN_NAMES
-        for name, kw, kept in runs:
-            cpu_linear.FFN_DOWN_NAMES = default_kept if kept is None else kept
-            try:
-                rr = Reranker(str(folder), device=device, max_batch_tokens=args.max_batch_tokens[0], **kw)
-            finally:
-                cpu_linear.FFN_DOWN_NAMES = default_kept
+        for name, kw in (("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
+            rr = Reranker(str(folder), device=device, max_batch_tokens=args.max_batch_tokens[0], **kw)
             rr.predict(pairs[:64])
             rr.engine.prefix_cache.__init__(rr.engine.prefix_cache.max_bytes)
             scores, t = timed(lambda: rr.predict(pairs), device)
             diff = max(abs(a - b) for a, b in zip(scores, eager_scores))
             overlap = len(top & set(sorted(range(len(pairs)), key=lambda i: -scores[i])[:10]))
-            logits = rr.predict(pairs, raw_scores=True)  # l_yes - l_no
-            logit_diff = max(abs(a - b) for a, b in zip(logits, fp32_logits))
             results[f"ours {name}"] = {"pairs_per_s": len(pairs) / t, "x_fp32": len(pairs) / t / base,
-                                       "max_abs_score_diff_vs_fp32": diff, "max_abs_logit_diff_vs_fp32": logit_diff,
-                                       "top10_overlap": overlap}
+                                       "max_abs_score_diff_vs_fp32": diff, "top10_overlap": overlap}
             print(f"ours {name}: {len(pairs) / t:9.1f} pairs/s  ({len(pairs) / t / base:.2f}x our fp32)  "
-                  f"max |score diff| vs fp32 {diff:.2e}  max |logit diff| {logit_diff:.2e}  "
-                  f"top-10 overlap {overlap}/10")
+                  f"max |score diff| vs fp32 {diff:.2e}  top-10 overlap {overlap}/10")
             write_json(args.json, results)
             del rr
 

@@ -87,11 +87,6 @@ class ModelRunner:
                                    or (bool(skip_prefixes) and n.startswith(skip_prefixes)))
         if device.type == "cpu":  # before the first GEMM, on every CPU path (int8, ENGINE_KERNELS=torch too)
             memory.tune()
-        if device.type == "cpu" and (quantize is not None or self.packs_linears(device, dtype, compile)):
-            # a family whose linear is read by other code too gives that code a linear of its own first
-            split = getattr(self.model, "split_cross_kv", None)
-            if split is not None:
-                split()
         if quantize is not None:  # after loading: the int8 weights are made from the loaded fp32 ones
             if device.type != "cpu" or dtype != torch.float32 or compile:
                 raise ValueError("quantize='int8' is a CPU mode: device cpu, dtype float32, compile off")

@@ -23,16 +23,6 @@ from engine.weights import WeightError, read_json, read_rows, read_tensor
 # A builder gets (config dict, tokenizer, checkpoint index) and returns the head module.
 
 
-def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear`` with each row in a call of its own (a fresh one-row tensor), so a row's result is bitwise
-    the same in any batch: BLAS picks its kernel (and so its summation order) by the call's row count, which
-    moved a pair's cross-encoder logit by ~1e-7 with the other pairs of its batch. A head's matrices are
-    small and a batch has at most a few hundred pairs: the loop costs nothing next to the model."""
-    if x.shape[0] <= 1 or x.device.type != "cpu":  # (CUDA: one launch per row would cost more than the head)
-        return F.linear(x.contiguous(), weight, bias)
-    return torch.cat([F.linear(x[i:i + 1].clone(), weight, bias) for i in range(x.shape[0])])
-
-
 class Head(nn.Module):
     """What every head declares. ``reads_last_token``: it reads only each sequence's last row,
     so a model may compute the last layer for those rows alone. ``checkpoint_names``: tensors of
@@ -178,8 +168,7 @@ class ClassificationHead(Head):
 
     def forward(self, hidden, residual, ctx: BatchContext, model) -> torch.Tensor:
         h = hidden[ctx.cu_seqlens[:-1].long()].float()  # [n, H]
-        pooled = torch.tanh(rowwise_linear(h, self.dense_w, self.dense_b))
-        logits = rowwise_linear(pooled, self.out_w, self.out_b)  # [n, L]
+        logits = F.linear(torch.tanh(F.linear(h, self.dense_w, self.dense_b)), self.out_w, self.out_b)  # [n, L]
         scores = self.activation(logits)
         col = 0 if self.column is None else self.column
         return logits[:, col], scores[:, col]  # [n] each
@@ -313,7 +302,7 @@ class TwoWayHead(Head):
         norm = model.norm
         res = residual[ctx.last_index] if residual is not None else None
         h, _ = kernels.rms_norm(hidden[ctx.last_index], norm.weight, norm.eps, residual=res, offset=norm.offset)
-        z = rowwise_linear(h.float(), self.weight, self.bias)  # [n, 2]
+        z = F.linear(h.float(), self.weight, self.bias)  # [n, 2]
         p = torch.softmax(z, dim=-1)
         return z[:, 1] - z[:, 0], p[:, 1] - p[:, 0]
 

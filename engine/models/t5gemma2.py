@@ -103,7 +103,6 @@ class T5Gemma2Attention(nn.Module):
             bias=bias,
         )
         self.qkv_proj.swappable = False  # cross_kv reads its weight rows: CPU packing/int8 leave it as is
-        self.kv_proj = None  # on CPU, a Linear of those rows of its own (split_cross_kv): then both swap
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps, offset=1.0)
         self.k_norm = RMSNorm(head_dim, eps, offset=1.0)
@@ -124,12 +123,9 @@ class T5Gemma2Attention(nn.Module):
     def cross_kv(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross K/V of encoder states ``[N, H]``: k_norm(k_proj(x)) and v_proj(x), no RoPE;
         each ``[N, Hkv, D]``."""
-        if self.kv_proj is not None:
-            kv = self.kv_proj(states).view(-1, 2, self.num_kv_heads, self.head_dim)
-        else:
-            q_size = self.num_heads * self.head_dim
-            bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[q_size:]
-            kv = F.linear(states, self.qkv_proj.weight[q_size:], bias).view(-1, 2, self.num_kv_heads, self.head_dim)
+        q_size = self.num_heads * self.head_dim
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[q_size:]
+        kv = F.linear(states, self.qkv_proj.weight[q_size:], bias).view(-1, 2, self.num_kv_heads, self.head_dim)
         k, _ = kernels.rms_norm(kv[:, 0], self.k_norm.weight, self.eps, offset=1.0)
         return k, kv[:, 1]
 
@@ -217,25 +213,6 @@ class T5Gemma2Model(EngineModel):
         self.encoder = T5Gemma2Stack(enc, bidirectional=True, embed_tokens=embed)
         self.decoder = T5Gemma2Stack(dec, bidirectional=False, embed_tokens=embed)  # shared, as transformers ties
         self.hidden_size = dec.hidden_size
-
-    def split_cross_kv(self) -> None:
-        """Before the CPU linears are swapped (runner: packed or int8): the cross K/V projection gets a
-        ``Linear`` of its own (a copy of the K/V rows of ``qkv_proj``), and ``qkv_proj`` becomes swappable, so
-        both run packed oneDNN GEMMs (or int8) instead of ``F.linear``, whose BLAS kernel, picked by the row
-        count, made a prompt's score depend on the other prompts and passages of its batch (~1e-6)."""
-        for layer in self.decoder.layers:
-            attn = layer.self_attn
-            qkv, q_size = attn.qkv_proj, attn.num_heads * attn.head_dim
-            kv = Linear(qkv.weight.shape[1], qkv.weight.shape[0] - q_size, bias=qkv.bias is not None)
-            kv = kv.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-            with torch.no_grad():
-                kv.weight.copy_(qkv.weight[q_size:])
-                if qkv.bias is not None:
-                    kv.bias.copy_(qkv.bias[q_size:])
-            attn.kv_proj = kv
-        for attn in self.modules():
-            if isinstance(attn, T5Gemma2Attention):
-                attn.qkv_proj.swappable = True
 
     @property
     def norm(self) -> RMSNorm:
